@@ -1,0 +1,40 @@
+"""Command-line registration for demo data and benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _demo_table(args: argparse.Namespace) -> int:
+    from ..demo import make_demo_table
+
+    t = make_demo_table(
+        args.dest,
+        rows=args.rows,
+        seed=args.seed,
+        mode=args.mode,
+        workers=args.workers,
+        progress=None if args.progress else False,
+    )
+    size = sum(len(x) for x in t[: min(len(t), 256)]["image"]) / max(1, min(len(t), 256))
+    print(
+        f"demo table {t.url}: {len(t)} rows, {t.nbytes / 2**20:.1f} MiB, mean JPEG {size / 1e3:.1f} kB"
+    )
+    return 0
+
+
+def register_demo(sub) -> None:
+    s = sub.add_parser(
+        "demo-table",
+        help="generate the robot-like demo table (480x640 JPEG, float32[14], label, text)",
+    )
+    s.add_argument("dest", help="path or URL of the table to create")
+    s.add_argument("--rows", type=int, default=10_000)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--mode", choices=("create", "overwrite"), default="create")
+    s.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    s.add_argument("--no-progress", dest="progress", action="store_false")
+    s.set_defaults(func=_demo_table)
+
+
+REGISTER: list = [register_demo]

@@ -1,0 +1,131 @@
+"""Client: a root (local folder or fsspec URL) holding named tables, Deeplake-style."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .errors import TableNotFoundError
+from .fetch import CacheOptions, FetchOptions
+from .format import MANIFEST
+from .ingest import ingest_into
+from .schema import Schema, validate_name
+from .storage import Store, join_url
+from .table import Table
+from .writer import DEFAULT_CHUNK_BYTES
+
+__all__ = ["Client", "default_root", "ingest"]
+
+
+def default_root() -> str:
+    """GPULOAD_ROOT if set, else a per-user local folder."""
+    env = os.environ.get("GPULOAD_ROOT")
+    if env:
+        return env
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "share"
+    )
+    return os.path.join(base, "gpuload", "tables")
+
+
+class Client:
+    """Named tables under one root: ``Client().open_table("training_data")``."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike | None = None,
+        storage_options: Mapping[str, Any] | None = None,
+        cache: CacheOptions | bool | str | None = None,
+        fetch: FetchOptions | None = None,
+    ) -> None:
+        self.root = os.fspath(root) if root is not None else default_root()
+        self.storage_options = dict(storage_options or {})
+        self.cache = cache
+        self.fetch = fetch
+
+    def __repr__(self) -> str:
+        return f"Client(root={self.root!r})"
+
+    def table_url(self, name: str) -> str:
+        """Where the named table lives."""
+        return join_url(self.root, validate_name(name, "table"))
+
+    def _store(self, name: str) -> Store:
+        return Store(self.table_url(name), self.storage_options)
+
+    def open_table(self, name: str) -> Table:
+        """Open a table by name; TableNotFoundError lists the tables that exist."""
+        try:
+            return Table.open(self.table_url(name), self.storage_options, self.cache, self.fetch)
+        except TableNotFoundError:
+            have = self.list_tables()
+            raise TableNotFoundError(
+                f"no table named {name!r} under {self.root}; tables here: {have or 'none'}"
+            ) from None
+
+    def exists(self, name: str) -> bool:
+        return self._store(name).exists(MANIFEST)
+
+    def ingest(
+        self,
+        name: str,
+        data: Any,
+        mode: str = "create",
+        schema: Schema | Mapping[str, Any] | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        progress: bool | None = None,
+    ) -> Table:
+        """Write ``data`` as table ``name`` (mode "create", "append" or "overwrite") and open it.
+
+        ``data``: a dict of columns, an iterable of row dicts, a pyarrow Table, a pandas
+        DataFrame, a Parquet file/folder, an image folder (class subfolders), or a Table."""
+        return ingest(
+            self.table_url(name),
+            data,
+            mode,
+            schema,
+            chunk_bytes,
+            progress,
+            self.storage_options,
+            self.cache,
+            self.fetch,
+        )
+
+    def list_tables(self) -> list[str]:
+        """Names of the tables under the root."""
+        root = Store(self.root, self.storage_options)
+        names = []
+        for entry in root.listdir():
+            try:
+                validate_name(entry, "table")
+            except ValueError:
+                continue
+            if Store(join_url(self.root, entry), self.storage_options).exists(MANIFEST):
+                names.append(entry)
+        return names
+
+    def delete_table(self, name: str) -> None:
+        """Delete a table and all its versions."""
+        store = self._store(name)
+        if not store.exists(MANIFEST):
+            raise TableNotFoundError(f"no table named {name!r} under {self.root}")
+        store.remove_tree()
+
+
+def ingest(
+    url: str | os.PathLike,
+    data: Any,
+    mode: str = "create",
+    schema: Schema | Mapping[str, Any] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    cache: CacheOptions | bool | str | None = None,
+    fetch: FetchOptions | None = None,
+) -> Table:
+    """Write ``data`` to the table at a path or URL and open the committed snapshot."""
+    store = Store(os.fspath(url), storage_options)
+    label = os.path.basename(os.fspath(url).rstrip("/")) or os.fspath(url)
+    manifest = ingest_into(store, label, data, mode, schema, chunk_bytes, progress)
+    return Table(store, manifest, cache=cache, fetch=fetch)

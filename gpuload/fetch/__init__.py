@@ -1,0 +1,20 @@
+"""Fetch: coalesced, concurrent, retried byte-range reads into preallocated buffers."""
+
+from .cache import BlockCache, CacheOptions
+from .fetcher import Fetcher, FetchOptions
+from .ranges import Groups, Read, ReadPlan, coalesce, coalesce_plan
+from .retry import RetryPolicy, is_transient
+
+__all__ = [
+    "BlockCache",
+    "CacheOptions",
+    "FetchOptions",
+    "Fetcher",
+    "Groups",
+    "ReadPlan",
+    "coalesce_plan",
+    "Read",
+    "RetryPolicy",
+    "coalesce",
+    "is_transient",
+]

@@ -1,0 +1,606 @@
+"""Ingest: turn user data (dicts, rows, Arrow, Parquet, pandas, image folders, tables) into
+validated column batches and write them as one committed version."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain, islice
+from typing import Any
+
+import numpy as np
+
+from .errors import SchemaError, TableNotFoundError
+from .format import Manifest
+from .schema import Column, Schema, detect_codec
+from .storage import Store
+from .table import read_manifest
+from .writer import DEFAULT_CHUNK_BYTES, TableWriter
+
+__all__ = ["ingest_into", "infer_schema", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
+BATCH_ROWS = 1024
+RawBatch = dict[str, Any]
+
+
+@dataclass
+class Source:
+    """Raw column batches plus what we know up front (row count, table metadata, schema hints)."""
+
+    batches: Iterator[tuple[RawBatch, int]]
+    total: int | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    schema_hint: Schema | None = None
+
+
+# -- sources ---------------------------------------------------------------------------------
+def as_source(data: Any, batch_rows: int = BATCH_ROWS) -> Source:
+    """Recognise the kind of ``data`` and stream it as raw column batches."""
+    from .table import Table
+
+    if isinstance(data, Table):
+        return Source(
+            ((b, _batch_len(b)) for b in data.batches(batch_rows)),
+            len(data),
+            dict(data.schema.metadata),
+            data.schema,
+        )
+    if isinstance(data, (str, os.PathLike)):
+        return _path_source(os.fspath(data), batch_rows)
+    mod = type(data).__module__ or ""
+    if mod.startswith("pyarrow"):
+        return _arrow_source(data, batch_rows)
+    if mod.startswith("pandas") and hasattr(data, "columns") and hasattr(data, "iloc"):
+        cols = {str(c): _pandas_column(data[c]) for c in data.columns}
+        return _dict_source(cols, batch_rows)
+    if isinstance(data, Mapping):
+        return _dict_source(data, batch_rows)
+    if isinstance(data, Iterable) and not isinstance(data, (bytes, bytearray)):
+        return _rows_source(data, batch_rows)
+    raise SchemaError(
+        f"cannot ingest a {type(data).__name__}: pass a dict of columns, an iterable of row dicts, "
+        "a pyarrow Table, a pandas DataFrame, a Parquet path, an image folder or a gpuload Table"
+    )
+
+
+def _batch_len(batch: Mapping[str, Any]) -> int:
+    for v in batch.values():
+        return len(v)
+    return 0
+
+
+def _dict_source(data: Mapping[str, Any], batch_rows: int) -> Source:
+    if not data:
+        raise SchemaError("cannot ingest a dict with no columns")
+    cols = {}
+    lengths = {}
+    for k, v in data.items():
+        if isinstance(v, (str, bytes)) or not hasattr(v, "__len__"):
+            raise SchemaError(
+                f"column {k!r}: expected a list or array of values, got {type(v).__name__}"
+            )
+        cols[str(k)] = v
+        lengths[str(k)] = len(v)
+    if len(set(lengths.values())) > 1:
+        raise SchemaError(f"columns have different lengths: {lengths}")
+    n = next(iter(lengths.values()))
+
+    def gen():
+        for lo in range(0, n, batch_rows):
+            hi = min(n, lo + batch_rows)
+            yield {k: v[lo:hi] for k, v in cols.items()}, hi - lo
+
+    return Source(gen(), n)
+
+
+def _rows_source(rows: Iterable[Mapping[str, Any]], batch_rows: int) -> Source:
+    total = len(rows) if hasattr(rows, "__len__") else None
+
+    def gen():
+        it = iter(rows)
+        start = 0
+        names: list[str] | None = None
+        while True:
+            block = list(islice(it, batch_rows))
+            if not block:
+                return
+            if names is None:
+                if not isinstance(block[0], Mapping):
+                    raise SchemaError(
+                        f"row 0: expected a dict of column values, got {type(block[0]).__name__}"
+                    )
+                names = list(block[0].keys())
+            out: dict[str, list] = {k: [] for k in names}
+            for j, r in enumerate(block):
+                if not isinstance(r, Mapping):
+                    raise SchemaError(f"row {start + j}: expected a dict, got {type(r).__name__}")
+                if r.keys() != out.keys():
+                    extra = sorted(set(r) - set(names))
+                    missing = sorted(set(names) - set(r))
+                    raise SchemaError(
+                        f"row {start + j}: "
+                        + "; ".join(
+                            ([f"unknown column(s) {extra}"] if extra else [])
+                            + ([f"missing column(s) {missing}"] if missing else [])
+                        )
+                    )
+                for k in names:
+                    out[k].append(r[k])
+            start += len(block)
+            yield out, len(block)
+
+    return Source(gen(), total)
+
+
+def _pandas_column(s) -> Any:
+    values = s.to_numpy()
+    if values.dtype == object:
+        return list(values)
+    return values
+
+
+def _arrow_source(data: Any, batch_rows: int) -> Source:
+    import pyarrow as pa
+
+    if isinstance(data, pa.RecordBatch):
+        data = pa.Table.from_batches([data])
+    if not isinstance(data, pa.Table):
+        raise SchemaError(
+            f"cannot ingest pyarrow object {type(data).__name__}; pass a pyarrow Table"
+        )
+    meta = _arrow_metadata(data.schema)
+
+    def gen():
+        start = 0
+        for rb in data.to_batches(max_chunksize=batch_rows):
+            yield arrow_batch_to_columns(rb, start), rb.num_rows
+            start += rb.num_rows
+
+    return Source(gen(), data.num_rows, meta)
+
+
+def _arrow_metadata(schema) -> dict[str, Any]:
+    import json
+
+    md = schema.metadata or {}
+    raw = md.get(b"gpuload")
+    if raw:
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return {}
+    return {}
+
+
+def arrow_batch_to_columns(rb, row0: int = 0) -> RawBatch:
+    """A pyarrow RecordBatch as {name: list of bytes/str or numpy array}, zero-copy where possible."""
+    return {name: _arrow_array(rb.column(i), name, row0) for i, name in enumerate(rb.schema.names)}
+
+
+def _arrow_array(arr, name: str, row0: int) -> Any:
+    import pyarrow.types as pt
+
+    if arr.null_count:
+        bad = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
+        raise SchemaError(
+            f"row {row0 + bad}, column {name!r}: null value (gpuload columns have no nulls)"
+        )
+    t = arr.type
+    if pt.is_binary(t) or pt.is_large_binary(t):
+        bufs = arr.buffers()
+        off_dtype = np.int64 if pt.is_large_binary(t) else np.int32
+        offs = np.frombuffer(bufs[1], dtype=off_dtype)[arr.offset : arr.offset + len(arr) + 1]
+        data = bufs[2].to_pybytes() if bufs[2] is not None else b""
+        o = offs.tolist()
+        return [data[o[i] : o[i + 1]] for i in range(len(arr))]
+    if pt.is_fixed_size_binary(t):
+        return [v.as_py() for v in arr]
+    if pt.is_string(t) or pt.is_large_string(t):
+        return arr.to_pylist()
+    if pt.is_boolean(t) or pt.is_integer(t) or pt.is_floating(t):
+        return arr.to_numpy(zero_copy_only=False)
+    if pt.is_fixed_size_list(t) or pt.is_list(t) or pt.is_large_list(t):
+        return _arrow_nested(arr, name, row0)
+    if pt.is_dictionary(t):
+        return _arrow_array(arr.cast(t.value_type), name, row0)
+    raise SchemaError(
+        f"column {name!r}: arrow type {t} is not supported (use binary, string, numbers or lists)"
+    )
+
+
+def _arrow_nested(arr, name: str, row0: int) -> np.ndarray:
+    import pyarrow.types as pt
+
+    shape: list[int] = []
+    cur = arr
+    n = len(arr)
+    while pt.is_fixed_size_list(cur.type) or pt.is_list(cur.type) or pt.is_large_list(cur.type):
+        if pt.is_fixed_size_list(cur.type):
+            size = cur.type.list_size
+            flat = cur.flatten()
+        else:
+            offs = np.asarray(cur.offsets)
+            lens = np.diff(offs)
+            if lens.size and (lens != lens[0]).any():
+                bad = int(np.flatnonzero(lens != lens[0])[0])
+                raise SchemaError(
+                    f"column {name!r}: ragged lists (lengths {int(lens[0])} and {int(lens[bad])}); "
+                    "fixed-shape columns need equal lengths"
+                )
+            size = int(lens[0]) if lens.size else 0
+            flat = cur.flatten()
+        shape.append(size)
+        cur = flat
+    values = cur.to_numpy(zero_copy_only=False)
+    try:
+        return values.reshape(n, *shape)
+    except ValueError:
+        raise SchemaError(f"column {name!r}: cannot reshape nested lists to {shape}") from None
+
+
+def _path_source(path: str, batch_rows: int) -> Source:
+    if "://" not in path and not os.path.exists(path):
+        raise SchemaError(f"ingest source {path!r} does not exist")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, "manifest.json")):
+            from .table import open_table
+
+            return as_source(open_table(path), batch_rows)
+        files = sorted(os.listdir(path))
+        if any(f.endswith(".parquet") for f in files):
+            return _parquet_source(path, batch_rows)
+        return _image_folder_source(path, batch_rows)
+    if path.endswith(".parquet") or path.endswith(".pq") or "://" in path:
+        return _parquet_source(path, batch_rows)
+    raise SchemaError(
+        f"cannot ingest {path!r}: expected a Parquet file or folder, an image folder or a table"
+    )
+
+
+def _parquet_source(path: str, batch_rows: int) -> Source:
+    try:
+        import pyarrow.dataset as ds
+    except ImportError as e:
+        from .errors import MissingDependencyError
+
+        raise MissingDependencyError(
+            "reading Parquet needs pyarrow: pip install 'gpuload[arrow]'"
+        ) from e
+    dataset = ds.dataset(path, format="parquet")
+    total = dataset.count_rows()
+    meta = _arrow_metadata(dataset.schema)
+
+    def gen():
+        start = 0
+        for rb in dataset.to_batches(batch_size=batch_rows):
+            if rb.num_rows == 0:
+                continue
+            yield arrow_batch_to_columns(rb, start), rb.num_rows
+            start += rb.num_rows
+
+    return Source(gen(), total, meta)
+
+
+def _image_folder_source(root: str, batch_rows: int) -> Source:
+    classes = sorted(
+        d
+        for d in os.listdir(root)
+        if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")
+    )
+    if not classes:
+        raise SchemaError(
+            f"{root!r} has no class subfolders: an image folder needs root/<class>/<image> files"
+        )
+    items: list[tuple[str, int]] = []
+    for label, cls in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, cls)):
+            dirnames.sort()
+            for f in sorted(filenames):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    items.append((os.path.join(dirpath, f), label))
+    if not items:
+        raise SchemaError(
+            f"{root!r}: no image files ({', '.join(IMAGE_EXTENSIONS)}) under its class folders"
+        )
+
+    def read(p: str) -> bytes:
+        with open(p, "rb") as fh:
+            return fh.read()
+
+    def gen():
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            for lo in range(0, len(items), batch_rows):
+                block = items[lo : lo + batch_rows]
+                paths = [p for p, _ in block]
+                yield (
+                    {
+                        "image": list(pool.map(read, paths)),
+                        "label": np.array([lbl for _, lbl in block], dtype=np.int64),
+                        "path": [os.path.relpath(p, root).replace(os.sep, "/") for p in paths],
+                    },
+                    len(block),
+                )
+
+    hint = Schema(
+        (
+            Column("image", "image"),
+            Column("label", "scalar", "int64", metadata={"class_names": classes}),
+            Column("path", "text"),
+        )
+    )
+    return Source(gen(), len(items), {"source": "image_folder", "class_names": classes}, hint)
+
+
+# -- inference and validation -----------------------------------------------------------------
+def infer_column(name: str, values: Any) -> Column:
+    """The column type of a batch of values, from its first value (and array dtype/shape)."""
+    if isinstance(values, np.ndarray) and values.dtype != object:
+        if values.dtype.kind in "SUV":
+            raise SchemaError(
+                f"column {name!r}: numpy {values.dtype} arrays are not supported; pass lists of str/bytes"
+            )
+        if values.ndim == 1:
+            return Column(name, "scalar", _dtype_name(values.dtype))
+        return Column(name, "array", _dtype_name(values.dtype), tuple(values.shape[1:]))
+    if len(values) == 0:
+        raise SchemaError(f"column {name!r}: cannot infer a type from no values; pass schema=")
+    v = values[0]
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        # image vs bytes from the magic; the codec itself is recorded from all rows at commit
+        return Column(name, "image") if detect_codec(v) else Column(name, "bytes")
+    if isinstance(v, str):
+        return Column(name, "text")
+    if isinstance(v, (bool, np.bool_)):
+        return Column(name, "scalar", "bool")
+    if isinstance(v, (int, np.integer)):
+        return Column(
+            name,
+            "scalar",
+            _dtype_name(np.asarray(v).dtype) if isinstance(v, np.integer) else "int64",
+        )
+    if isinstance(v, (float, np.floating)):
+        return Column(
+            name,
+            "scalar",
+            _dtype_name(np.asarray(v).dtype) if isinstance(v, np.floating) else "float64",
+        )
+    if isinstance(v, (np.ndarray, list, tuple)):
+        try:
+            a = np.asarray(v)
+        except ValueError:
+            raise SchemaError(f"row 0, column {name!r}: ragged nested lists") from None
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            raise SchemaError(f"row 0, column {name!r}: arrays must be numeric, got {a.dtype}")
+        if a.ndim == 0:
+            return Column(name, "scalar", _dtype_name(a.dtype))
+        return Column(name, "array", _dtype_name(a.dtype), tuple(a.shape))
+    if v is None:
+        raise SchemaError(
+            f"row 0, column {name!r}: None cannot be stored; gpuload columns have no nulls"
+        )
+    raise SchemaError(f"row 0, column {name!r}: cannot store a {type(v).__name__}")
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    dt = np.dtype(dt)
+    if dt.kind == "b":
+        return "bool"
+    return dt.newbyteorder("=").name
+
+
+def infer_schema(batch: RawBatch) -> Schema:
+    """A Schema inferred from one raw batch."""
+    return Schema(tuple(infer_column(k, v) for k, v in batch.items()))
+
+
+class _Validator:
+    """Validates and converts raw batches against a schema; tracks image codecs seen."""
+
+    def __init__(self, schema: Schema, label: str) -> None:
+        self.schema = schema
+        self.label = label
+        self.codecs: dict[str, set[str]] = {c.name: set() for c in schema if c.kind == "image"}
+
+    def convert(self, batch: RawBatch, n: int, row0: int) -> dict[str, Any]:
+        names = set(batch)
+        expected = set(self.schema.names)
+        if names != expected:
+            extra = sorted(names - expected)
+            missing = sorted(expected - names)
+            msg = []
+            if extra:
+                msg.append(f"unknown column(s) {extra}")
+            if missing:
+                msg.append(f"missing column(s) {missing}")
+            raise SchemaError(
+                f"ingest into {self.label!r} at row {row0}: {'; '.join(msg)}; the schema has {self.schema.names}"
+            )
+        out = {}
+        for col in self.schema:
+            v = batch[col.name]
+            if len(v) != n:
+                raise SchemaError(
+                    f"ingest into {self.label!r}: column {col.name!r} has {len(v)} values, expected {n}"
+                )
+            out[col.name] = self._column(col, v, row0)
+        return out
+
+    def _where(self, col: Column, row: int) -> str:
+        return f"table {self.label!r}, row {row}, column {col.name!r}"
+
+    def _column(self, col: Column, v: Any, row0: int) -> Any:
+        if col.kind in ("image", "bytes"):
+            vals = []
+            seen = self.codecs.get(col.name)
+            for j, x in enumerate(v):
+                if isinstance(x, bytes):
+                    b = x
+                elif isinstance(x, (bytearray, memoryview)):
+                    b = bytes(x)
+                elif isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 1:
+                    b = x.tobytes()
+                else:
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: expected bytes ({col.type_string()}), got {type(x).__name__}"
+                    )
+                if seen is not None:
+                    codec = detect_codec(b)
+                    if codec is None:
+                        raise SchemaError(
+                            f"{self._where(col, row0 + j)}: {len(b)} bytes are not a recognised image "
+                            "(JPEG, PNG, WebP, GIF, BMP, TIFF); store them in a 'bytes' column instead"
+                        )
+                    if col.codec not in (None, "mixed") and codec != col.codec:
+                        raise SchemaError(
+                            f"{self._where(col, row0 + j)}: a {codec} image in a column declared {col.type_string()}"
+                        )
+                    seen.add(codec)
+                vals.append(b)
+            return vals
+        if col.kind == "text":
+            vals = []
+            for j, x in enumerate(v):
+                if not isinstance(x, str):
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: expected str, got {type(x).__name__}"
+                    )
+                vals.append(x.encode("utf-8"))
+            return vals
+        return self._numeric(col, v, row0)
+
+    def _numeric(self, col: Column, v: Any, row0: int) -> np.ndarray:
+        target = col.np_dtype
+        want = (len(v), *col.shape)
+        try:
+            arr = np.asarray(v)
+        except ValueError:
+            arr = None
+        if arr is None or arr.dtype == object or arr.shape != want:
+            for j, x in enumerate(v):
+                try:
+                    xa = np.asarray(x)
+                except ValueError:
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: ragged nested lists"
+                    ) from None
+                if xa.shape != col.shape:
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: shape {xa.shape} does not match the column's "
+                        f"{col.type_string()} (shape {col.shape})"
+                    )
+                if xa.dtype == object or xa.dtype.kind not in "biuf":
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: expected numbers, got {type(x).__name__}"
+                    )
+            raise SchemaError(
+                f"table {self.label!r}, column {col.name!r}: cannot stack values from row {row0}"
+            )
+        if arr.dtype.kind not in "biuf":
+            raise SchemaError(
+                f"table {self.label!r}, column {col.name!r} at row {row0}: expected numbers, got {arr.dtype}"
+            )
+        both_int = arr.dtype.kind in "iu" and target.kind in "iu"  # range-checked below
+        if not both_int and not np.can_cast(arr.dtype, target, casting="same_kind"):
+            raise SchemaError(
+                f"table {self.label!r}, column {col.name!r} at row {row0}: {arr.dtype} values cannot be "
+                f"stored as {col.dtype} without losing their kind"
+            )
+        if target.kind in "iu" and arr.dtype.kind in "iu" and arr.size:
+            info = np.iinfo(target)
+            lo, hi = int(arr.min()), int(arr.max())
+            if lo < info.min or hi > info.max:
+                bad = int(
+                    np.flatnonzero(
+                        ((arr < info.min) | (arr > info.max)).reshape(len(v), -1).any(axis=1)
+                    )[0]
+                )
+                raise SchemaError(
+                    f"{self._where(col, row0 + bad)}: value out of range for {col.dtype}"
+                )
+        return np.ascontiguousarray(arr, dtype=target)
+
+    def final_schema(self) -> Schema:
+        cols = []
+        for c in self.schema:
+            if c.kind == "image" and c.codec is None:
+                seen = self.codecs[c.name]
+                codec = next(iter(seen)) if len(seen) == 1 else ("mixed" if seen else None)
+                c = Column(c.name, c.kind, c.dtype, c.shape, codec, c.metadata)
+            elif c.kind == "image" and c.codec == "mixed":
+                pass
+            cols.append(c)
+        return Schema(tuple(cols), self.schema.metadata)
+
+
+def _progress(total: int | None, label: str, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    return tqdm(total=total, unit="rows", desc=f"ingest {label}", disable=not enabled, leave=False)
+
+
+def ingest_into(
+    store: Store,
+    label: str,
+    data: Any,
+    mode: str = "create",
+    schema: Schema | Mapping[str, Any] | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    progress: bool | None = None,
+    batch_rows: int = BATCH_ROWS,
+) -> Manifest:
+    """Validate and write ``data`` to the table at ``store`` as one new committed version."""
+    given = Schema.from_spec(schema) if schema is not None else None
+    src = as_source(data, batch_rows)
+    existing = None
+    if mode == "append":
+        try:
+            existing = read_manifest(store).schema
+        except TableNotFoundError:
+            existing = None
+    it = iter(src.batches)
+    first = next(it, None)
+    if given is not None:
+        target = given
+    elif existing is not None:
+        target = Schema(
+            tuple(
+                Column(
+                    c.name,
+                    c.kind,
+                    c.dtype,
+                    c.shape,
+                    None if c.kind == "image" else c.codec,
+                    c.metadata,
+                )
+                for c in existing
+            ),
+            existing.metadata,
+        )
+    elif src.schema_hint is not None:
+        target = src.schema_hint
+    elif first is not None:
+        target = infer_schema(first[0])
+    else:
+        raise SchemaError(f"cannot infer the schema of {label!r} from empty data; pass schema=")
+    validator = _Validator(target, label)
+    writer = TableWriter(store, target, mode, chunk_bytes, label)
+    row = 0
+    try:
+        with _progress(src.total, label, progress) as bar:
+            for raw, n in chain([first] if first is not None else [], it):
+                if n == 0:
+                    continue
+                writer.write(validator.convert(raw, n, row), n)
+                row += n
+                bar.update(n)
+        final = validator.final_schema()
+        return writer.commit(schema=final, metadata=src.metadata or None)
+    except BaseException:
+        writer.abort()
+        raise

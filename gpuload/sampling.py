@@ -1,0 +1,193 @@
+"""Sampling as pure functions of (seed, epoch, rank, worker): shuffle, sharding, resume.
+
+A full shuffle is a keyed pseudo-random permutation (a Feistel network with cycle walking), so the
+row at any position of an epoch is computed on demand in O(1) memory: streaming never holds an
+O(rows) index, and resuming mid-epoch is just "start at position p". The block shuffle (for remote,
+uncached tables) permutes chunk order and shuffles rows within windows of a few chunks, so reads
+stay within a bounded set of chunks at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "derive_key",
+    "Permutation",
+    "EpochOrder",
+    "Shard",
+    "shard_for",
+    "SHUFFLE_MODES",
+]
+
+SHUFFLE_MODES = ("none", "full", "block")
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return x
+
+
+def derive_key(*parts: int) -> int:
+    """A 64-bit key from integers (seed, epoch, salt...), order-sensitive."""
+    h = np.uint64(0x243F6A8885A308D3)
+    for p in parts:
+        h = _mix64(np.uint64(h) ^ np.uint64(int(p) & 0xFFFFFFFFFFFFFFFF))
+    return int(h)
+
+
+class Permutation:
+    """A keyed bijection of [0, n), evaluated on arrays of positions without materialising it."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: int) -> None:
+        if n < 0:
+            raise ValueError(f"permutation size must be >= 0, got {n}")
+        self.n = int(n)
+        bits = max(2, int(np.ceil(np.log2(max(n, 2)))))
+        bits += bits % 2  # even split into two halves
+        self.half = bits // 2
+        self.mask = np.uint64((1 << self.half) - 1)
+        self.keys = [np.uint64(derive_key(key, r)) for r in range(self.ROUNDS)]
+
+    def _feistel(self, x: np.ndarray) -> np.ndarray:
+        left = x >> np.uint64(self.half)
+        right = x & self.mask
+        for k in self.keys:
+            left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+        return (left << np.uint64(self.half)) | right
+
+    def __call__(self, positions) -> np.ndarray:
+        """Rows at the given positions (array-like of ints in [0, n))."""
+        p = np.asarray(positions, dtype=np.int64)
+        if p.size and (p.min() < 0 or p.max() >= self.n):
+            raise IndexError(f"positions out of range for a permutation of {self.n}")
+        x = p.astype(np.uint64)
+        n = np.uint64(self.n)
+        out = self._feistel(x)
+        bad = out >= n
+        while bad.any():  # cycle walking: at most a few rounds since the domain is < 4n
+            out[bad] = self._feistel(out[bad])
+            bad = out >= n
+        return out.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class EpochOrder:
+    """The order of rows in one epoch: ``rows(start, stop)`` gives the row indices at positions
+    [start, stop). ``mode`` is "none", "full" (a uniform permutation) or "block" (chunk order
+    shuffled, rows shuffled within windows of ``window_chunks`` chunks)."""
+
+    n: int
+    mode: str = "none"
+    seed: int = 0
+    epoch: int = 0
+    chunk_rows: tuple[int, ...] = ()
+    window_chunks: int = 4
+
+    def __post_init__(self) -> None:
+        if self.mode not in SHUFFLE_MODES:
+            raise ValueError(f"shuffle mode must be one of {SHUFFLE_MODES}, got {self.mode!r}")
+        if self.mode == "block":
+            if sum(self.chunk_rows) != self.n:
+                raise ValueError("block shuffle needs chunk_rows summing to n")
+            if self.window_chunks < 1:
+                raise ValueError("window_chunks must be >= 1")
+        key = derive_key(self.seed, self.epoch, 0x5EED)
+        object.__setattr__(self, "_key", key)
+        if self.mode == "full":
+            object.__setattr__(self, "_perm", Permutation(self.n, key))
+        elif self.mode == "block":
+            rows = np.asarray(self.chunk_rows, dtype=np.int64)
+            starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+            nchunks = len(rows)
+            corder = Permutation(nchunks, derive_key(key, 1))(np.arange(nchunks))
+            prow = rows[corder]
+            pcum = np.concatenate([[0], np.cumsum(prow)]).astype(np.int64)
+            nwin = (nchunks + self.window_chunks - 1) // self.window_chunks
+            wbound = pcum[np.minimum(np.arange(nwin + 1) * self.window_chunks, nchunks)]
+            object.__setattr__(self, "_starts", starts)
+            object.__setattr__(self, "_corder", corder)
+            object.__setattr__(self, "_pcum", pcum)
+            object.__setattr__(self, "_wbound", wbound)
+            object.__setattr__(self, "_wperm", {})
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        return self.at(np.arange(start, stop, dtype=np.int64))
+
+    def at(self, positions) -> np.ndarray:
+        """Row indices at arbitrary positions of the epoch."""
+        p = np.asarray(positions, dtype=np.int64)
+        if self.mode == "none":
+            if p.size and (p.min() < 0 or p.max() >= self.n):
+                raise IndexError(f"positions out of range for {self.n} rows")
+            return p.copy()
+        if self.mode == "full":
+            return self._perm(p)
+        return self._block(p)
+
+    def _block(self, p: np.ndarray) -> np.ndarray:
+        if p.size and (p.min() < 0 or p.max() >= self.n):
+            raise IndexError(f"positions out of range for {self.n} rows")
+        wb = self._wbound
+        win = np.searchsorted(wb, p, side="right") - 1
+        out = np.empty_like(p)
+        for w in np.unique(win):
+            sel = win == w
+            lo, hi = int(wb[w]), int(wb[w + 1])
+            perm = self._wperm.get(w)
+            if perm is None:
+                perm = Permutation(hi - lo, derive_key(self._key, 2, int(w)))
+                if len(self._wperm) > 64:
+                    self._wperm.clear()
+                self._wperm[w] = perm
+            local = perm(p[sel] - lo) + lo  # position within the permuted-chunk sequence
+            pc = np.searchsorted(self._pcum, local, side="right") - 1
+            chunk = self._corder[pc]
+            out[sel] = self._starts[chunk] + (local - self._pcum[pc])
+        return out
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The positions [start, start + count) of an epoch order that one rank reads; with padding,
+    positions past the end wrap around to the start (as torch's DistributedSampler does)."""
+
+    start: int
+    count: int
+    total: int
+
+    def positions(self, lo: int, hi: int) -> np.ndarray:
+        """Epoch positions of this shard's local positions [lo, hi)."""
+        if lo < 0 or hi > self.count or lo > hi:
+            raise IndexError(f"local positions [{lo}, {hi}) outside this shard's {self.count}")
+        p = np.arange(self.start + lo, self.start + hi, dtype=np.int64)
+        return p % self.total if self.total else p
+
+
+def shard_for(total: int, rank: int = 0, world: int = 1, uneven: str = "pad") -> Shard:
+    """Rank ``rank`` of ``world``'s share of an epoch of ``total`` rows: contiguous, equal counts.
+
+    ``uneven="pad"`` repeats rows from the start so every rank has ceil(total/world) rows;
+    ``"drop"`` drops the tail so every rank has floor(total/world)."""
+    if world < 1 or not (0 <= rank < world):
+        raise ValueError(f"invalid rank {rank} for world size {world}")
+    if uneven not in ("pad", "drop"):
+        raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
+    per = -(-total // world) if uneven == "pad" else total // world
+    if uneven == "pad" and total == 0:
+        per = 0
+    return Shard(start=rank * per, count=per, total=total)

@@ -1,0 +1,691 @@
+"""Tables: one consistent snapshot of a manifest, random access to rows, and batch streams."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import posixpath
+import queue
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .errors import FetchError, FormatError, TableNotFoundError
+from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
+from .format import MANIFEST, Manifest
+from .sampling import EpochOrder
+from .schema import Column, Schema
+from .storage import Store
+
+__all__ = ["Table", "Row", "Rows", "BatchIterator", "open_table"]
+
+ColumnValues = Any  # list[bytes] | list[str] | np.ndarray
+
+
+def open_table(
+    url: str | os.PathLike,
+    storage_options: Mapping[str, Any] | None = None,
+    cache: CacheOptions | bool | str | None = None,
+    fetch: FetchOptions | None = None,
+) -> Table:
+    """Open the table stored at a local path or fsspec URL (s3://, gs://, https://, memory://...)."""
+    return Table.open(os.fspath(url), storage_options=storage_options, cache=cache, fetch=fetch)
+
+
+def _table_label(url: str) -> str:
+    return posixpath.basename(url.rstrip("/").replace(os.sep, "/")) or url
+
+
+class Table:
+    """A read-only snapshot of a table. Picklable (handles are recreated lazily per process)."""
+
+    def __init__(
+        self,
+        store: Store,
+        manifest: Manifest,
+        cache: CacheOptions | bool | str | None = None,
+        fetch: FetchOptions | None = None,
+    ) -> None:
+        self._store = store
+        self._manifest = manifest
+        self._cache_opts = CacheOptions.coerce(cache)
+        self._fetch_opts = fetch or FetchOptions()
+        self.name = _table_label(store.url)
+        rows = np.array([c.rows for c in manifest.chunks], dtype=np.int64)
+        self._chunk_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
+        self._fetcher = Fetcher(
+            store,
+            self.name,
+            self._fetch_opts,
+            self._cache_opts,
+            sizes={c.file: c.size for c in manifest.chunks},
+        )
+        self._chunk_files = [c.file for c in manifest.chunks]
+        self._sec_offsets: dict[str, np.ndarray] = {}
+        # Bounded in-memory LRU of small per-chunk arrays: offsets indexes and whole sections of
+        # small columns (labels, states, short text), so random access does not issue a request
+        # per tiny cell.
+        self._mem: OrderedDict[tuple[int, str, str], np.ndarray] = OrderedDict()
+        self._mem_bytes = 0
+        self._mem_limit = 64 << 20
+        self._small: dict[str, bool] = {}
+        self._lock = threading.Lock()
+        self._epochs_served = 0
+        self._async_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        url: str,
+        storage_options: Mapping[str, Any] | None = None,
+        cache: CacheOptions | bool | str | None = None,
+        fetch: FetchOptions | None = None,
+    ) -> Table:
+        store = Store(url, storage_options)
+        return cls(store, read_manifest(store), cache=cache, fetch=fetch)
+
+    def refresh(self) -> Table:
+        """A new Table on the latest committed snapshot."""
+        return Table(self._store, read_manifest(self._store), self._cache_opts, self._fetch_opts)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "store": self._store,
+            "manifest": self._manifest.dumps(),
+            "cache": self._cache_opts,
+            "fetch": self._fetch_opts,
+            "epochs": self._epochs_served,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        manifest = Manifest.loads(state["manifest"], f"pickled table {state['store'].url}")
+        self.__init__(state["store"], manifest, state["cache"], state["fetch"])
+        self._epochs_served = state.get("epochs", 0)
+
+    # -- metadata --------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return self._store.url
+
+    @property
+    def store(self) -> Store:
+        return self._store
+
+    @property
+    def manifest(self) -> Manifest:
+        return self._manifest
+
+    @property
+    def fetcher(self) -> Fetcher:
+        return self._fetcher
+
+    @property
+    def schema(self) -> Schema:
+        return self._manifest.schema
+
+    @property
+    def columns(self) -> list[str]:
+        return self._manifest.schema.names
+
+    @property
+    def version(self) -> int:
+        return self._manifest.version
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._manifest.chunks)
+
+    @property
+    def chunk_rows(self) -> tuple[int, ...]:
+        return tuple(c.rows for c in self._manifest.chunks)
+
+    @property
+    def nbytes(self) -> int:
+        return self._manifest.nbytes
+
+    @property
+    def is_local(self) -> bool:
+        return self._store.is_local
+
+    @property
+    def is_cached(self) -> bool:
+        """True when reads are served from local disk (a local table or a cached remote one)."""
+        return self._store.is_local or self._fetcher.cache is not None
+
+    def __len__(self) -> int:
+        return int(self._chunk_starts[-1])
+
+    def __repr__(self) -> str:
+        return f"Table({self.url!r}, rows={len(self)}, columns=[{self.schema.describe()}])"
+
+    def info(self) -> dict[str, Any]:
+        """Schema, rows, size and chunks, as ``gpuload info`` prints them."""
+        col_bytes: dict[str, int] = {c: 0 for c in self.columns}
+        for ch in self._manifest.chunks:
+            for name, sec in ch.data.items():
+                col_bytes[name] = col_bytes.get(name, 0) + sec.length
+        return {
+            "name": self.name,
+            "url": self.url,
+            "version": self.version,
+            "rows": len(self),
+            "bytes": self.nbytes,
+            "chunks": self.num_chunks,
+            "schema": {c.name: c.type_string() for c in self.schema},
+            "column_bytes": col_bytes,
+            "metadata": dict(self.schema.metadata),
+        }
+
+    # -- row access ------------------------------------------------------------------------
+    def _normalize_index(self, i: int) -> int:
+        n = len(self)
+        j = int(i)
+        if j < 0:
+            j += n
+        if not 0 <= j < n:
+            raise IndexError(f"row {i} out of range for table {self.name!r} with {n} rows")
+        return j
+
+    def __getitem__(self, key):
+        if isinstance(key, (int, np.integer)):
+            return Row(self, self._normalize_index(key))
+        if isinstance(key, slice):
+            return Rows(self, np.arange(*key.indices(len(self)), dtype=np.int64))
+        if isinstance(key, str):
+            raise TypeError(
+                f"table[{key!r}]: index rows with integers, slices or lists; "
+                f"read a column with table.batches(columns=[{key!r}]) or table[:][{key!r}]"
+            )
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (len(self),):
+                raise IndexError(
+                    f"boolean mask of shape {idx.shape} does not match {len(self)} rows"
+                )
+            return Rows(self, np.flatnonzero(idx).astype(np.int64))
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"cannot index table {self.name!r} with {type(key).__name__}")
+        return Rows(self, np.array([self._normalize_index(i) for i in idx.ravel()], dtype=np.int64))
+
+    def __iter__(self) -> Iterator[Row]:
+        for i in range(len(self)):
+            yield Row(self, i)
+
+    # -- the core batch read ---------------------------------------------------------------
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        chunk = np.searchsorted(self._chunk_starts, indices, side="right") - 1
+        return chunk, indices - self._chunk_starts[chunk]
+
+    def _mem_get(self, key: tuple[int, str, str]) -> np.ndarray | None:
+        with self._lock:
+            arr = self._mem.get(key)
+            if arr is not None:
+                self._mem.move_to_end(key)
+            return arr
+
+    def _mem_put(self, key: tuple[int, str, str], arr: np.ndarray) -> None:
+        with self._lock:
+            if key in self._mem:
+                return
+            self._mem[key] = arr
+            self._mem_bytes += arr.nbytes
+            while self._mem_bytes > self._mem_limit and len(self._mem) > 1:
+                _, old = self._mem.popitem(last=False)
+                self._mem_bytes -= old.nbytes
+
+    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
+        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
+        key = (chunk, column.name, "offsets")
+        arr = self._mem_get(key)
+        if arr is not None:
+            return arr
+        info = self._manifest.chunks[chunk]
+        sec = info.offsets[column.name]
+        buf = np.empty(sec.length // 8, dtype="<i8")
+        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
+        data_len = info.data[column.name].length
+        if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
+            raise FormatError(
+                f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
+                f"(bytes [{sec.offset}, {sec.end})) are corrupt"
+            )
+        self._mem_put(key, buf)
+        return buf
+
+    def _is_small(self, column: Column) -> bool:
+        """Columns averaging at most 512 bytes a row are read a whole chunk section at a time."""
+        small = self._small.get(column.name)
+        if small is None:
+            total = sum(c.data[column.name].length for c in self._manifest.chunks)
+            small = len(self) > 0 and total / len(self) <= 512
+            self._small[column.name] = small
+        return small
+
+    def chunk_section(self, chunk: int, column: Column) -> np.ndarray:
+        """A column's whole data section in one chunk, as uint8 (LRU-cached)."""
+        key = (chunk, column.name, "data")
+        arr = self._mem_get(key)
+        if arr is not None:
+            return arr
+        info = self._manifest.chunks[chunk]
+        sec = info.data[column.name]
+        buf = np.empty(sec.length, dtype=np.uint8)
+        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
+        self._mem_put(key, buf)
+        return buf
+
+    def _read_small(self, idx: np.ndarray, col: Column) -> ColumnValues:
+        chunks, local = self._locate(idx)
+        if not col.is_var:
+            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
+            for c in np.unique(chunks):
+                sel = chunks == c
+                rows = self.chunk_section(int(c), col).view(col.np_dtype).reshape(-1, *col.shape)
+                out[sel] = rows[local[sel]]
+            return out
+        values: list = [None] * len(idx)
+        for c in np.unique(chunks):
+            sel = np.flatnonzero(chunks == c)
+            data = memoryview(self.chunk_section(int(c), col))
+            offs = self.chunk_offsets(int(c), col)
+            lo = offs[local[sel]].tolist()
+            hi = offs[local[sel] + 1].tolist()
+            for k, a, b in zip(sel.tolist(), lo, hi):
+                values[k] = data[a:b].tobytes()
+        return values
+
+    def plan_reads(self, indices: np.ndarray, column: Column) -> tuple[ReadPlan, np.ndarray]:
+        """The byte-range reads that gather ``column`` for ``indices`` into one packed buffer,
+        and the (len+1) offsets of each row within that buffer."""
+        chunks, local = self._locate(indices)
+        n = len(indices)
+        sec_off = self._section_offsets(column.name)[chunks]
+        if not column.is_var:
+            rb = column.row_nbytes
+            dest = np.arange(n + 1, dtype=np.int64) * rb
+            plan = ReadPlan(
+                self._chunk_files, chunks, sec_off + local * rb, np.full(n, rb, np.int64), dest[:-1]
+            )
+            return plan, dest
+        starts = np.empty(n, dtype=np.int64)
+        lens = np.empty(n, dtype=np.int64)
+        for c in np.unique(chunks):
+            sel = chunks == c
+            offs = self.chunk_offsets(int(c), column)
+            li = local[sel]
+            starts[sel] = offs[li]
+            lens[sel] = offs[li + 1] - offs[li]
+        dest = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(lens, out=dest[1:])
+        return ReadPlan(self._chunk_files, chunks, sec_off + starts, lens, dest[:-1]), dest
+
+    def _section_offsets(self, name: str) -> np.ndarray:
+        arr = self._sec_offsets.get(name)
+        if arr is None:
+            arr = np.array([c.data[name].offset for c in self._manifest.chunks], dtype=np.int64)
+            self._sec_offsets[name] = arr
+        return arr
+
+    def read_column_into(
+        self, indices: np.ndarray, column: Column, out=None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Gather one column's raw bytes for ``indices`` into ``out`` (allocated if None or too
+        small). Returns (buffer view, per-row offsets into it)."""
+        reads, dest = self.plan_reads(indices, column)
+        total = int(dest[-1])
+        if out is None or out.nbytes < total:
+            out = np.empty(total, dtype=np.uint8)
+        view = out.reshape(-1).view(np.uint8)[:total]
+        self._fetcher.read_into(reads, view)
+        return view, dest
+
+    def read(self, indices, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
+        """Rows ``indices`` as a dict of columns: bytes/str lists, stacked numpy arrays."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(
+                f"row indices out of range for table {self.name!r} with {len(self)} rows"
+            )
+        cols = self.schema.select(columns, self.name)
+        return {c.name: self._read_column(idx, c) for c in cols}
+
+    def _read_column(self, idx: np.ndarray, col: Column) -> ColumnValues:
+        if self._is_small(col):
+            values = self._read_small(idx, col)
+            if col.kind == "text":
+                values = self._decode_text(values, col)
+            return values
+        if not col.is_var:
+            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
+            plan, _ = self.plan_reads(idx, col)
+            self._fetcher.read_into(plan, out.reshape(-1).view(np.uint8))
+            return out
+        buf, dest = self.read_column_into(idx, col)
+        mv = memoryview(buf)
+        d = dest.tolist()
+        values: list = [mv[d[i] : d[i + 1]].tobytes() for i in range(len(idx))]
+        if col.kind == "text":
+            values = self._decode_text(values, col)
+        return values
+
+    def _decode_text(self, values: list, col: Column) -> list[str]:
+        try:
+            return [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError as e:
+            raise FormatError(
+                f"table {self.name!r}, column {col.name!r}: text is not UTF-8 ({e})"
+            ) from None
+
+    # -- async -----------------------------------------------------------------------------
+    def _async_reader(self) -> _AsyncReader:
+        loop = asyncio.get_running_loop()
+        r = self._async_readers.get(loop)
+        if r is None:
+            r = _AsyncReader(self, loop)
+            self._async_readers[loop] = r
+        return r
+
+    async def get_async(self, index: int, column: str) -> Any:
+        """One cell, fetched without blocking the event loop; concurrent calls are batched."""
+        col = self.schema.column(column, self.name)
+        return await self._async_reader().get(self._normalize_index(index), col)
+
+    # -- streams ---------------------------------------------------------------------------
+    def next_epoch(self) -> int:
+        """The epoch number for the next stream that does not name one (advances per call)."""
+        with self._lock:
+            e = self._epochs_served
+            self._epochs_served += 1
+            return e
+
+    def epoch_order(
+        self, shuffle: bool | str = False, seed: int | None = None, epoch: int = 0
+    ) -> EpochOrder:
+        """The row order of one epoch. shuffle=True means "full" where reads are local or cached,
+        "block" for remote tables read without a cache."""
+        mode = resolve_shuffle(shuffle, self.is_cached)
+        if seed is None:
+            seed = 0
+        return EpochOrder(len(self), mode, int(seed), int(epoch), self.chunk_rows)
+
+    def batches(
+        self,
+        batch_size: int,
+        shuffle: bool | str = False,
+        seed: int | None = None,
+        columns: Sequence[str] | None = None,
+        drop_last: bool = False,
+        epoch: int | None = None,
+        prefetch: int = 2,
+    ) -> BatchIterator:
+        """Iterate over the table in batches (dict of column -> list of bytes/str or stacked array).
+
+        ``shuffle``: False, True, "full" or "block"; seeded by ``seed`` and ``epoch``: successive
+        calls without ``epoch`` advance it, so each epoch has a new order. ``seed=None`` with
+        shuffle draws a random seed."""
+        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.schema.select(columns, self.name)
+        if shuffle and seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        e = self.next_epoch() if epoch is None else int(epoch)
+        order = self.epoch_order(shuffle, seed, e)
+        return BatchIterator(self, order, int(batch_size), columns, drop_last, prefetch)
+
+    # -- framework front doors (adapters import frameworks lazily) ---------------------------
+    def pytorch(self, *args, **kwargs):
+        """``gpuload.pytorch(self, ...)``: a torch Dataset (or the batched fast path)."""
+        from .adapters.torch import pytorch
+
+        return pytorch(self, *args, **kwargs)
+
+    def tensorflow(self, *args, **kwargs):
+        """``gpuload.tensorflow(self, ...)``: a tf.data.Dataset."""
+        from .adapters.tensorflow import tensorflow
+
+        return tensorflow(self, *args, **kwargs)
+
+
+def resolve_shuffle(shuffle: bool | str, cached: bool) -> str:
+    if shuffle is False or shuffle is None or shuffle == "none":
+        return "none"
+    if shuffle is True:
+        return "full" if cached else "block"
+    if shuffle in ("full", "block"):
+        return shuffle
+    raise ValueError(f"shuffle must be True, False, 'full' or 'block', got {shuffle!r}")
+
+
+def read_manifest(store: Store) -> Manifest:
+    where = store.url_of(MANIFEST)
+    try:
+        raw = store.read_bytes(MANIFEST)
+    except FileNotFoundError:
+        raise TableNotFoundError(f"no table at {store.url} (missing {MANIFEST})") from None
+    except OSError as e:
+        raise FetchError(f"reading {where} failed: {e}") from e
+    return Manifest.loads(raw, where)
+
+
+class Row:
+    """One row of a table, read lazily: ``row[col]`` fetches that cell."""
+
+    __slots__ = ("table", "index")
+
+    def __init__(self, table: Table, index: int) -> None:
+        self.table = table
+        self.index = index
+
+    def __getitem__(self, column: str) -> Any:
+        col = self.table.schema.column(column, self.table.name)
+        return _cell(self.table._read_column(np.array([self.index], dtype=np.int64), col), col)
+
+    def to_dict(self, columns: Sequence[str] | None = None) -> dict[str, Any]:
+        """A new mutable dict of all (or the named) columns of this row."""
+        data = self.table.read([self.index], columns)
+        return {name: _cell(v, self.table.schema[name]) for name, v in data.items()}
+
+    async def get_async(self, column: str) -> Any:
+        """``await row.get_async(col)``: fetch a cell without blocking the event loop."""
+        return await self.table.get_async(self.index, column)
+
+    def keys(self) -> list[str]:
+        return self.table.columns
+
+    def __iter__(self):
+        return iter(self.table.columns)
+
+    def __contains__(self, column: object) -> bool:
+        return column in self.table.schema
+
+    def __repr__(self) -> str:
+        return f"Row({self.table.name!r}, {self.index})"
+
+
+def _cell(values: ColumnValues, col: Column) -> Any:
+    v = values[0]
+    if col.kind == "array":
+        return np.array(v)  # an owned copy, not a view into the batch buffer
+    return v
+
+
+class Rows:
+    """Several rows (from a slice or a list of indices): ``rows[col]`` reads a column."""
+
+    def __init__(self, table: Table, indices: np.ndarray) -> None:
+        self.table = table
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return self.table.read(self.indices, [key])[key]
+        if isinstance(key, (int, np.integer)):
+            n = len(self.indices)
+            j = int(key) + n if key < 0 else int(key)
+            if not 0 <= j < n:
+                raise IndexError(f"index {key} out of range for {n} rows")
+            return Row(self.table, int(self.indices[j]))
+        return Rows(self.table, self.indices[key])
+
+    def __iter__(self) -> Iterator[Row]:
+        for i in self.indices:
+            yield Row(self.table, int(i))
+
+    def to_dict(self, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
+        return self.table.read(self.indices, columns)
+
+    def __repr__(self) -> str:
+        return f"Rows({self.table.name!r}, {len(self)} rows)"
+
+
+class _AsyncReader:
+    """Batches get_async calls made in the same event-loop tick into one coalesced read."""
+
+    def __init__(self, table: Table, loop: asyncio.AbstractEventLoop) -> None:
+        self.table = table
+        self.loop = loop
+        self.pending: dict[str, list[tuple[int, asyncio.Future]]] = {}
+        self.scheduled = False
+
+    def get(self, index: int, col: Column) -> asyncio.Future:
+        fut = self.loop.create_future()
+        self.pending.setdefault(col.name, []).append((index, fut))
+        if not self.scheduled:
+            self.scheduled = True
+            self.loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, {}
+        for name, items in pending.items():
+            col = self.table.schema[name]
+            idx = np.array([i for i, _ in items], dtype=np.int64)
+            task = self.loop.run_in_executor(None, self.table._read_column, idx, col)
+            task.add_done_callback(lambda t, items=items, col=col: self._resolve(t, items, col))
+
+    @staticmethod
+    def _resolve(task: asyncio.Future, items, col: Column) -> None:
+        if task.cancelled():
+            for _, f in items:
+                if not f.done():
+                    f.cancel()
+            return
+        exc = task.exception()
+        for k, (_, f) in enumerate(items):
+            if f.done():
+                continue
+            if exc is not None:
+                f.set_exception(exc)
+            else:
+                v = task.result()[k]
+                f.set_result(np.array(v) if col.kind == "array" else v)
+
+
+_STOP = object()
+
+
+class _Failure:
+    """An exception raised in a producer thread, carried to the consumer."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class BatchIterator:
+    """Batches of one epoch, read ahead by a background thread (at most ``prefetch`` batches in
+    memory). Breaking out early stops the thread; nothing leaks."""
+
+    def __init__(
+        self,
+        table: Table,
+        order: EpochOrder,
+        batch_size: int,
+        columns: Sequence[str] | None,
+        drop_last: bool,
+        prefetch: int = 2,
+        start: int = 0,
+        stop: int | None = None,
+    ) -> None:
+        self.table = table
+        self.order = order
+        self.batch_size = batch_size
+        self.columns = list(columns) if columns is not None else None
+        self.drop_last = drop_last
+        self.prefetch = max(0, int(prefetch))
+        self.start = start
+        self.stop = len(order) if stop is None else stop
+
+    @property
+    def epoch(self) -> int:
+        return self.order.epoch
+
+    def __len__(self) -> int:
+        n = max(0, self.stop - self.start)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def _bounds(self) -> Iterator[tuple[int, int]]:
+        for b in range(len(self)):
+            lo = self.start + b * self.batch_size
+            yield lo, min(lo + self.batch_size, self.stop)
+
+    def _load(self, lo: int, hi: int) -> dict[str, ColumnValues]:
+        return self.table.read(self.order.rows(lo, hi), self.columns)
+
+    def __iter__(self) -> Iterator[dict[str, ColumnValues]]:
+        if self.prefetch == 0:
+            for lo, hi in self._bounds():
+                yield self._load(lo, hi)
+            return
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def producer() -> None:
+            try:
+                for lo, hi in self._bounds():
+                    if stop.is_set():
+                        return
+                    item = self._load(lo, hi)
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+                _put_until(q, _Failure(e), stop)
+                return
+            _put_until(q, _STOP, stop)
+
+        t = threading.Thread(target=producer, name="gpuload-batches", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _STOP:
+                    return
+                if isinstance(item, _Failure):
+                    raise item.error
+                yield item
+        finally:
+            stop.set()
+            t.join(timeout=10)
+
+
+def _put_until(q: queue.Queue, item, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            continue

@@ -1,0 +1,265 @@
+"""Writing tables: chunks first, then one atomic manifest publish.
+
+A crashed or interrupted writer leaves the previous snapshot fully readable: its chunks are new,
+uniquely named files that no manifest names until the commit, which is a single atomic step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+
+import numpy as np
+
+from .errors import CommitConflictError, SchemaError, TableExistsError, TableNotFoundError
+from .format import ALIGN, MANIFEST, ChunkInfo, Manifest, Section
+from .schema import Column, Schema
+from .storage import Store
+from .table import read_manifest
+
+__all__ = ["TableWriter", "DEFAULT_CHUNK_BYTES", "MODES"]
+
+log = logging.getLogger("gpuload.writer")
+DEFAULT_CHUNK_BYTES = 32 << 20
+MODES = ("create", "append", "overwrite")
+_PAD = bytes(ALIGN)
+
+
+class TableWriter:
+    """Buffers validated column batches into chunks and commits them as one new version."""
+
+    def __init__(
+        self,
+        store: Store,
+        schema: Schema,
+        mode: str = "create",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        label: str | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.store = store
+        self.label = label or store.url
+        self.mode = mode
+        self.chunk_bytes = int(chunk_bytes)
+        try:
+            self.base: Manifest | None = read_manifest(store)
+        except TableNotFoundError:
+            self.base = None
+        if mode == "create" and self.base is not None:
+            raise TableExistsError(
+                f"table {self.label!r} already exists (version {self.base.version}); "
+                "use mode='append' or mode='overwrite'"
+            )
+        if mode == "append" and self.base is not None:
+            _check_same_schema(self.base.schema, schema, self.label)
+            schema = _merge_codecs(self.base.schema, schema)
+        self.schema = schema
+        self._new_chunks: list[ChunkInfo] = []
+        self._reset_buffers()
+        self.rows_written = 0
+        self._closed = False
+        store.makedirs()
+
+    def _reset_buffers(self) -> None:
+        self._parts: dict[str, list] = {c.name: [] for c in self.schema}
+        self._lens: dict[str, list] = {c.name: [] for c in self.schema if c.is_var}
+        self._buffered_rows = 0
+        self._buffered_bytes = 0
+
+    # -- writing ---------------------------------------------------------------------------
+    def write(self, batch: Mapping[str, object], n: int) -> None:
+        """Append ``n`` rows given as validated column values (list of bytes or numpy array).
+        Chunks are cut at row boundaries as soon as they reach ``chunk_bytes``."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        if n == 0:
+            return
+        row_bytes = np.zeros(n, dtype=np.int64)
+        lens = {}
+        for col in self.schema:
+            if col.is_var:
+                lens[col.name] = np.fromiter(
+                    (len(x) for x in batch[col.name]), dtype=np.int64, count=n
+                )
+                row_bytes += lens[col.name]
+            else:
+                row_bytes += col.row_nbytes
+        cum = np.cumsum(row_bytes)
+        lo = 0
+        while lo < n:
+            base = int(cum[lo - 1]) if lo else 0
+            room = self.chunk_bytes - self._buffered_bytes
+            # first row index at which the chunk reaches its target size
+            cut = int(np.searchsorted(cum, base + room, side="left")) + 1
+            hi = min(n, max(cut, lo + 1))
+            for col in self.schema:
+                v = batch[col.name]
+                if col.is_var:
+                    self._parts[col.name].extend(v[lo:hi])
+                    self._lens[col.name].append(lens[col.name][lo:hi])
+                else:
+                    self._parts[col.name].append(np.ascontiguousarray(v[lo:hi], dtype=col.np_dtype))
+            self._buffered_bytes += int(cum[hi - 1]) - base
+            self._buffered_rows += hi - lo
+            if self._buffered_bytes >= self.chunk_bytes:
+                self.flush()
+            lo = hi
+
+    def flush(self) -> None:
+        """Write the buffered rows as one chunk file (not yet visible to readers)."""
+        if self._buffered_rows == 0:
+            return
+        rows = self._buffered_rows
+        parts: list = []
+        pos = 0
+        data: dict[str, Section] = {}
+        offsets: dict[str, Section] = {}
+
+        def add(buf) -> Section:
+            nonlocal pos
+            pad = (-pos) % ALIGN
+            if pad:
+                parts.append(_PAD[:pad])
+                pos += pad
+            mv = memoryview(buf).cast("B")
+            parts.append(mv)
+            sec = Section(pos, len(mv))
+            pos += len(mv)
+            return sec
+
+        for col in self.schema:
+            if col.is_var:
+                lens = (
+                    np.concatenate(self._lens[col.name])
+                    if self._lens[col.name]
+                    else np.zeros(0, np.int64)
+                )
+                offs = np.zeros(rows + 1, dtype="<i8")
+                np.cumsum(lens, out=offs[1:])
+                data[col.name] = add(b"".join(self._parts[col.name]))
+                offsets[col.name] = add(offs.tobytes())
+            else:
+                arr = (
+                    np.concatenate(self._parts[col.name])
+                    if self._parts[col.name]
+                    else np.zeros(0, col.np_dtype)
+                )
+                data[col.name] = add(arr.tobytes())
+        name = f"chunks/{uuid.uuid4().hex}.chunk"
+        size = self.store.write_new(name, parts)
+        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets))
+        self.rows_written += rows
+        self._reset_buffers()
+
+    # -- commit ----------------------------------------------------------------------------
+    def commit(self, schema: Schema | None = None, metadata: Mapping | None = None) -> Manifest:
+        """Publish all written rows as a new version in one atomic step. ``schema`` may refine
+        the writer's schema (e.g. image codecs observed while writing); its columns must match."""
+        self.flush()
+        if schema is not None:
+            if [(c.name, c.kind, c.dtype, c.shape) for c in schema] != [
+                (c.name, c.kind, c.dtype, c.shape) for c in self.schema
+            ]:
+                raise SchemaError(
+                    f"commit of {self.label!r}: the schema's columns changed while writing"
+                )
+            self.schema = (
+                _merge_codecs(self.base.schema, schema)
+                if (self.base and self.mode == "append")
+                else schema
+            )
+        current = _try_read(self.store)
+        base_version = self.base.version if self.base else 0
+        cur_version = current.version if current else 0
+        if cur_version != base_version:
+            self.abort()
+            raise CommitConflictError(
+                f"table {self.label!r} changed while writing (version {base_version} -> {cur_version}); "
+                "nothing of this write was committed; retry it"
+            )
+        old_chunks = tuple(self.base.chunks) if (self.base and self.mode == "append") else ()
+        schema = self.schema
+        if self.base is not None and self.mode == "append":
+            metadata = {**self.base.schema.metadata, **(metadata or {})}
+        if metadata:
+            schema = Schema(schema.columns, {**schema.metadata, **metadata})
+        now = time.time()
+        manifest = Manifest(
+            table_id=self.base.table_id
+            if (self.base and self.mode == "append")
+            else uuid.uuid4().hex,
+            version=base_version + 1,
+            schema=schema,
+            chunks=old_chunks + tuple(self._new_chunks),
+            created=self.base.created if (self.base and self.mode == "append") else now,
+            updated=now,
+        )
+        manifest.validate(f"new manifest of {self.label!r}")
+        raw = manifest.dumps()
+        self.store.write_atomic(f"versions/v{manifest.version:012d}.json", raw)
+        self.store.write_atomic(MANIFEST, raw)  # the commit point
+        self._closed = True
+        if self.mode == "overwrite" and self.base is not None:
+            keep = {c.file for c in manifest.chunks}
+            for c in self.base.chunks:
+                if c.file not in keep:
+                    self.store.remove(c.file)
+        return manifest
+
+    def abort(self) -> None:
+        """Delete the chunks this writer wrote; the committed table is untouched."""
+        for c in self._new_chunks:
+            try:
+                self.store.remove(c.file)
+            except OSError as e:
+                log.warning(
+                    "could not remove uncommitted chunk %s of %s: %s", c.file, self.label, e
+                )
+        self._new_chunks.clear()
+        self._reset_buffers()
+        self._closed = True
+
+
+def _try_read(store: Store) -> Manifest | None:
+    try:
+        return read_manifest(store)
+    except TableNotFoundError:
+        return None
+
+
+def _check_same_schema(existing: Schema, new: Schema, label: str) -> None:
+    old_names, new_names = existing.names, new.names
+    missing = [n for n in old_names if n not in new_names]
+    extra = [n for n in new_names if n not in old_names]
+    if missing or extra:
+        parts = []
+        if extra:
+            parts.append(f"unknown column(s) {extra}")
+        if missing:
+            parts.append(f"missing column(s) {missing}")
+        raise SchemaError(
+            f"appending to table {label!r}: {'; '.join(parts)}; the table has {old_names}"
+        )
+    for c in existing:
+        n = new[c.name]
+        if (c.kind, c.dtype, c.shape) != (n.kind, n.dtype, n.shape):
+            raise SchemaError(
+                f"appending to table {label!r}: column {c.name!r} is {c.type_string()}, "
+                f"the new data is {n.type_string()}"
+            )
+
+
+def _merge_codecs(existing: Schema, new: Schema) -> Schema:
+    cols: list[Column] = []
+    for c in existing:
+        n = new[c.name]
+        codec = c.codec
+        if c.kind == "image" and n.codec != c.codec:
+            codec = "mixed" if (c.codec and n.codec) else (c.codec or n.codec)
+        cols.append(Column(c.name, c.kind, c.dtype, c.shape, codec, c.metadata))
+    return Schema(tuple(cols), existing.metadata)

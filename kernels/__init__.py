@@ -1,0 +1,1 @@
+"""Device and CPU kernels, written once for the CPU and CUDA targets of Numba."""

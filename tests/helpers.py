@@ -1,0 +1,54 @@
+"""Test data made on the fly: small textured images (never flat colours), robot-like rows."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+
+def textured_image(rng: np.random.Generator, h: int, w: int, channels: int = 3) -> np.ndarray:
+    """A smooth random texture with edges and noise, uint8 HxWxC (or HxW for channels=1)."""
+    y = np.linspace(0, 1, h)[:, None]
+    x = np.linspace(0, 1, w)[None, :]
+    planes = []
+    for _ in range(channels):
+        f = rng.uniform(1, 6, size=4)
+        p = rng.uniform(0, 2 * np.pi, size=4)
+        v = (
+            np.sin(2 * np.pi * f[0] * x + p[0]) * np.cos(2 * np.pi * f[1] * y + p[1])
+            + 0.5 * np.sin(2 * np.pi * (f[2] * x + f[3] * y) + p[2])
+            + 0.3 * ((x * f[3] + y * f[2]) % 1.0 > 0.5)
+        )
+        v = (v - v.min()) / (np.ptp(v) + 1e-9)
+        planes.append(v)
+    img = np.stack(planes, axis=-1) * 200 + 25 + rng.normal(0, 6, size=(h, w, channels))
+    img = np.clip(img, 0, 255).astype(np.uint8)
+    return img[..., 0] if channels == 1 else img
+
+
+def encode(img: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def jpeg(rng: np.random.Generator, h: int = 48, w: int = 64, quality: int = 85) -> bytes:
+    return encode(textured_image(rng, h, w), "JPEG", quality=quality)
+
+
+def png(rng: np.random.Generator, h: int = 40, w: int = 56, channels: int = 3) -> bytes:
+    return encode(textured_image(rng, h, w, channels), "PNG")
+
+
+def robot_columns(n: int, seed: int = 0, h: int = 48, w: int = 64) -> dict:
+    """Columns shaped like the reference robot dataset, small: image, state[14], label, text."""
+    rng = np.random.default_rng(seed)
+    return {
+        "image": [jpeg(rng, h, w) for _ in range(n)],
+        "state": rng.standard_normal((n, 14)).astype(np.float32),
+        "label": rng.integers(0, 10, size=n).astype(np.int64),
+        "text": [f"row {i}: pick {'abc'[i % 3]}" for i in range(n)],
+    }
