@@ -41,3 +41,7 @@ class UnsupportedOpError(GpuloadError, ValueError):
 
 class MissingDependencyError(GpuloadError, ImportError):
     """An optional backend is not installed; the message says what to install."""
+
+
+class TransformError(GpuloadError):
+    """A user transform raised; names the table and row. The original error is the __cause__."""

@@ -1,0 +1,99 @@
+"""Export: hand batches to frameworks through DLPack, zero copy where the memory allows.
+
+Host numpy arrays become torch tensors with torch.from_dlpack (same memory) and TensorFlow tensors
+with tf.experimental.dlpack.from_dlpack when 64-byte aligned and C-contiguous (TensorFlow aborts
+the process on anything else, so other arrays are copied). Device arrays (Numba/CuPy, anything with
+__cuda_array_interface__ or __dlpack__) go the same way on the GPU. Frameworks are imported only
+here, lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .collate import ALIGNMENT
+
+__all__ = ["to_torch", "to_tensorflow", "is_tf_dlpack_safe"]
+
+
+def is_tf_dlpack_safe(a: np.ndarray) -> bool:
+    """TensorFlow accepts a DLPack buffer only if 64-byte aligned and C-contiguous."""
+    return a.flags.c_contiguous and a.ctypes.data % ALIGNMENT == 0 and a.dtype.kind in "biuf"
+
+
+def _torch_value(v: Any, device, torch) -> Any:
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind not in "biuf":
+            return v
+        t = (
+            torch.from_dlpack(np.ascontiguousarray(v))
+            if v.flags.writeable
+            else torch.from_numpy(v.copy())
+        )
+        return t if device is None or t.device == device else t.to(device, non_blocking=True)
+    if isinstance(v, np.generic):
+        return torch.as_tensor(v)
+    if isinstance(v, torch.Tensor):
+        return v if device is None or v.device == device else v.to(device, non_blocking=True)
+    if hasattr(v, "__cuda_array_interface__"):
+        return torch.as_tensor(v, device="cuda")
+    if hasattr(v, "__dlpack__") and not isinstance(v, (bytes, str)):
+        return torch.from_dlpack(v)
+    if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+        t = torch.stack(v)
+        return t if device is None or t.device == device else t.to(device, non_blocking=True)
+    if (
+        isinstance(v, (list, tuple))
+        and v
+        and isinstance(v[0], np.ndarray)
+        and v[0].dtype.kind in "biuf"
+    ):
+        return _torch_value(np.stack(v), device, torch)
+    return v  # bytes / str lists stay lists, as torch's default_collate leaves them
+
+
+def to_torch(batch: Any, device: Any = None) -> Any:
+    """numpy arrays -> torch tensors (zero copy on the host), recursively through dicts/tuples."""
+    import torch
+
+    dev = (
+        torch.device(device)
+        if device is not None and not isinstance(device, torch.device)
+        else device
+    )
+    if dev is not None and dev.type == "cpu":
+        dev = None
+    return _walk(batch, lambda v: _torch_value(v, dev, torch))
+
+
+def _tf_value(v: Any, tf) -> Any:
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind not in "biuf":
+            return tf.convert_to_tensor(v)
+        if is_tf_dlpack_safe(v) and v.size:
+            return tf.experimental.dlpack.from_dlpack(v.__dlpack__())
+        return tf.convert_to_tensor(v)  # a copy: unaligned or non-contiguous memory
+    if isinstance(v, np.generic):
+        return tf.convert_to_tensor(v)
+    if isinstance(v, list) and v and isinstance(v[0], (bytes, str)):
+        return tf.constant(v, dtype=tf.string)
+    if hasattr(v, "__dlpack__") and not isinstance(v, (bytes, str, list)):
+        return tf.experimental.dlpack.from_dlpack(v.__dlpack__())
+    return v
+
+
+def to_tensorflow(batch: Any) -> Any:
+    """numpy arrays -> tf tensors (zero copy when aligned); bytes/str lists -> tf.string."""
+    import tensorflow as tf
+
+    return _walk(batch, lambda v: _tf_value(v, tf))
+
+
+def _walk(batch: Any, fn) -> Any:
+    if isinstance(batch, dict):
+        return {k: fn(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(fn(v) for v in batch)
+    return fn(batch)
