@@ -1,0 +1,242 @@
+"""nvImageCodec backend: batched decode on the GPU (nvJPEG hardware / hybrid / CUDA), or on the
+CPU (its libjpeg-turbo / libpng extensions) with ``NVIMGCODEC_DEVICE_CPU_ONLY``.
+
+* One ``nvimgcodec.Decoder`` per calling thread and process (they are not thread-safe), created
+  at the first batch, never at import or construction, so nothing touches CUDA before fork.
+* Regions use nvImageCodec's region API (``CodeStream.get_sub_code_stream(region=Region(...))``)
+  and come back exact: origin = (y0, x0). There is no DCT scaling: ``scale`` is always 1.
+* CPU: images decode straight into views of the host staging buffer (``images=`` wrapping
+  them with ``as_image``), one single-threaded nvImageCodec decoder per worker thread.
+  GPU: one batched decode on the caller's stream; the decoded device images are copied
+  device-to-device into the device staging buffer on that stream (asynchronous).
+* Output is always RGB (3 channels), grey JPEGs included (one decode parameter set per batch).
+* An image nvImageCodec cannot decode (it returns None) is decoded on the host instead (strict
+  libjpeg-turbo for JPEG, libpng/PIL otherwise), which either succeeds or raises a DecodeError
+  naming the index. nvImageCodec's libjpeg-turbo path does not report libjpeg's corrupt-data
+  warnings; truncated streams are rejected before decoding (EOI check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+
+import numpy as np
+
+from gpuload.device import Device
+from gpuload.errors import DecodeError, MissingDependencyError
+
+from ._host import decode_other
+from ._pool import ForkSafeLocal, WorkerPool
+from .base import Decoder, DecodeRequest, Plan, batch_error, host_views
+from .header import ImageHeader
+
+__all__ = ["NvImgCodecDecoder"]
+
+INSTALL_HINT = "pip install nvidia-nvimgcodec-cu12 (or: pip install 'gpuload[cuda]')"
+
+
+def require_nv() -> None:
+    """MissingDependencyError (with the install hint) unless nvImageCodec is installed; does
+    not import it (importing is left to the first batch, after any fork)."""
+    try:
+        found = importlib.util.find_spec("nvidia.nvimgcodec") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise MissingDependencyError(f"the 'nvimgcodec' decoder needs nvImageCodec: {INSTALL_HINT}")
+
+
+def _nv():
+    try:
+        from nvidia import nvimgcodec
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"the 'nvimgcodec' decoder needs nvImageCodec: {INSTALL_HINT}"
+        ) from e
+    return nvimgcodec
+
+
+def _as_u8(data):
+    if isinstance(data, bytes):
+        return data
+    return np.frombuffer(data, dtype=np.uint8)
+
+
+def host_decode_rgb(data, header: ImageHeader, plan: Plan) -> np.ndarray:
+    """Strict host decode of one image to the plan's (region of the) RGB output."""
+    import simplejpeg
+
+    if header.codec == "jpeg" and header.channels in (1, 3) and header.precision == 8:
+        try:
+            arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+        except ValueError as e:
+            raise DecodeError(f"corrupt JPEG data: {e}") from e
+    else:
+        arr = decode_other(data, header)
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    y0, x0 = plan.origin_y, plan.origin_x
+    return arr[y0 : y0 + plan.height, x0 : x0 + plan.width]
+
+
+class NvImgCodecDecoder(Decoder):
+    """Batched nvImageCodec decode into a staging buffer (device memory on CUDA, else host).
+
+    ``threads``: nvImageCodec's CPU worker threads (default all cores).
+    ``fast``: fast IDCT and non-fancy chroma upsampling in the libjpeg-turbo path.
+    ``hw_load``: share of a batch given to the hardware JPEG decoder (A100/H100) on CUDA.
+    """
+
+    name = "nvimgcodec"
+
+    def __init__(
+        self,
+        device: Device | None = None,
+        threads: int | None = None,
+        *,
+        fast: bool = False,
+        hw_load: float = 0.75,
+    ):
+        super().__init__(device or Device("cpu"), threads)
+        require_nv()  # fail early with the install hint; imported at the first batch
+        self.fast = bool(fast)
+        self.hw_load = float(hw_load)
+        self._local = ForkSafeLocal()
+        self._pool = WorkerPool(self.threads, "gpuload-nvimgcodec")
+
+    @property
+    def _nv(self):
+        return _nv()
+
+    # ----- library handles (per thread, per process) ------------------------------------------
+    def _make_decoder(self):
+        nv = self._nv
+        opts = ":fancy_upsampling=0 :fast_idct=1" if self.fast else ":fancy_upsampling=1"
+        if self.device.is_cuda:
+            backends = [
+                nv.Backend(nv.BackendKind.HW_GPU_ONLY, load_hint=self.hw_load),
+                nv.Backend(nv.BackendKind.HYBRID_CPU_GPU),
+                nv.Backend(nv.BackendKind.GPU_ONLY),
+                nv.Backend(nv.BackendKind.CPU_ONLY),
+            ]
+            return nv.Decoder(
+                device_id=self.device.index,
+                max_num_cpu_threads=self.threads,
+                backends=backends,
+                options=opts,
+            )
+        # CPU: one single-threaded decoder per worker thread of our pool (nvImageCodec caps its
+        # own pool at cores - 1 workers, which leaves a core idle on small machines).
+        return nv.Decoder(
+            device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY,
+            max_num_cpu_threads=1,
+            backends=[nv.Backend(nv.BackendKind.CPU_ONLY)],
+            options=opts,
+        )
+
+    def _decoder(self):
+        return self._local.get("decoder", self._make_decoder)
+
+    def _params(self):
+        nv = self._nv
+        return nv.DecodeParams(
+            apply_exif_orientation=False,
+            color_spec=nv.ColorSpec.SRGB,
+            allow_any_depth=False,
+            sample_format=nv.SampleFormat.I_RGB,
+        )
+
+    # ----- planning / staging -----------------------------------------------------------------
+    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> Plan:
+        if r.roi is not None:
+            y0, x0, y1, x1 = r.roi
+            if (y0, x0, y1, x1) != (0, 0, h.height, h.width):
+                return Plan(y1 - y0, x1 - x0, 3, y0, x0, 1, "roi", r.roi)
+        return Plan(h.height, h.width, 3, 0, 0, 1, "full")
+
+    def _staging_capacity(self, staging) -> int:
+        if not self.device.is_cuda:
+            return super()._staging_capacity(staging)
+        from ._cuda import device_capacity
+
+        return device_capacity(staging)
+
+    def _code_streams(self, datas, plans):
+        nv = self._nv
+        out = []
+        for d, p in zip(datas, plans, strict=True):
+            cs = nv.CodeStream(_as_u8(d))
+            if p.method == "roi":
+                y0, x0, y1, x1 = p.arg
+                cs = cs.get_sub_code_stream(region=nv.Region(y0, x0, y1, x1))
+            out.append(cs)
+        return out
+
+    # ----- decoding -------------------------------------------------------------------------
+    def _decode(self, datas, headers, plans, offsets, staging, stream) -> None:
+        if self.device.is_cuda:
+            self._decode_cuda(datas, headers, plans, offsets, staging, stream)
+        else:
+            self._decode_host(datas, headers, plans, offsets, staging)
+
+    def _decode_host(self, datas, headers, plans, offsets, staging) -> None:
+        nv = self._nv
+        views = host_views(staging, plans, offsets)
+        n = len(datas)
+        outs: list = [None] * n
+        params = self._params()
+
+        def sub_batch(lo: int, hi: int) -> None:
+            # Each worker decodes a contiguous slice with its own decoder, straight into staging.
+            srcs = self._code_streams(datas[lo:hi], plans[lo:hi])
+            images = [nv.as_image(v) for v in views[lo:hi]]
+            # A malformed batch raises: its images are then decided one by one below.
+            with contextlib.suppress(Exception):
+                outs[lo:hi] = self._decoder().decode(srcs, images=images, params=params)
+
+        k = min(self.threads, n)
+        bounds = [(n * j // k, n * (j + 1) // k) for j in range(k)]
+        if k <= 1:
+            sub_batch(0, n)
+        else:
+            pool = self._pool.get()
+            for f in [pool.submit(sub_batch, lo, hi) for lo, hi in bounds]:
+                f.result()
+        for i, o in enumerate(outs):
+            if o is None:
+                try:
+                    np.copyto(views[i], host_decode_rgb(datas[i], headers[i], plans[i]))
+                except DecodeError as e:
+                    raise batch_error(i, str(e), e) from e
+                except Exception as e:
+                    raise batch_error(i, f"{type(e).__name__}: {e}", e) from e
+
+    def _decode_cuda(self, datas, headers, plans, offsets, staging, stream) -> None:
+        from ._cuda import copy_device_to_device, copy_host_to_device, device_views, stream_handle
+
+        handle = stream_handle(stream)
+        views = device_views(staging, plans, offsets)
+        srcs = self._code_streams(datas, plans)
+        dec = self._decoder()
+        # nvImageCodec allocates the output images (stream-ordered on `handle`); they are freed
+        # when `outs` goes away, which the CUDA allocator orders after the copies queued below.
+        # (Reusing them across batches via images= would save the allocations, but only if
+        # the next decode is ordered after these copies; left for a GPU measurement.)
+        outs = dec.decode(srcs, params=self._params(), cuda_stream=handle)
+        for i, o in enumerate(outs):
+            try:
+                if o is None:
+                    copy_host_to_device(
+                        host_decode_rgb(datas[i], headers[i], plans[i]), views[i], stream
+                    )
+                else:
+                    # nvImageCodec orders its output on the stream it was given; wait only if
+                    # the image reports another one.
+                    other = getattr(o, "cuda_stream", handle) not in (handle, None)
+                    copy_device_to_device(o, views[i], stream, sync_src=other)
+            except DecodeError as e:
+                raise batch_error(i, str(e), e) from e
+
+    def close(self) -> None:
+        self._pool.close()

@@ -1,0 +1,119 @@
+"""String-keyed decoder registry with lazy imports (in the manner of fsspec's registry).
+
+Backends are named by ``"module:Class"`` paths and imported only when asked for, so importing
+gpuload never imports DALI, nvImageCodec or numba.cuda. A missing optional dependency raises
+:class:`~gpuload.errors.MissingDependencyError` carrying an install hint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+
+from gpuload.device import Device, resolve_device
+from gpuload.errors import MissingDependencyError
+
+from .base import Decoder
+
+__all__ = ["get_decoder", "register_decoder", "known_decoders", "available_decoders"]
+
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "cpu": ("gpuload.decode.cpu:CpuDecoder", "pip install simplejpeg"),
+    "pil": ("gpuload.decode.pil_decoder:PilDecoder", "pip install pillow"),
+    "nvimgcodec": (
+        "gpuload.decode.nvimgcodec_decoder:NvImgCodecDecoder",
+        "pip install nvidia-nvimgcodec-cu12 (or: pip install 'gpuload[cuda]')",
+    ),
+    "dali": (
+        "gpuload.decode.dali_decoder:DaliDecoder",
+        "pip install nvidia-dali-cuda120 (or: pip install 'gpuload[cuda]')",
+    ),
+}
+
+_AUTO_GPU = ("nvimgcodec", "dali", "cpu")
+_LIBRARIES = {
+    "nvimgcodec": "nvidia.nvimgcodec",
+    "dali": "nvidia.dali",
+    "cpu": "simplejpeg",
+    "pil": "PIL",
+}
+
+
+def register_decoder(
+    name: str, target: str | type, install_hint: str = "", clobber: bool = False
+) -> None:
+    """Register a decoder class (or a lazy ``"module:Class"`` path) under ``name``."""
+    if name == "auto":
+        raise ValueError("'auto' is reserved")
+    if name in _REGISTRY and not clobber:
+        raise ValueError(
+            f"decoder {name!r} is already registered (pass clobber=True to replace it)"
+        )
+    if isinstance(target, type):
+        target = f"{target.__module__}:{target.__qualname__}"
+    _REGISTRY[name] = (target, install_hint)
+
+
+def known_decoders() -> list[str]:
+    """Every registered name (installed or not), plus "auto"."""
+    return ["auto", *_REGISTRY]
+
+
+def _load(name: str) -> type[Decoder]:
+    try:
+        target, hint = _REGISTRY[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown decoder {name!r}; known: {', '.join(known_decoders())}"
+        ) from None
+    mod_name, _, cls_name = target.partition(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise MissingDependencyError(f"decoder {name!r} is not available ({e}); {hint}") from e
+    return getattr(mod, cls_name)
+
+
+def available_decoders() -> list[str]:
+    """Registered decoders whose backend module and library are installed (checked without
+    importing the libraries)."""
+    out = []
+    for name in _REGISTRY:
+        try:
+            _load(name)
+            lib = _LIBRARIES.get(name)
+            if lib is not None and importlib.util.find_spec(lib) is None:
+                continue
+        except (ImportError, ValueError, MissingDependencyError):
+            continue
+        out.append(name)
+    return out
+
+
+def get_decoder(
+    name: str = "auto", device: Device | str | None = "auto", threads: int | None = None, **options
+) -> Decoder:
+    """A decoder by name: "cpu", "pil", "nvimgcodec", "dali" or "auto".
+
+    "auto" on a CUDA device picks nvimgcodec, else dali, else cpu (which stages in host memory:
+    check ``decoder.device``); on the CPU it picks "cpu". ``options`` go to the backend
+    (e.g. ``fast=True``; cpu: ``roi="off"``; nvimgcodec/dali: ``hw_load=0.9``). Creating a
+    decoder neither touches CUDA nor starts threads; that happens at the first batch.
+    """
+    dev = resolve_device(device)
+    if name == "auto":
+        if not dev.is_cuda:
+            return _load("cpu")(dev, threads, **options)
+        errors = []
+        for cand in _AUTO_GPU:
+            try:
+                cls = _load(cand)
+                if cand == "cpu":  # host fallback: only the options it understands
+                    return cls(dev, threads, **{k: v for k, v in options.items() if k == "fast"})
+                return cls(dev, threads, **options)
+            except MissingDependencyError as e:
+                errors.append(str(e))
+        raise MissingDependencyError(
+            "no decoder available: " + "; ".join(errors)
+        )  # pragma: no cover
+    return _load(name)(dev, threads, **options)
