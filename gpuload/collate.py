@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["aligned_empty", "collate_rows", "ALIGNMENT"]
+__all__ = ["aligned_empty", "collate_rows", "ALIGNMENT", "BFloat16Bits"]
 
 ALIGNMENT = 64
 
@@ -44,3 +44,23 @@ def collate_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = vals
     return out
+
+
+class BFloat16Bits:
+    """A uint16 array (host or device) holding bfloat16 bit patterns; exporters reinterpret it
+    as torch.bfloat16 / tf.bfloat16 without a copy (numpy has no bfloat16)."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self, bits) -> None:
+        self.bits = bits
+
+    @property
+    def shape(self):
+        return self.bits.shape
+
+    def __len__(self) -> int:
+        return len(self.bits)
+
+    def __getitem__(self, key) -> BFloat16Bits:
+        return BFloat16Bits(self.bits[key])

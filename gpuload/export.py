@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from .collate import ALIGNMENT
+from .collate import ALIGNMENT, BFloat16Bits
 
 __all__ = ["to_torch", "to_tensorflow", "is_tf_dlpack_safe"]
 
@@ -24,6 +24,8 @@ def is_tf_dlpack_safe(a: np.ndarray) -> bool:
 
 
 def _torch_value(v: Any, device, torch) -> Any:
+    if isinstance(v, BFloat16Bits):
+        return _torch_value(v.bits, device, torch).view(torch.bfloat16)
     if isinstance(v, np.ndarray):
         if v.dtype.kind not in "biuf":
             return v
@@ -69,6 +71,8 @@ def to_torch(batch: Any, device: Any = None) -> Any:
 
 
 def _tf_value(v: Any, tf) -> Any:
+    if isinstance(v, BFloat16Bits):
+        return tf.bitcast(_tf_value(v.bits, tf), tf.bfloat16)
     if isinstance(v, np.ndarray):
         if v.dtype.kind not in "biuf":
             return tf.convert_to_tensor(v)

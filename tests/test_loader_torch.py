@@ -175,17 +175,18 @@ def test_construction_errors(robot, tmp_path):
 
 def test_early_break_leaves_no_threads(robot):
     t, _ = robot
+    before = set(threading.enumerate())
     loader = gpuload.pytorch(t, batch_size=4, prefetch=4, num_threads=3)
-    for _ in range(3):
+    for _ in range(5):
         for _b in loader:
             break
+    mine = set(threading.enumerate()) - before
+    assert len(mine) <= 3  # the loader's own pool, reused: repeated breaks add no threads
     loader.close()
     deadline = time.time() + 5
-    while time.time() < deadline and any(
-        th.name.startswith("gpuload-loader") for th in threading.enumerate()
-    ):
+    while time.time() < deadline and any(th.is_alive() for th in mine):
         time.sleep(0.05)
-    assert not any(th.name.startswith("gpuload-loader") for th in threading.enumerate())
+    assert not any(th.is_alive() for th in mine)
 
 
 def test_bounded_prefetch_does_not_run_ahead(robot):

@@ -99,7 +99,7 @@ def tensorflow(
         from ..pipeline import image_stage_factory
 
         dev = resolve_device(device)
-        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns)
+        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns, seed=seed)
         image_specs = factory.tf_specs(_TF_DTYPES, batch_size if drop_last else None)
     loader = Loader(
         t, opts, image_stage_factory=factory, image_columns=image_columns, rank=r, world_size=w
@@ -126,7 +126,14 @@ def tensorflow(
 
 
 def _host(v: Any) -> Any:
-    """Device arrays (GPU image batches) come back to the host for tf.data's generator boundary."""
+    """Host numpy for tf.data's generator boundary: device arrays (GPU image batches) are copied
+    back; bfloat16 bit patterns become an ml_dtypes.bfloat16 view (what TF's numpy side uses)."""
+    from ..collate import BFloat16Bits
+
+    if isinstance(v, BFloat16Bits):
+        import ml_dtypes
+
+        return _host(v.bits).view(ml_dtypes.bfloat16)
     if hasattr(v, "copy_to_host"):
         return v.copy_to_host()
     return v

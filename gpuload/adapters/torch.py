@@ -219,7 +219,7 @@ def pytorch(
     if image is not None:
         from ..pipeline import image_stage_factory
 
-        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns)
+        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns, seed=seed)
     loader = Loader(
         t,
         opts,

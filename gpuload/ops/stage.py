@@ -1,0 +1,327 @@
+"""``FusedImageStage``: owns the output buffers and runs the fused kernel for one batch.
+
+CPU: numpy in, numpy out (a view of one of ``depth`` preallocated, 64-byte aligned buffers).
+CUDA: numba.cuda device arrays, one stream; host inputs go through pinned staging buffers (one
+set per ring slot, reused only after that slot's event completed), the kernel is enqueued on the
+stage's stream and an event is recorded after it: ``stage.event`` (or ``stage.events[k]``) lets
+a consumer stream wait (``event.wait(consumer_stream)``) instead of synchronising the device.
+Nothing is allocated in ``run`` on the hot path (CUDA: except when a batch's packed source is
+larger than every previous one, which grows the staging buffers once).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from gpuload.collate import aligned_empty
+from gpuload.device import Device, resolve_device
+from gpuload.kernels import fused as _fused
+from gpuload.ops.plan import ImagePlan
+
+__all__ = ["FusedImageStage", "aligned_empty"]
+
+
+def _check_status(status: int, B: int, what: str = "") -> None:
+    if status == -1:
+        return
+    if status == -3:
+        raise ValueError(
+            f"{what}meta must be (B, 4), windows (B, 4) and params (B, P) with the same B"
+        )
+    if status == -2:
+        raise ValueError(f"{what}params must have at least {_fused.NUM_PARAMS} columns")
+    raise ValueError(
+        f"{what}sample {status} of {B}: meta (offset, H, W, C) must describe an image inside src "
+        "with H, W > 0 and C in {1, 3, 4}, and its window must be finite with h, w > 0"
+    )
+
+
+class FusedImageStage:
+    """Runs ``plan``'s fused kernel on batches of up to ``batch_size`` decoded images.
+
+    ``run(src, meta, windows, params, out_index=None)``:
+      src      uint8 1-D, the decoded images packed back to back (HWC)
+      meta     int64 (B, 4): (byte offset, H, W, C) per image
+      windows  float32 (B, 4): (y0, x0, h, w) in each decoded image's own coordinates
+               (``plan.scale_window(params, ...)``)
+      params   float32 (B, P) from ``plan.sample_params`` (flip and colour columns are read)
+    returns the first B rows of output buffer ``out_index`` (default: the next slot of the ring
+    of ``depth`` buffers), shape ``plan.out_shape(B)``, dtype ``plan.storage_dtype``.
+    A returned batch stays valid until ``depth`` more batches have been run.
+    """
+
+    def __init__(
+        self,
+        plan: ImagePlan,
+        batch_size: int,
+        device: str | Device = "cpu",
+        depth: int = 2,
+        src_capacity: int | None = None,
+    ):
+        if not isinstance(plan, ImagePlan):
+            raise TypeError(
+                f"plan must be an ImagePlan (from gpuload.ops.compile_ops), got {type(plan).__name__}"
+            )
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not isinstance(depth, int) or depth <= 0:
+            raise ValueError(f"depth must be a positive int, got {depth!r}")
+        self.plan = plan
+        self.batch_size = batch_size
+        self.depth = depth
+        self.device = resolve_device(device)
+        self.spec = plan.kernel_spec
+        self.out_shape = plan.out_shape(batch_size)
+        self.oh, self.ow = plan.out_size
+        self._next = 0
+        self._lock = threading.Lock()
+        self._mean = plan.mean_array()
+        self._inv_std = plan.inv_std_array()
+        kdtype = _fused.STORAGE_DTYPE[plan.out_dtype]
+        if self.device.is_cuda:
+            self._init_cuda(kdtype, src_capacity)
+        else:
+            self._kernel = _fused.get_cpu_kernel(self.spec)
+            self.outputs = [aligned_empty(self.out_shape, plan.storage_dtype) for _ in range(depth)]
+            self._kviews = [o.view(kdtype) for o in self.outputs]
+            # per-slot scratch, so runs into different slots may overlap (from different threads)
+            self._means = [np.zeros(batch_size, dtype=np.float32) for _ in range(depth)]
+            self.stream = None
+            self.events = [None] * depth
+            self.event = None
+
+    # ---------------------------------------------------------------------------------------
+    def _slot(self, out_index):
+        if out_index is None:
+            k = self._next
+            self._next = (k + 1) % self.depth
+            return k
+        if not isinstance(out_index, (int, np.integer)) or not 0 <= out_index < self.depth:
+            raise ValueError(f"out_index must be in [0, {self.depth}), got {out_index!r}")
+        return int(out_index)
+
+    def _check_batch(self, meta):
+        n = meta.shape[0] if meta.ndim == 2 else -1
+        if n < 0 or meta.shape[1] != 4:
+            raise ValueError(f"meta must have shape (B, 4), got {meta.shape}")
+        if n > self.batch_size:
+            raise ValueError(
+                f"batch of {n} images is larger than the stage's batch_size {self.batch_size}"
+            )
+        return n
+
+    @staticmethod
+    def _host(a, dtype, name, ndim):
+        if not isinstance(a, np.ndarray) or a.dtype != dtype or a.ndim != ndim:
+            a = np.asarray(a)
+            if a.dtype != dtype:
+                if name == "src" or (np.dtype(dtype).kind == "i" and a.dtype.kind not in "iu"):
+                    raise ValueError(
+                        f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype}"
+                    )
+                a = a.astype(dtype)
+            if a.ndim != ndim:
+                raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+        if not a.flags.c_contiguous:
+            a = np.ascontiguousarray(a)
+        return a
+
+    def run(self, src, meta, windows, params, out_index=None, src_pinned: bool = False):
+        """Run the kernel on one batch (see the class docstring).
+
+        CUDA: device inputs must be ready when ``run`` is called (their producer's stream
+        synchronised, or made to wait on by ``self.stream``). ``src_pinned=True``: ``src`` is page-locked host memory that the caller will
+        not rewrite before ``self.events[slot]`` has completed; it is then copied to the device
+        directly instead of through the stage's own pinned staging buffer. Device arrays
+        (numba, or anything with ``__cuda_array_interface__``) are always used in place.
+        """
+        if self.device.is_cuda:
+            return self._run_cuda(src, meta, windows, params, out_index, src_pinned)
+        src = self._host(src, np.uint8, "src", 1)
+        meta = self._host(meta, np.int64, "meta", 2)
+        windows = self._host(windows, np.float32, "windows", 2)
+        params = self._host(params, np.float32, "params", 2)
+        B = self._check_batch(meta)
+        _check_status(
+            _fused.check_inputs(src.shape[0], meta, windows, params, _fused.NUM_PARAMS), B
+        )
+        with self._lock:
+            k = self._slot(out_index)
+        if B == 0:
+            return self.outputs[k][:0]
+        self._kernel(
+            src,
+            meta,
+            windows,
+            params,
+            self._mean,
+            self._inv_std,
+            self._means[k],
+            self._kviews[k][:B],
+        )
+        return self.outputs[k][:B]
+
+    __call__ = run
+
+    # ---- CUDA -------------------------------------------------------------------------------
+    def _init_cuda(self, kdtype, src_capacity):
+        from numba import cuda  # lazily
+
+        self._cuda = cuda
+        if self.device.index:
+            cuda.select_device(self.device.index)
+        self._kernels = _fused.get_cuda_kernels(self.spec)
+        bs = self.batch_size
+        self.stream = cuda.stream()
+        self.outputs = [
+            cuda.device_array(self.out_shape, dtype=self.plan.storage_dtype)
+            for _ in range(self.depth)
+        ]
+        self._kviews = [o.view(kdtype) if o.dtype != kdtype else o for o in self.outputs]
+        self._d_mean = cuda.to_device(self._mean, stream=self.stream)
+        self._d_inv_std = cuda.to_device(self._inv_std, stream=self.stream)
+        self._d_means = cuda.device_array(bs, dtype=np.float32)
+        self._d_meta = cuda.device_array((bs, 4), dtype=np.int64)
+        self._d_windows = cuda.device_array((bs, 4), dtype=np.float32)
+        self._d_params = cuda.device_array((bs, _fused.NUM_PARAMS), dtype=np.float32)
+        self._p_meta = [cuda.pinned_array((bs, 4), dtype=np.int64) for _ in range(self.depth)]
+        self._p_windows = [cuda.pinned_array((bs, 4), dtype=np.float32) for _ in range(self.depth)]
+        self._p_params = [
+            cuda.pinned_array((bs, _fused.NUM_PARAMS), dtype=np.float32) for _ in range(self.depth)
+        ]
+        cap = int(src_capacity) if src_capacity else bs * 3 * 256 * 256
+        self._src_cap = 0
+        self._grow_src(cap)
+        self.events = [cuda.event() for _ in range(self.depth)]
+        self._used = [False] * self.depth
+        self.event = None
+        self.stream.synchronize()
+
+    def _grow_src(self, nbytes):
+        cuda = self._cuda
+        if nbytes <= self._src_cap:
+            return
+        cap = max(nbytes, int(self._src_cap * 1.5))
+        if self._src_cap:
+            # the old buffers may still feed in-flight copies and kernels: drain the stream
+            self.stream.synchronize()
+        self._p_src = [cuda.pinned_array(cap, dtype=np.uint8) for _ in range(self.depth)]
+        self._d_src = cuda.device_array(cap, dtype=np.uint8)
+        self._src_cap = cap
+
+    def _run_cuda(self, src, meta, windows, params, out_index, src_pinned=False):
+        cuda = self._cuda
+        stream = self.stream
+        meta_h = self._host(meta, np.int64, "meta", 2)
+        B = self._check_batch(meta_h)
+        with self._lock:
+            k = self._slot(out_index)
+            if B == 0:
+                return self.outputs[k][:0]
+            if self._used[k]:
+                self.events[k].synchronize()  # the slot's pinned buffers are free again
+            src = _as_device(cuda, src)
+            windows = _as_device(cuda, windows)
+            params = _as_device(cuda, params)
+            src_dev = _is_device(cuda, src)
+            for name, a, dt, nd in (
+                ("src", src, np.uint8, 1),
+                ("windows", windows, np.float32, 2),
+                ("params", params, np.float32, 2),
+            ):
+                if _is_device(cuda, a) and (a.dtype != dt or a.ndim != nd):
+                    raise ValueError(
+                        f"device array {name} must be {nd}-D {np.dtype(dt).name}, "
+                        f"got {a.ndim}-D {a.dtype}"
+                    )
+            if src_dev:
+                d_src = src
+                nsrc = int(src.shape[0])
+            else:
+                src = self._host(src, np.uint8, "src", 1)
+                nsrc = src.shape[0]
+            win_dev = _is_device(cuda, windows)
+            par_dev = _is_device(cuda, params)
+            win_h = windows if win_dev else self._host(windows, np.float32, "windows", 2)
+            par_h = params if par_dev else self._host(params, np.float32, "params", 2)
+            if not win_dev and not par_dev:
+                _check_status(_fused.check_inputs(nsrc, meta_h, win_h, par_h, _fused.NUM_PARAMS), B)
+            else:
+                # windows/params already on the device: check what the host can see
+                _check_status(
+                    _fused.check_inputs(
+                        nsrc,
+                        meta_h,
+                        np.ones((B, 4), np.float32),
+                        np.ones((B, _fused.NUM_PARAMS), np.float32),
+                        _fused.NUM_PARAMS,
+                    ),
+                    B,
+                )
+            if not src_dev:
+                self._grow_src(nsrc)
+                if src_pinned:
+                    self._d_src[:nsrc].copy_to_device(src, stream=stream)
+                else:
+                    p = self._p_src[k]
+                    p[:nsrc] = src
+                    self._d_src[:nsrc].copy_to_device(p[:nsrc], stream=stream)
+                d_src = self._d_src
+            pm = self._p_meta[k]
+            pm[:B] = meta_h
+            self._d_meta[:B].copy_to_device(pm[:B], stream=stream)
+            if win_dev:
+                d_win = win_h
+            else:
+                pw = self._p_windows[k]
+                pw[:B] = win_h
+                self._d_windows[:B].copy_to_device(pw[:B], stream=stream)
+                d_win = self._d_windows[:B]
+            if par_dev:
+                d_par = par_h
+            else:
+                pp = self._p_params[k]
+                pp[:B] = par_h
+                self._d_params[:B].copy_to_device(pp[:B], stream=stream)
+                d_par = self._d_params[:B]
+            out = self._kviews[k][:B]
+            _fused.launch_cuda(
+                self._kernels,
+                stream,
+                B,
+                self.oh,
+                self.ow,
+                d_src,
+                self._d_meta[:B],
+                d_win,
+                d_par,
+                self._d_mean,
+                self._d_inv_std,
+                self._d_means,
+                out,
+            )
+            ev = self.events[k]
+            ev.record(stream)
+            self._used[k] = True
+            self.event = ev
+            return self.outputs[k][:B]
+
+    def synchronize(self) -> None:
+        """Block until everything this stage enqueued has finished (CPU: no-op)."""
+        if self.stream is not None:
+            self.stream.synchronize()
+
+
+def _is_device(cuda, a) -> bool:
+    return cuda.devicearray.is_cuda_ndarray(a)
+
+
+def _as_device(cuda, a):
+    """numba device arrays pass through; other CUDA arrays (CuPy, torch) are wrapped zero-copy."""
+    if cuda.devicearray.is_cuda_ndarray(a) or isinstance(a, np.ndarray):
+        return a
+    if hasattr(a, "__cuda_array_interface__") and hasattr(cuda, "as_cuda_array"):
+        return cuda.as_cuda_array(a)
+    return a

@@ -1,0 +1,304 @@
+"""The image stage of a batch: fetched bytes -> headers -> per-sample op parameters ->
+decode (DCT-scaled, row-ROI) into a reused staging buffer -> one fused kernel -> output batch.
+
+Built once per loader: decoder, staging buffers, raw-byte buffers and kernel output rings are
+allocated when the stage is built (staging grows only if a batch needs more than any before it,
+counted in ``stats["staging_grows"]``), so the hot loop allocates nothing for pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .collate import BFloat16Bits, aligned_empty
+from .device import Device
+from .errors import DecodeError, SchemaError
+from .schema import Column
+from .table import Table
+
+__all__ = ["ImageStage", "ImageStageFactory", "image_stage_factory", "DecodeOptions"]
+
+log = logging.getLogger("gpuload.pipeline")
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """Decode choices: DCT-domain downscale when lossless for the output, ROI decode, fast IDCT."""
+
+    dct: bool = True
+    roi: bool = True
+    fast: bool = False
+    threads: int | None = None
+
+
+class ImageStageFactory:
+    """Builds the ImageStage of a loader (in the loader's process, on first use)."""
+
+    def __init__(
+        self, plan, decoder: str, device: Device, options: DecodeOptions, seed: int | None
+    ) -> None:
+        self.plan = plan
+        self.decoder = decoder
+        self.device = device
+        self.options = options
+        self.seed = seed
+
+    def __call__(
+        self, table: Table, columns: Sequence[Column], batch_size: int, slots: int
+    ) -> ImageStage:
+        return ImageStage(
+            table,
+            columns,
+            self.plan,
+            self.decoder,
+            self.device,
+            batch_size,
+            slots,
+            self.options,
+            self.seed,
+        )
+
+    def tf_specs(self, tf_dtypes: dict, batch: int | None) -> dict:
+        import tensorflow as tf
+
+        shape = self.plan.out_shape(1)[1:]
+        return {
+            c: tf.TensorSpec((batch, *shape), tf_dtypes[self.plan.out_dtype], name=c)
+            for c in self._columns
+        }
+
+
+def image_stage_factory(
+    table: Table,
+    image_ops: Sequence[Any],
+    decoder: str,
+    device: Device,
+    columns: Sequence[str] | None,
+    options: DecodeOptions | None = None,
+    seed: int | None = None,
+) -> tuple[list[str], ImageStageFactory]:
+    """(image columns, factory) for ``image=`` ops on a table: the ops apply to every image
+    column among the loaded columns."""
+    from .ops import compile_ops
+
+    plan = compile_ops(list(image_ops))
+    names = list(columns) if columns is not None else table.columns
+    cols = [table.schema.column(n, table.name) for n in names]
+    image_cols = [c.name for c in cols if c.kind == "image"]
+    if not image_cols:
+        raise SchemaError(
+            f"image= ops need an image column; the loaded columns of table {table.name!r} are "
+            f"{[f'{c.name}: {c.type_string()}' for c in cols]}"
+        )
+    f = ImageStageFactory(plan, decoder, device, options or DecodeOptions(), seed)
+    f._columns = image_cols
+    return image_cols, f
+
+
+class ImageStage:
+    """Decode + fused ops for the image columns of one loader's batches."""
+
+    def __init__(
+        self,
+        table: Table,
+        columns: Sequence[Column],
+        plan,
+        decoder: str,
+        device: Device,
+        batch_size: int,
+        slots: int,
+        options: DecodeOptions,
+        seed: int | None,
+    ) -> None:
+        from .decode import get_decoder
+        from .ops import FusedImageStage
+
+        self.table = table
+        self.columns = list(columns)
+        self.plan = plan
+        self.device = device
+        self.options = options
+        self.seed = 0 if seed is None else int(seed)
+        kw = {"fast": True} if options.fast else {}
+        self.decoder = (
+            get_decoder(decoder, device, threads=options.threads, **kw)
+            if kw
+            else get_decoder(decoder, device, threads=options.threads)
+        )
+        self.kernels = {
+            c.name: FusedImageStage(plan, batch_size, device, depth=slots) for c in self.columns
+        }
+        self.slots = slots
+        self._raw: list[Any] = [None] * slots
+        self._staging: list[Any] = [None] * slots
+        self._lock = threading.Lock()
+        self.stats = {"staging_grows": 0, "decoded": 0, "dct_scaled": 0, "roi": 0}
+
+    # -- buffers ---------------------------------------------------------------------------
+    def _staging_for(self, slot: int, nbytes: int):
+        buf = self._staging[slot]
+        cap = 0 if buf is None else int(buf.nbytes if hasattr(buf, "nbytes") else buf.size)
+        if cap >= nbytes:
+            return buf
+        nbytes = int(nbytes * 1.25) + (1 << 16)  # headroom: sizes vary a little between batches
+        if buf is not None:
+            self.stats["staging_grows"] += 1
+            log.debug("staging slot %d grows to %d bytes", slot, nbytes)
+        if self.decoder.device.is_cuda:
+            from numba import cuda
+
+            buf = cuda.device_array(nbytes, dtype=np.uint8)
+        elif self.device.is_cuda:
+            from numba import cuda
+
+            buf = cuda.pinned_array(nbytes, dtype=np.uint8)  # page-locked: fast async H2D
+        else:
+            buf = aligned_empty(nbytes, np.uint8)
+        self._staging[slot] = buf
+        return buf
+
+    def _raw_for(self, slot: int, nbytes: int) -> np.ndarray:
+        buf = self._raw[slot]
+        if buf is None or buf.nbytes < nbytes:
+            if buf is not None:
+                self.stats["raw_grows"] = self.stats.get("raw_grows", 0) + 1
+            size = int(nbytes * 1.5) + (1 << 16)
+            if self.device.is_cuda:
+                from numba import cuda
+
+                buf = cuda.pinned_array(
+                    size, dtype=np.uint8
+                )  # nvJPEG reads pinned host memory fastest
+            else:
+                buf = aligned_empty(size, np.uint8)
+            self._raw[slot] = buf
+        return buf
+
+    # -- one batch -------------------------------------------------------------------------
+    def run(
+        self, table: Table, rows: np.ndarray, slot: int, epoch: int, on_error: str
+    ) -> tuple[dict, np.ndarray | None]:
+        """Images of the batch's rows for each image column, and a keep-mask when rows were
+        dropped (on_error="skip"), else None."""
+        keep = np.ones(len(rows), dtype=bool)
+        outs: dict[str, Any] = {}
+        produced: dict[str, np.ndarray] = {}
+        for col in self.columns:
+            out, bad = self._column(table, rows, col, slot, epoch, on_error, keep)
+            outs[col.name], produced[col.name] = out, ~bad
+            keep &= ~bad
+        if keep.all():
+            return outs, None
+        # a row dropped in one image column goes from every column of the batch
+        for name, out in outs.items():
+            sel = keep[produced[name]]
+            if not sel.all():
+                outs[name] = out[sel]
+        return outs, keep
+
+    def _column(
+        self,
+        table: Table,
+        rows: np.ndarray,
+        col: Column,
+        slot: int,
+        epoch: int,
+        on_error: str,
+        keep: np.ndarray,
+    ):
+        from .decode import read_header
+
+        plan, dest = table.plan_reads(rows, col)
+        total = int(dest[-1])
+        buf = self._raw_for(slot, total)[:total]
+        table.fetcher.read_into(plan, buf)
+        mv = memoryview(buf)
+        o = dest.tolist()
+        n = len(rows)
+        bad = ~keep
+        datas, heads, idx = [], [], []
+        for i in range(n):
+            if bad[i]:
+                continue
+            data = mv[o[i] : o[i + 1]]
+            try:
+                heads.append(read_header(data))
+            except DecodeError as e:
+                if on_error == "skip":
+                    bad[i] = True
+                    continue
+                raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
+            datas.append(data)
+            idx.append(i)
+        while True:
+            try:
+                out = self._decode_and_run(datas, heads, rows[idx], col, slot, epoch)
+                break
+            except DecodeError as e:
+                j = getattr(e, "index", None)
+                if j is None or not 0 <= j < len(idx):
+                    raise
+                i = idx[j]
+                if on_error != "skip":
+                    raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
+                bad[i] = True
+                del datas[j], heads[j], idx[j]
+        return out, bad
+
+    def _where(self, e: DecodeError, row, col: Column, a: int, b: int) -> DecodeError:
+        msg = str(e)
+        if msg.startswith("image ") and ": " in msg:
+            msg = msg.split(": ", 1)[1]
+        return DecodeError(
+            f"table {self.table.name!r}, row {int(row)}, column {col.name!r} ({b - a} bytes): cannot decode: {msg}"
+        )
+
+    def _decode_and_run(self, datas, heads, rows: np.ndarray, col: Column, slot: int, epoch: int):
+        from .decode import DecodeRequest
+
+        plan = self.plan
+        n = len(datas)
+        H = np.fromiter((h.height for h in heads), np.int64, n)
+        W = np.fromiter((h.width for h in heads), np.int64, n)
+        params = plan.sample_params(H, W, rows, self.seed, epoch)
+        scales = plan.max_dct_scale(params) if self.options.dct else np.ones(n, np.int32)
+        if self.options.roi and n:
+            dec_win = plan.scale_window(params, H, W, dct_scale=scales)
+            sc = scales.astype(np.int64)
+            roi_dec = plan.source_roi(dec_win, -(-H // sc), -(-W // sc), margin=1)
+            roi = np.stack(
+                [
+                    roi_dec[:, 0] * sc,
+                    roi_dec[:, 1] * sc,
+                    np.minimum(H, roi_dec[:, 2] * sc),
+                    np.minimum(W, roi_dec[:, 3] * sc),
+                ],
+                1,
+            )
+            requests = [
+                DecodeRequest(int(s), tuple(int(v) for v in r))
+                for s, r in zip(scales.tolist(), roi)
+            ]
+        else:
+            requests = [DecodeRequest(int(s)) for s in scales.tolist()]
+        need = self.decoder.staging_nbytes(heads, requests)
+        staging = self._staging_for(slot, need)
+        dec = self.decoder.decode_batch(datas, requests, staging, headers=heads)
+        windows = np.empty((n, 4), np.float32)
+        windows[:, 0] = (params[:, 0] - dec.origin[:, 0]) / dec.scale[:, 0]
+        windows[:, 1] = (params[:, 1] - dec.origin[:, 1]) / dec.scale[:, 1]
+        windows[:, 2] = params[:, 2] / dec.scale[:, 0]
+        windows[:, 3] = params[:, 3] / dec.scale[:, 1]
+        self.stats["decoded"] += n
+        self.stats["dct_scaled"] += int((dec.scale[:, 0] > 1).sum())
+        flat = staging.reshape(-1) if hasattr(staging, "reshape") else staging
+        out = self.kernels[col.name].run(
+            flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot
+        )
+        return BFloat16Bits(out) if plan.out_dtype == "bfloat16" else out
