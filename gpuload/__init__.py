@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedOpError,
 )
 from .fetch import CacheOptions, FetchOptions, RetryPolicy
+from .pipeline import DecodeOptions
 from .schema import Column, Schema
 from .table import Row, Rows, Table, open_table
 
@@ -30,6 +31,7 @@ __all__ = [
     "CacheOptions",
     "Client",
     "Column",
+    "DecodeOptions",
     "CommitConflictError",
     "DecodeError",
     "FetchError",

@@ -9,6 +9,7 @@ counted in ``stats["staging_grows"]``), so the hot loop allocates nothing for pi
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class DecodeOptions:
     """Decode choices: DCT-domain downscale when lossless for the output, ROI decode, fast IDCT."""
 
     dct: bool = True
-    roi: bool = True
+    roi: bool | str = True  # True = the decoder's default ("rows" on the CPU), "region", False
     fast: bool = False
     threads: int | None = None
 
@@ -50,7 +51,12 @@ class ImageStageFactory:
         self.seed = seed
 
     def __call__(
-        self, table: Table, columns: Sequence[Column], batch_size: int, slots: int
+        self,
+        table: Table,
+        columns: Sequence[Column],
+        batch_size: int,
+        slots: int,
+        loader_threads: int = 1,
     ) -> ImageStage:
         return ImageStage(
             table,
@@ -62,6 +68,7 @@ class ImageStageFactory:
             slots,
             self.options,
             self.seed,
+            loader_threads,
         )
 
     def tf_specs(self, tf_dtypes: dict, batch: int | None) -> dict:
@@ -115,6 +122,7 @@ class ImageStage:
         slots: int,
         options: DecodeOptions,
         seed: int | None,
+        loader_threads: int = 1,
     ) -> None:
         from .decode import get_decoder
         from .ops import FusedImageStage
@@ -125,59 +133,72 @@ class ImageStage:
         self.device = device
         self.options = options
         self.seed = 0 if seed is None else int(seed)
-        kw = {"fast": True} if options.fast else {}
-        self.decoder = (
-            get_decoder(decoder, device, threads=options.threads, **kw)
-            if kw
-            else get_decoder(decoder, device, threads=options.threads)
-        )
+        # Parallelism lives at the batch level (the loader's threads): each batch decodes and
+        # runs its kernel on the thread that assembles it, so decoder and kernel get
+        # cores // loader_threads threads each instead of oversubscribing the cores.
+        cores = os.cpu_count() or 1
+        self.inner_threads = options.threads or max(1, cores // max(1, loader_threads))
+        kw: dict = {"fast": True} if options.fast else {}
+        if isinstance(options.roi, str):
+            kw["roi"] = options.roi
+        self.decoder = get_decoder(decoder, device, threads=self.inner_threads, **kw)
         self.kernels = {
             c.name: FusedImageStage(plan, batch_size, device, depth=slots) for c in self.columns
         }
+        for k in self.kernels.values():
+            for out in getattr(k, "outputs", []):
+                if isinstance(out, np.ndarray):
+                    out.view(np.uint8).fill(0)  # fault the pages in now, not in the hot loop
         self.slots = slots
-        self._raw: list[Any] = [None] * slots
-        self._staging: list[Any] = [None] * slots
+        # Raw bytes and decoded staging are only needed while a batch is assembled: one set per
+        # assembling thread (thread-local), not one per output slot.
+        self._local = threading.local()
         self._lock = threading.Lock()
-        self.stats = {"staging_grows": 0, "decoded": 0, "dct_scaled": 0, "roi": 0}
+        self.stats = {"staging_grows": 0, "raw_grows": 0, "decoded": 0, "dct_scaled": 0}
 
-    # -- buffers ---------------------------------------------------------------------------
-    def _staging_for(self, slot: int, nbytes: int):
-        buf = self._staging[slot]
-        cap = 0 if buf is None else int(buf.nbytes if hasattr(buf, "nbytes") else buf.size)
-        if cap >= nbytes:
-            return buf
-        nbytes = int(nbytes * 1.25) + (1 << 16)  # headroom: sizes vary a little between batches
-        if buf is not None:
-            self.stats["staging_grows"] += 1
-            log.debug("staging slot %d grows to %d bytes", slot, nbytes)
-        if self.decoder.device.is_cuda:
+    # -- buffers (per assembling thread) ---------------------------------------------------
+    def _alloc(self, nbytes: int, where: str):
+        if where == "device":
             from numba import cuda
 
-            buf = cuda.device_array(nbytes, dtype=np.uint8)
-        elif self.device.is_cuda:
+            return cuda.device_array(nbytes, dtype=np.uint8)
+        if where == "pinned":
             from numba import cuda
 
             buf = cuda.pinned_array(nbytes, dtype=np.uint8)  # page-locked: fast async H2D
         else:
             buf = aligned_empty(nbytes, np.uint8)
-        self._staging[slot] = buf
+        buf.fill(0)  # fault the pages in once, here, not while decoding
         return buf
 
-    def _raw_for(self, slot: int, nbytes: int) -> np.ndarray:
-        buf = self._raw[slot]
-        if buf is None or buf.nbytes < nbytes:
-            if buf is not None:
-                self.stats["raw_grows"] = self.stats.get("raw_grows", 0) + 1
-            size = int(nbytes * 1.5) + (1 << 16)
-            if self.device.is_cuda:
-                from numba import cuda
+    def _staging_for(self, nbytes: int):
+        buf = getattr(self._local, "staging", None)
+        if buf is not None and buf.size >= nbytes:
+            return buf
+        if buf is not None:
+            with self._lock:
+                self.stats["staging_grows"] += 1
+            log.debug("staging grows to %d bytes", nbytes)
+        where = (
+            "device"
+            if self.decoder.device.is_cuda
+            else ("pinned" if self.device.is_cuda else "host")
+        )
+        buf = self._alloc(int(nbytes * 1.25) + (1 << 16), where)  # headroom: sizes vary by batch
+        self._local.staging = buf
+        return buf
 
-                buf = cuda.pinned_array(
-                    size, dtype=np.uint8
-                )  # nvJPEG reads pinned host memory fastest
-            else:
-                buf = aligned_empty(size, np.uint8)
-            self._raw[slot] = buf
+    def _raw_for(self, nbytes: int):
+        buf = getattr(self._local, "raw", None)
+        if buf is not None and buf.size >= nbytes:
+            return buf
+        if buf is not None:
+            with self._lock:
+                self.stats["raw_grows"] += 1
+        buf = self._alloc(
+            int(nbytes * 1.5) + (1 << 16), "pinned" if self.device.is_cuda else "host"
+        )
+        self._local.raw = buf
         return buf
 
     # -- one batch -------------------------------------------------------------------------
@@ -216,7 +237,7 @@ class ImageStage:
 
         plan, dest = table.plan_reads(rows, col)
         total = int(dest[-1])
-        buf = self._raw_for(slot, total)[:total]
+        buf = self._raw_for(total)[:total]
         table.fetcher.read_into(plan, buf)
         mv = memoryview(buf)
         o = dest.tolist()
@@ -288,7 +309,7 @@ class ImageStage:
         else:
             requests = [DecodeRequest(int(s)) for s in scales.tolist()]
         need = self.decoder.staging_nbytes(heads, requests)
-        staging = self._staging_for(slot, need)
+        staging = self._staging_for(need)
         dec = self.decoder.decode_batch(datas, requests, staging, headers=heads)
         windows = np.empty((n, 4), np.float32)
         windows[:, 0] = (params[:, 0] - dec.origin[:, 0]) / dec.scale[:, 0]
@@ -298,6 +319,12 @@ class ImageStage:
         self.stats["decoded"] += n
         self.stats["dct_scaled"] += int((dec.scale[:, 0] > 1).sum())
         flat = staging.reshape(-1) if hasattr(staging, "reshape") else staging
+        if not self.device.is_cuda:
+            import numba
+
+            numba.set_num_threads(
+                min(self.inner_threads, numba.config.NUMBA_NUM_THREADS)
+            )  # thread-local
         out = self.kernels[col.name].run(
             flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot
         )

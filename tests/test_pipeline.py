@@ -53,14 +53,21 @@ def _reference(plan, imgs, rows, seed, epoch):
     return np.stack(out).transpose(0, 3, 1, 2)
 
 
-def test_fast_path_images_match_reference(tmp_path):
+@pytest.mark.parametrize("roi", [False, True, "region"])
+def test_fast_path_images_match_reference(tmp_path, roi):
     t, imgs = _table(tmp_path)
     image = _ops()
     plan = ops.compile_ops(image)
     loader = gpuload.pytorch(
-        t, batch_size=16, shuffle=True, seed=7, image=image, device="cpu", decoder="cpu"
+        t,
+        batch_size=16,
+        shuffle=True,
+        seed=7,
+        image=image,
+        device="cpu",
+        decoder="cpu",
+        decode_options=gpuload.DecodeOptions(dct=False, roi=roi),
     )
-    loader.loader._image_stage_factory.options = gpuload.pipeline.DecodeOptions(dct=False, roi=True)
     batches = list(loader)
     assert [b["image"].shape for b in batches] == [(16, 3, 16, 16), (16, 3, 16, 16), (8, 3, 16, 16)]
     assert batches[0]["image"].dtype == torch.float32
@@ -68,9 +75,10 @@ def test_fast_path_images_match_reference(tmp_path):
         rows = b["label"].numpy()
         ref = _reference(plan, imgs, rows, seed=7, epoch=0)
         got = b["image"].numpy()
-        # float32 kernel vs float64 reference on identical decoded pixels (row ROI is exact)
-        np.testing.assert_allclose(got, ref, atol=2e-3 * (np.ptp(ref) + 1e-9), rtol=0)
-    assert loader.loader._image_stage.stats["roi"] >= 0
+        # float32 kernel vs float64 reference on identical decoded pixels (row ROI is exact);
+        # the region decoder is nvImageCodec's own libjpeg-turbo build: within 2 levels of 255
+        tol = 2e-3 * (np.ptp(ref) + 1e-9) if roi != "region" else 2.5 / 255 / min(STD)
+        np.testing.assert_allclose(got, ref, atol=tol, rtol=0)
 
 
 def test_images_deterministic_per_seed_epoch_row(tmp_path):
@@ -102,8 +110,13 @@ def test_dct_downscale_close_to_full_decode(tmp_path):
     imgs = [encode(textured_image(rng, 160, 200), "JPEG", quality=92) for _ in range(12)]
     t = gpuload.ingest(tmp_path / "big", {"image": imgs, "label": np.arange(12)})
     image = [ops.Resize((16, 16))]  # a large shrink: DCT 1/8 loses nothing the output shows
-    full = gpuload.pytorch(t, batch_size=12, image=image, device="cpu")
-    full.loader._image_stage_factory.options = gpuload.pipeline.DecodeOptions(dct=False, roi=False)
+    full = gpuload.pytorch(
+        t,
+        batch_size=12,
+        image=image,
+        device="cpu",
+        decode_options=gpuload.DecodeOptions(dct=False, roi=False),
+    )
     scaled = gpuload.pytorch(t, batch_size=12, image=image, device="cpu")
     a = next(iter(full))["image"].numpy()
     b = next(iter(scaled))["image"].numpy()

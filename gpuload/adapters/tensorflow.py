@@ -65,6 +65,7 @@ def tensorflow(
     device: Any = "auto",
     image: Sequence[Any] | None = None,
     decoder: str = "auto",
+    decode_options: Any = None,
     input_context: Any = None,
     rank: int | None = None,
     world_size: int | None = None,
@@ -99,7 +100,9 @@ def tensorflow(
         from ..pipeline import image_stage_factory
 
         dev = resolve_device(device)
-        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns, seed=seed)
+        image_columns, factory = image_stage_factory(
+            t, image, decoder, dev, columns, options=decode_options, seed=seed
+        )
         image_specs = factory.tf_specs(_TF_DTYPES, batch_size if drop_last else None)
     loader = Loader(
         t, opts, image_stage_factory=factory, image_columns=image_columns, rank=r, world_size=w

@@ -177,6 +177,7 @@ def pytorch(
     device: Any = "auto",
     image: Sequence[Any] | None = None,
     decoder: str = "auto",
+    decode_options: Any = None,
     iterable: bool = False,
     rank: int | None = None,
     world_size: int | None = None,
@@ -219,7 +220,9 @@ def pytorch(
     if image is not None:
         from ..pipeline import image_stage_factory
 
-        image_columns, factory = image_stage_factory(t, image, decoder, dev, columns, seed=seed)
+        image_columns, factory = image_stage_factory(
+            t, image, decoder, dev, columns, options=decode_options, seed=seed
+        )
     loader = Loader(
         t,
         opts,
