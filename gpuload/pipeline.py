@@ -310,7 +310,11 @@ class ImageStage:
             requests = [DecodeRequest(int(s)) for s in scales.tolist()]
         need = self.decoder.staging_nbytes(heads, requests)
         staging = self._staging_for(need)
-        dec = self.decoder.decode_batch(datas, requests, staging, headers=heads)
+        kernel = self.kernels[col.name]
+        # GPU decoders copy into the staging buffer on the kernel's stream, so decode and kernel
+        # are ordered without a device-wide sync.
+        stream = kernel.stream if self.device.is_cuda else None
+        dec = self.decoder.decode_batch(datas, requests, staging, headers=heads, stream=stream)
         windows = np.empty((n, 4), np.float32)
         windows[:, 0] = (params[:, 0] - dec.origin[:, 0]) / dec.scale[:, 0]
         windows[:, 1] = (params[:, 1] - dec.origin[:, 1]) / dec.scale[:, 1]
@@ -322,10 +326,11 @@ class ImageStage:
         if not self.device.is_cuda:
             import numba
 
-            numba.set_num_threads(
-                min(self.inner_threads, numba.config.NUMBA_NUM_THREADS)
-            )  # thread-local
-        out = self.kernels[col.name].run(
-            flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot
-        )
+            # thread-local: this batch's kernel gets this thread's share of the cores
+            numba.set_num_threads(min(self.inner_threads, numba.config.NUMBA_NUM_THREADS))
+        out = kernel.run(flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot)
+        if self.device.is_cuda:
+            # Wait (on this assembling thread) for the batch's own event, not for the device:
+            # the consumer then reads a finished batch on whatever stream it uses.
+            kernel.events[slot].synchronize()
         return BFloat16Bits(out) if plan.out_dtype == "bfloat16" else out

@@ -60,6 +60,7 @@ Internally the kernel works on the 0..255 scale (same math, scaled) and in float
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass
 
@@ -617,7 +618,7 @@ def python_lib(spec: KernelSpec | None = None) -> dict:
     return lib
 
 
-def _make_cpu_kernel(spec: KernelSpec, mode: str = "separable"):
+def _make_cpu_kernel(spec: KernelSpec, mode: str = "separable", parallel: bool = True):
     """CPU driver.
 
     ``mode="separable"`` (the fast one): a ``prange`` over work items (image, block of output
@@ -867,7 +868,7 @@ def _make_cpu_kernel(spec: KernelSpec, mode: str = "separable"):
                     orow[j, 1] = v1
                     orow[j, 2] = v2
 
-    @numba.njit(parallel=True, nogil=True, fastmath=_CPU_FASTMATH)
+    @numba.njit(parallel=parallel, nogil=True, fastmath=_CPU_FASTMATH)
     def fused_cpu(src, meta, windows, params, mean, inv_std, means, out):
         B = meta.shape[0]
         if NCHW:
@@ -909,18 +910,45 @@ def _make_cpu_kernel(spec: KernelSpec, mode: str = "separable"):
     return fused_cpu
 
 
-def get_cpu_kernel(spec: KernelSpec, mode: str = "separable"):
+def get_cpu_kernel(spec: KernelSpec, mode: str = "separable", parallel: bool = True):
     """The compiled CPU kernel ``f(src, meta, windows, params, mean, inv_std, means, out)``.
 
     Inputs must already be valid (see ``check_inputs``); compiled lazily on the first call.
+    ``parallel=False`` compiles the same source without Numba's threading layer (prange runs as
+    a plain loop): what a forked child uses when its parent already started OpenMP.
     """
-    key = ("cpu", spec, mode)
+    key = ("cpu", spec, mode, parallel)
     with _LOCK:
         k = _KERNELS.get(key)
         if k is None:
-            k = _make_cpu_kernel(spec, mode)
+            k = _make_cpu_kernel(spec, mode, parallel)
             _KERNELS[key] = k
         return k
+
+
+# The process that started Numba's threading layer (set when a parallel CPU kernel first runs).
+_PARALLEL_PID: int | None = None
+
+
+def note_parallel_use() -> None:
+    """Record that this process ran a parallel CPU kernel (its threading layer is live)."""
+    global _PARALLEL_PID
+    if _PARALLEL_PID is None:
+        _PARALLEL_PID = os.getpid()
+
+
+def cpu_parallel_safe() -> bool:
+    """False in a forked child whose parent already ran Numba's OpenMP layer: GNU OpenMP is not
+    fork-safe and would abort the child ("fork() called from a process already using GNU
+    OpenMP"); such a child uses the serial build of the kernel instead. TBB and workqueue
+    layers are fork-safe."""
+    if _PARALLEL_PID is None or os.getpid() == _PARALLEL_PID:
+        return True
+    try:
+        layer = numba.threading_layer()
+    except ValueError:  # no layer started (cannot happen if the parent ran one): be safe
+        return True
+    return layer != "omp"
 
 
 class CudaKernels:

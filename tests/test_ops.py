@@ -594,3 +594,37 @@ def test_cuda_stage_under_simulator(tmp_path):
         ref = R.reference_batch(*batch, plan)
         np.testing.assert_allclose(res[key], want, atol=1e-4 * float(ref.max() - ref.min()))
         np.testing.assert_allclose(res[key], ref, atol=1e-3 * float(ref.max() - ref.min()))
+
+
+def test_cpu_kernel_in_forked_child_after_parent_used_it():
+    """GNU OpenMP aborts a forked child that starts a parallel region after its parent did;
+    the stage then runs the serial build of the same kernel. Runs in a subprocess (timeout)."""
+    import subprocess
+    import sys
+
+    code = """
+import multiprocessing as mp, numpy as np
+from gpuload import ops
+from gpuload.ops import FusedImageStage, compile_ops
+plan = compile_ops([ops.Resize((8, 8)), ops.Normalize((0.5, 0.5, 0.5), (0.2, 0.2, 0.2))])
+st = FusedImageStage(plan, 2, "cpu")
+rng = np.random.default_rng(0)
+src = rng.integers(0, 255, 2 * 20 * 30 * 3, dtype=np.uint8)
+meta = np.array([[0, 20, 30, 3], [1800, 20, 30, 3]], np.int64)
+params = plan.sample_params([20, 20], [30, 30], np.arange(2), 0, 0)
+win = plan.scale_window(params, 20, 30)
+parent = st.run(src, meta, win, params).copy()
+def child(q):
+    q.put(st.run(src, meta, win, params).copy())
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+got = q.get(timeout=120)
+p.join(30)
+assert p.exitcode == 0, p.exitcode
+np.testing.assert_allclose(got, parent, atol=1e-5)
+print("ok")
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]

@@ -151,7 +151,12 @@ class FusedImageStage:
             k = self._slot(out_index)
         if B == 0:
             return self.outputs[k][:0]
-        self._kernel(
+        if _fused.cpu_parallel_safe():
+            kernel = self._kernel
+            _fused.note_parallel_use()
+        else:  # a forked child of a process that ran OpenMP: the serial build, never an abort
+            kernel = _fused.get_cpu_kernel(self.spec, parallel=False)
+        kernel(
             src,
             meta,
             windows,
