@@ -231,12 +231,13 @@ class Loader:
                     f"image column {c!r} is not among the loaded columns {self.columns}"
                 )
         self.plain_columns = [c for c in self.columns if c not in self.image_columns]
-        # Batch-level parallelism: with image decode every core assembles a batch of its own
-        # (decode and kernel release the GIL); bytes-only batches are Python-bound, 2 suffice.
+        # Batch-level parallelism. With image decode every core assembles a batch of its own
+        # (decode and kernel release the GIL) plus one thread to overlap each batch's Python work
+        # (headers, parameters, export): 3 threads measured best on 2 cores. Bytes-only batches
+        # are Python-bound: one assembling thread (a second one contends for the GIL and made
+        # shuffled reads slower); remote reads still run concurrently inside the fetcher.
         cores = os.cpu_count() or 1
-        # One more thread than cores overlaps each batch's Python work (headers, parameters,
-        # export) with the other threads' decoding (measured: 3 threads best on 2 cores).
-        default = min(cores + 1, 16) if image_stage_factory is not None else min(2, cores)
+        default = min(cores + 1, 16) if image_stage_factory is not None else 1
         threads = options.num_threads or default
         self.num_threads = threads
         self.window = max(options.prefetch, threads) + 1  # batches submitted ahead of the consumer

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import posixpath
-import queue
 import threading
 import weakref
 from collections import OrderedDict
@@ -21,7 +21,7 @@ from .sampling import EpochOrder
 from .schema import Column, Schema
 from .storage import Store
 
-__all__ = ["Table", "Row", "Rows", "BatchIterator", "open_table"]
+__all__ = ["Table", "Row", "Rows", "open_table"]
 
 ColumnValues = Any  # list[bytes] | list[str] | np.ndarray
 
@@ -422,20 +422,54 @@ class Table:
         drop_last: bool = False,
         epoch: int | None = None,
         prefetch: int = 2,
-    ) -> BatchIterator:
-        """Iterate over the table in batches (dict of column -> list of bytes/str or stacked array).
+        image: Sequence[Any] | None = None,
+        decoder: str = "auto",
+        decode_options: Any = None,
+        device: Any = "cpu",
+        num_threads: int | None = None,
+        on_error: str = "raise",
+    ):
+        """Iterate over the table in batches: dicts of column -> list of bytes/str or stacked
+        numpy array (framework-free).
 
         ``shuffle``: False, True, "full" or "block"; seeded by ``seed`` and ``epoch``: successive
         calls without ``epoch`` advance it, so each epoch has a new order. ``seed=None`` with
-        shuffle draws a random seed."""
-        if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-        self.schema.select(columns, self.name)
+        shuffle draws a random seed. ``image=[ops...]`` decodes and transforms image columns in
+        one fused kernel per batch, as ``gpuload.pytorch(..., image=...)`` does. Returns the
+        batched loader (``len()``, ``state_dict()``...), already set to this call's epoch."""
+        from .loader import Loader, LoaderOptions
+
+        opts = LoaderOptions(
+            batch_size,
+            shuffle,
+            seed,
+            drop_last,
+            tuple(columns) if columns is not None else None,
+            prefetch,
+            num_threads,
+            "pad",
+            on_error,
+        )
         if shuffle and seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
-        e = self.next_epoch() if epoch is None else int(epoch)
-        order = self.epoch_order(shuffle, seed, e)
-        return BatchIterator(self, order, int(batch_size), columns, drop_last, prefetch)
+            opts = dataclasses.replace(opts, seed=seed)
+        factory, image_columns = None, ()
+        if image is not None:
+            from .device import resolve_device
+            from .pipeline import image_stage_factory
+
+            image_columns, factory = image_stage_factory(
+                self,
+                image,
+                decoder,
+                resolve_device(device),
+                columns,
+                options=decode_options,
+                seed=seed,
+            )
+        loader = Loader(self, opts, image_stage_factory=factory, image_columns=image_columns)
+        loader.set_epoch(self.next_epoch() if epoch is None else int(epoch))
+        return loader
 
     # -- framework front doors (adapters import frameworks lazily) ---------------------------
     def pytorch(self, *args, **kwargs):
@@ -588,104 +622,3 @@ class _AsyncReader:
             else:
                 v = task.result()[k]
                 f.set_result(np.array(v) if col.kind == "array" else v)
-
-
-_STOP = object()
-
-
-class _Failure:
-    """An exception raised in a producer thread, carried to the consumer."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
-
-
-class BatchIterator:
-    """Batches of one epoch, read ahead by a background thread (at most ``prefetch`` batches in
-    memory). Breaking out early stops the thread; nothing leaks."""
-
-    def __init__(
-        self,
-        table: Table,
-        order: EpochOrder,
-        batch_size: int,
-        columns: Sequence[str] | None,
-        drop_last: bool,
-        prefetch: int = 2,
-        start: int = 0,
-        stop: int | None = None,
-    ) -> None:
-        self.table = table
-        self.order = order
-        self.batch_size = batch_size
-        self.columns = list(columns) if columns is not None else None
-        self.drop_last = drop_last
-        self.prefetch = max(0, int(prefetch))
-        self.start = start
-        self.stop = len(order) if stop is None else stop
-
-    @property
-    def epoch(self) -> int:
-        return self.order.epoch
-
-    def __len__(self) -> int:
-        n = max(0, self.stop - self.start)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
-
-    def _bounds(self) -> Iterator[tuple[int, int]]:
-        for b in range(len(self)):
-            lo = self.start + b * self.batch_size
-            yield lo, min(lo + self.batch_size, self.stop)
-
-    def _load(self, lo: int, hi: int) -> dict[str, ColumnValues]:
-        return self.table.read(self.order.rows(lo, hi), self.columns)
-
-    def __iter__(self) -> Iterator[dict[str, ColumnValues]]:
-        if self.prefetch == 0:
-            for lo, hi in self._bounds():
-                yield self._load(lo, hi)
-            return
-        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-        stop = threading.Event()
-
-        def producer() -> None:
-            try:
-                for lo, hi in self._bounds():
-                    if stop.is_set():
-                        return
-                    item = self._load(lo, hi)
-                    while not stop.is_set():
-                        try:
-                            q.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-                _put_until(q, _Failure(e), stop)
-                return
-            _put_until(q, _STOP, stop)
-
-        t = threading.Thread(target=producer, name="gpuload-batches", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = q.get()
-                if item is _STOP:
-                    return
-                if isinstance(item, _Failure):
-                    raise item.error
-                yield item
-        finally:
-            stop.set()
-            t.join(timeout=10)
-
-
-def _put_until(q: queue.Queue, item, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=0.1)
-            return
-        except queue.Full:
-            continue

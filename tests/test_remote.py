@@ -57,7 +57,9 @@ def test_s3_uncached_block_shuffle_and_coalescing(s3):
     t = gpuload.open_table(url, storage_options=s3.storage_options, cache=False)
     assert not t.is_cached
     it = t.batches(50, shuffle=True, seed=1)
-    assert it.order.mode == "block"  # remote without a cache: bounded-memory block shuffle
+    assert (
+        t.epoch_order(True).mode == "block"
+    )  # remote without a cache: bounded-memory block shuffle
     got = sum((b["text"] for b in it), [])
     assert sorted(got) == sorted(cols["text"]) and got != cols["text"]
     before = t.fetcher.stats["requests"]

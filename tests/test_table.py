@@ -154,20 +154,41 @@ def test_batches_successive_calls_advance_epoch(client):
 
 
 def test_batches_early_break_stops_thread(robot):
+    import gc
     import threading
+    import time
 
     t, _ = robot
+    before = set(threading.enumerate())
     for _ in range(5):
         for _b in t.batches(8, prefetch=2):
             break
-    import time
-
+    gc.collect()  # each batches() loader is dropped after its loop: its pool shuts down
     deadline = time.time() + 5
     while time.time() < deadline and any(
-        th.name == "gpuload-batches" for th in threading.enumerate()
+        th.is_alive() for th in set(threading.enumerate()) - before
     ):
         time.sleep(0.05)
-    assert not any(th.name == "gpuload-batches" for th in threading.enumerate())
+    assert not [th for th in set(threading.enumerate()) - before if th.is_alive()]
+
+
+def test_batches_with_image_ops(robot):
+    from gpuload import ops
+
+    t, cols = robot
+    it = t.batches(
+        32,
+        image=[ops.CenterCrop(40), ops.Resize((16, 16)), ops.ToLayout("NHWC")],
+        columns=["image", "label"],
+    )
+    b = next(iter(it))
+    assert (
+        isinstance(b["image"], np.ndarray)
+        and b["image"].shape == (32, 16, 16, 3)
+        and b["image"].dtype == np.float32
+    )
+    np.testing.assert_array_equal(b["label"], cols["label"][:32])
+    assert b["image"].min() >= 0.0 and b["image"].max() <= 1.0 and b["image"].std() > 0.01
 
 
 def test_mixed_image_codecs(client):
