@@ -1,80 +1,84 @@
-"""Shared benchmark plumbing: fresh-process measurements, medians with min-max, machine info."""
+"""Shared plumbing of the scripts under benchmarks/: they run the suites of ``gpuload bench``
+(gpuload/bench/) and pick the figures their issue quotes out of its results. Every
+measurement, its fresh processes, warm-up and repetitions live there, once."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 from typing import Any
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    mem = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        pass
-    from gpuload.device import cuda_available
+from gpuload.bench.machine import machine  # noqa: E402
+from gpuload.bench.measure import fmt, summarize  # noqa: E402
+from gpuload.bench.runner import BenchConfig, run  # noqa: E402
 
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "ram_gib": round(mem / 2**30, 1),
-        "gpu": "present" if cuda_available() else "none",
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
+__all__ = ["machine", "summarize", "fmt", "run_suites", "Results", "write_json"]
 
 
-def summarize(values: list[float]) -> dict[str, float]:
-    return {
-        "median": statistics.median(values),
-        "min": min(values),
-        "max": max(values),
-        "n": len(values),
-    }
+class Results:
+    """The entries of one run, by id."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.by_id = {e["id"]: e for e in doc["results"]}
+
+    def ok(self, id: str) -> bool:
+        e = self.by_id.get(id)
+        return e is not None and e["status"] == "ok"
+
+    def metric(self, id: str, key: str = "rows_s") -> dict[str, float]:
+        """``{median, min, max, n}`` of one metric of one measurement."""
+        e = self.by_id[id]
+        if e["status"] != "ok":
+            raise KeyError(f"{id} did not run: {e['status']}: {e.get('reason', '')}")
+        return e["metrics"][key]
+
+    def median(self, id: str, key: str = "rows_s") -> float:
+        return self.metric(id, key)["median"]
+
+    def status(self, id: str) -> str:
+        e = self.by_id.get(id)
+        if e is None:
+            return "not measured"
+        if e["status"] == "ok":
+            return "ok"
+        return f"{e['status']} ({e.get('reason', '')})"
 
 
-def fmt(s: dict[str, float], digits: int = 0) -> str:
-    return f"{s['median']:,.{digits}f} ({s['min']:,.{digits}f}-{s['max']:,.{digits}f})"
-
-
-def run_child(
-    script: str, task: str, args: dict[str, Any], timeout: float = 900, env: dict | None = None
-) -> dict:
-    """Run ``script --child task`` in a fresh interpreter and return the JSON it prints last."""
-    e = dict(os.environ)
-    if env:
-        e.update(env)
-    p = subprocess.run(
-        [sys.executable, script, "--child", task, json.dumps(args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=e,
+def run_suites(
+    suites: list[str],
+    rows: int,
+    repeats: int,
+    workdir: str,
+    batch_sizes: list[int] | None = None,
+    remote: bool = False,
+    only: list[str] | None = None,
+    device: str = "cpu",
+    loader_workers: int | None = None,
+    train_repeats: int | None = None,
+) -> Results:
+    cfg = BenchConfig(
+        rows=rows,
+        repeats=repeats,
+        train_repeats=train_repeats,
+        suites=suites,
+        batch_sizes=batch_sizes or [64, 128, 256],
+        remote=remote,
+        cache_dir=workdir,
+        only=only,
+        device=device,
+        loader_workers=loader_workers,
     )
-    if p.returncode != 0:
-        raise RuntimeError(f"child {task} failed:\n{p.stderr[-4000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return Results(run(cfg))
 
 
-def peak_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def write_json(res: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(res, indent=2)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)

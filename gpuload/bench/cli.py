@@ -37,4 +37,26 @@ def register_demo(sub) -> None:
     s.set_defaults(func=_demo_table)
 
 
-REGISTER: list = [register_demo]
+def _bench(args: argparse.Namespace) -> int:
+    from .runner import config_from_args, execute
+
+    return execute(config_from_args(args))
+
+
+def register_bench(sub) -> None:
+    from .runner import add_arguments
+
+    s = sub.add_parser(
+        "bench",
+        help="standalone benchmark: ingest, raw stream, decode, end to end, training; peers side by side",
+        description=(
+            "Benchmark gpuload (and the installed peers: torch DataLoader + PIL, Deeplake, DALI) "
+            "on TABLE or on the demo table, each measurement in fresh processes; prints a table "
+            "and writes results.json, report.md and plots with --out."
+        ),
+    )
+    add_arguments(s)
+    s.set_defaults(func=_bench)
+
+
+REGISTER: list = [register_demo, register_bench]

@@ -1,0 +1,725 @@
+"""``gpuload bench``: the standalone benchmark runner.
+
+    gpuload bench [TABLE] [--rows N] [--device auto|cpu|cuda] [--batch-sizes 64,128,256]
+                  [--suite ingest,stream,decode,e2e,train] [--remote] [--out DIR] [--json]
+                  [--repeats R] [--quick]
+
+With no TABLE it generates the demo table (480x640 JPEG + float32[14] + label + text) in a
+cache folder first, reused by later runs. Every measurement runs in a fresh process, ``R``
+times, round-robin over the suite's measurements (so a burst of load from elsewhere hits them
+all alike); warm-up is excluded in each process; the report quotes the median with min-max.
+Peers (torch DataLoader + PIL, Deeplake, DALI) run on the same rows in the same run; one that
+is not installed is reported as missing, one without the hardware it needs as not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import suites as S
+from .measure import ChildError, percentile, run_child, summarize
+
+__all__ = ["BenchConfig", "run", "run_measurements", "add_arguments", "main", "DEFAULT_ROWS"]
+
+DEFAULT_ROWS = 5000
+QUICK_ROWS = 500
+DEFAULT_REPEATS = 3
+DEFAULT_TRAIN_REPEATS = 1  # the training runs are long; see --train-repeats
+LATENCY_SAMPLE = 400
+
+
+@dataclass
+class BenchConfig:
+    table: str | None = None
+    rows: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    batch_sizes: list[int] = field(default_factory=lambda: [64, 128, 256])
+    suites: list[str] = field(default_factory=lambda: list(S.DEFAULT_SUITES))
+    remote: bool = False
+    out: str | None = None
+    json: bool = False
+    repeats: int | None = None
+    train_repeats: int | None = None
+    quick: bool = False
+    cache_dir: str | None = None
+    train_steps: int | None = None
+    progress: bool | None = None  # None: when stderr is a terminal
+    only: list[str] | None = None  # id prefixes to keep (and skip: drop)
+    skip: list[str] | None = None
+    install_peers: bool = False
+    timing: S.Timing | None = None
+    loader_workers: int | None = None  # DataLoader workers in the stream suite (default: cores)
+
+    def resolved_rows(self) -> int:
+        if self.rows is not None:
+            return self.rows
+        return QUICK_ROWS if self.quick else DEFAULT_ROWS
+
+    def resolved_repeats(self) -> int:
+        if self.repeats is not None:
+            return self.repeats
+        return 1 if self.quick else DEFAULT_REPEATS
+
+    def resolved_train_repeats(self) -> int:
+        if self.train_repeats is not None:
+            return self.train_repeats
+        return min(self.resolved_repeats(), DEFAULT_TRAIN_REPEATS)
+
+
+class Log:
+    """Messages on stderr that do not break a progress bar."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+
+# -- one measurement, R repetitions ------------------------------------------------------------
+def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
+    """Per-repetition metrics from a child record."""
+    wall = rec["wall_s"]
+    m = {
+        "rows_s": rec["rows"] / wall,
+        "mb_s": rec["bytes"] / wall / 1e6,
+        "gbit_s": rec["bytes"] * 8 / wall / 1e9,
+        "wall_s": wall,
+        "cpu_util_pct": 100.0 * rec["cpu_s"] / wall / cores,
+        "peak_rss_mb": rec["peak_rss"] / 1e6,
+    }
+    lat = rec.get("latencies") or []
+    if lat:
+        m["p50_ms"] = percentile(lat, 50) * 1e3
+        m["p99_ms"] = percentile(lat, 99) * 1e3
+    for k in ("disk_mb_s", "fraction_of_disk", "steps_s", "loss_first", "loss_last"):
+        if k in rec:
+            m[k] = rec[k]
+    if "wait_fraction" in rec:
+        m["wait_pct"] = 100.0 * rec["wait_fraction"]
+    if "gpu_mem_peak" in rec:
+        m["gpu_mem_alloc_mb"] = rec["gpu_mem_peak"] / 1e6
+    for k in ("gpu_util_pct", "gpu_mem_mb"):
+        if k in rec:
+            m[k] = rec[k]
+    return m
+
+
+def _downsample(values: list[float], n: int) -> list[float]:
+    if len(values) <= n:
+        return list(values)
+    step = len(values) / n
+    return [values[int(i * step)] for i in range(n)]
+
+
+def _entry(m: S.Measurement, suffix: str, status: str, **kw) -> dict[str, Any]:
+    e = {
+        "id": m.id + suffix,
+        "suite": m.suite,
+        "group": m.group,
+        "label": m.label + (f" [{suffix.strip('.')}]" if suffix else ""),
+        "system": m.system,
+        "peer": m.is_peer,
+        "batch_size": m.batch_size,
+        "unit": m.unit,
+        "status": status,
+    }
+    if m.info:
+        e["info"] = dict(m.info)
+    e.update(kw)
+    return e
+
+
+def run_measurements(
+    measurements: list[S.Measurement],
+    resources: S.Resources,
+    repeats: int,
+    cores: int,
+    has_gpu: bool,
+    log=None,
+    progress: bool | None = None,
+    gpu_sampler=None,
+    suite_repeats: dict[str, int] | None = None,
+) -> list[dict[str, Any]]:
+    """Run every measurement ``repeats`` times (``suite_repeats`` overrides per suite) in fresh
+    processes, round-robin within each suite. Returns one result entry per measurement phase,
+    in the measurements' order."""
+    suite_repeats = suite_repeats or {}
+
+    def reps_of(suite: str) -> int:
+        return suite_repeats.get(suite, repeats)
+
+    log = log or Log()
+    # what cannot run at all
+    skip: dict[str, tuple[str, str]] = {}
+    for m in measurements:
+        if m.needs_gpu and not has_gpu:
+            skip[m.id] = ("not run", "needs a CUDA GPU; none here")
+            continue
+        miss = S.missing_modules(m.requires)
+        if miss:
+            skip[m.id] = ("missing", f"{', '.join(miss)} not installed: {S.install_hint(miss)}")
+    runnable = [m for m in measurements if m.id not in skip]
+    total = sum(reps_of(m.suite) for m in runnable)
+    bar = None
+    show = sys.stderr.isatty() if progress is None else progress
+    if show and total:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False)
+            if isinstance(log, Log):
+                log.bar = bar
+        except ImportError:  # pragma: no cover - tqdm is a core dependency
+            bar = None
+    recs: dict[str, list[dict]] = {m.id: [] for m in runnable}
+    failed: dict[str, str] = {}
+    failed_long: dict[str, str] = {}
+    try:
+        order: list[str] = []
+        for m in runnable:
+            if m.suite not in order:
+                order.append(m.suite)
+        for suite in order:
+            ms = [m for m in runnable if m.suite == suite]
+            R = reps_of(suite)
+            for rep in range(R):
+                for m in ms:
+                    if m.id in failed:
+                        if bar is not None:
+                            bar.update(1)
+                        continue
+                    if bar is not None:
+                        bar.set_description(f"{m.id} ({rep + 1}/{R})")
+                    t0 = time.perf_counter()
+                    cleanup: list[str] = []
+                    try:
+                        args, cleanup = resources.resolve(m.args)
+                        r = run_child(m.task, args, timeout=m.timeout)
+                        recs[m.id].append(r)
+                        status = "ok"
+                    except ChildError as e:
+                        failed[m.id] = e.short
+                        failed_long[m.id] = str(e)[-3000:]
+                        status = "FAILED: " + e.short
+                    except RuntimeError as e:  # a resource could not be prepared
+                        failed[m.id] = str(e)
+                        failed_long[m.id] = str(e)
+                        status = "FAILED: " + str(e)
+                    finally:
+                        for d in cleanup:
+                            shutil.rmtree(d, ignore_errors=True)
+                    if bar is not None:
+                        bar.update(1)
+                    else:
+                        log(
+                            f"  {m.id} run {rep + 1}/{R}: {status} ({time.perf_counter() - t0:.1f} s)"
+                        )
+    finally:
+        if bar is not None:
+            bar.close()
+            if isinstance(log, Log):
+                log.bar = None
+
+    out = []
+    for m in measurements:
+        if m.id in skip:
+            st, why = skip[m.id]
+            for suffix in m.phases.values():
+                out.append(_entry(m, suffix, st, reason=why))
+            continue
+        if m.id in failed:
+            for suffix in m.phases.values():
+                out.append(
+                    _entry(m, suffix, "failed", reason=failed[m.id], error=failed_long[m.id])
+                )
+            continue
+        for phase, suffix in m.phases.items():
+            reps = [r[phase] for r in recs[m.id]]
+            per = []
+            for r in reps:
+                pm = _record_metrics(r, cores)
+                if gpu_sampler is not None and m.uses_gpu and r.get("window"):
+                    g = gpu_sampler.window(*r["window"])
+                    if g:
+                        pm.update(g)
+                per.append(pm)
+            keys = [k for k in per[0] if all(k in p for p in per)]
+            metrics = {k: summarize([p[k] for p in per]) for k in keys}
+            lat = [x * 1e3 for r in reps for x in (r.get("latencies") or [])]
+            out.append(
+                _entry(
+                    m,
+                    suffix,
+                    "ok",
+                    metrics=metrics,
+                    reps=per,
+                    latency_ms=_downsample(lat, LATENCY_SAMPLE) if lat else [],
+                    rows_timed=sum(r["rows"] for r in reps),
+                )
+            )
+    return out
+
+
+# -- ratios ----------------------------------------------------------------------------------
+def _med(results: dict[str, dict], id: str, key: str = "rows_s") -> float | None:
+    e = results.get(id)
+    if e is None or e["status"] != "ok" or key not in e["metrics"]:
+        return None
+    return e["metrics"][key]["median"]
+
+
+def add_ratios(entries: list[dict]) -> dict[str, float]:
+    """Ratios from one run: e2e rows against the decode limit and against gpuload's default;
+    stream and ingest against Deeplake; shuffled against sequential; training against the
+    compute-bound ceiling. Written into each entry ("ratios") and returned flat."""
+    by_id = {e["id"]: e for e in entries}
+    flat: dict[str, float] = {}
+
+    def put(e, name, v):
+        if v is not None and v > 0:
+            e.setdefault("ratios", {})[name] = v
+            flat[f"{e['id']}:{name}"] = v
+
+    limit = _med(by_id, "decode.raw_libjpeg")
+    g_on = _med(by_id, "e2e.gpuload.on")
+    for e in entries:
+        if e["status"] != "ok":
+            continue
+        v = e["metrics"]["rows_s"]["median"]
+        if e["suite"] == "e2e":
+            if limit:
+                put(e, "x_limit", v / limit)
+            if g_on and e["id"] != "e2e.gpuload.on":
+                put(e, "gpuload_default_over_this", g_on / v)
+        elif e["suite"] == "decode" and limit and e["id"] != "decode.raw_libjpeg":
+            put(e, "x_limit", v / limit)
+        elif e["suite"] == "stream" and e["id"].startswith("stream.local.shuffle."):
+            seq = _med(by_id, e["id"].replace(".shuffle.", ".seq."))
+            if seq:
+                put(e, "x_sequential", v / seq)
+        elif e["suite"] == "stream" and e["id"].startswith("stream.deeplake.seq."):
+            g = _med(by_id, e["id"].replace("stream.deeplake.", "stream.local."))
+            if g:
+                put(e, "gpuload_over_this", g / v)
+        elif e["id"] == "loader.deeplake.w0.shuffle":
+            g = _med(by_id, "loader.fast.shuffle")
+            if g:
+                put(e, "gpuload_fast_path_over_this", g / v)
+        elif e["suite"] == "ingest" and e["system"] == "deeplake":
+            g = _med(by_id, e["id"].replace("ingest.deeplake.", "ingest.gpuload."))
+            if g:
+                put(e, "gpuload_over_this", g / v)
+        elif e["suite"] == "train" and e["id"] != "train.synthetic":
+            c = _med(by_id, "train.synthetic")
+            if c:
+                put(e, "x_compute_bound", v / c)
+        elif e["id"].startswith("stream.s3.") or e["id"].startswith("loader.s3."):
+            local = _med(by_id, f"stream.local.seq.bs{e['batch_size']}")
+            if local and e["id"].startswith("stream.s3.seq"):
+                put(e, "x_local", v / local)
+    return flat
+
+
+# -- the whole run ------------------------------------------------------------------------------
+def _resolve_device(device: str) -> tuple[str, bool]:
+    from gpuload.device import cuda_available
+
+    gpu = cuda_available()
+    if device == "auto":
+        return ("cuda" if gpu else "cpu"), gpu
+    if device == "cuda" and not gpu:
+        raise SystemExit("gpuload bench: --device cuda was asked for but no CUDA GPU is present")
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"gpuload bench: unknown --device {device!r} (auto, cpu or cuda)")
+    return device, gpu
+
+
+def _profile(t) -> tuple[str, str | None, list[str]]:
+    """The image column and (optional) integer label column of a table."""
+    cols = list(t.schema)
+    images = [c.name for c in cols if c.kind == "image"]
+    if not images:
+        raise SystemExit(f"gpuload bench: table {t.url} has no image column; the suites need one")
+    image = "image" if "image" in images else images[0]
+    labels = [c.name for c in cols if c.kind == "scalar" and c.dtype.startswith(("int", "uint"))]
+    label = "label" if "label" in labels else (labels[0] if labels else None)
+    return image, label, [c.name for c in cols]
+
+
+PEER_PACKAGES = {
+    # module -> requirement (the `peers` extra of pyproject.toml)
+    "deeplake": "deeplake>=4.0",
+    "nvidia.dali": "nvidia-dali-cuda120>=1.40",
+    "nvidia.nvimgcodec": "nvidia-nvimgcodec-cu12>=0.5",
+    "tensorflow": "tensorflow-cpu>=2.15",
+    "s3fs": "s3fs>=2023.6",
+    "moto": "moto[server]>=5",
+}
+
+
+def _install_peers(log) -> None:
+    """pip-install the peers that are missing (the `peers` extra's packages)."""
+    need = [spec for mod, spec in PEER_PACKAGES.items() if S.missing_modules([mod])]
+    if not need:
+        log("peers: all installed")
+        return
+    if any(x.startswith(("s3fs", "moto")) for x in need):
+        need.append("botocore>=1.43.115,<1.43.118")
+    log(f"installing peers: {' '.join(need)}")
+    p = subprocess.run([sys.executable, "-m", "pip", "install", *need])
+    if p.returncode != 0:
+        log("peers: pip failed; the ones still missing are reported as missing")
+
+
+def _command_line() -> str:
+    """How this run was started, as a user would type it."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    rest = " ".join(sys.argv[1:])
+    norm = argv0.replace(os.sep, "/")
+    if norm.endswith("gpuload/bench/__main__.py"):
+        head = "python -m gpuload.bench"
+    elif norm.endswith("gpuload/__main__.py") or os.path.basename(argv0) == "gpuload":
+        head = "gpuload"
+    else:
+        head = f"python {argv0}"
+    return f"{head} {rest}".strip()
+
+
+def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
+    """Run the benchmark; returns the results document (what results.json holds)."""
+    import gpuload
+
+    from .machine import GpuSampler, machine, versions
+
+    log = log or Log()
+    t_start = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    unknown = [s for s in cfg.suites if s not in S.SUITES]
+    if unknown:
+        raise SystemExit(
+            f"gpuload bench: unknown suite(s) {unknown}; choose from {', '.join(S.SUITES)}"
+        )
+    device, has_gpu = _resolve_device(cfg.device)
+    if cfg.install_peers:
+        _install_peers(log)
+    cores = os.cpu_count() or 1
+    repeats = cfg.resolved_repeats()
+    train_repeats = cfg.resolved_train_repeats()
+    timing = cfg.timing or (S.Timing.quick() if cfg.quick else S.Timing())
+    if cfg.train_steps is not None:
+        timing = S.Timing(**{**asdict(timing), "train_steps": cfg.train_steps})
+    cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else S.cache_root()
+    prep: dict[str, float] = {}
+
+    # the table
+    t0 = time.perf_counter()
+    if cfg.table is None:
+        rows = cfg.resolved_rows()
+        path, generated = S.ensure_demo(rows, cfg.seed, cache, progress=cfg.progress, log=log)
+        if generated:
+            prep["demo_table_s"] = time.perf_counter() - t0
+        table = gpuload.open_table(path)
+        workdir = path + ".derived"
+        source = "demo"
+    else:
+        table = gpuload.open_table(cfg.table)
+        path = table.url
+        import hashlib
+
+        key = hashlib.sha1(path.encode()).hexdigest()[:12]
+        workdir = os.path.join(cache, f"table-{key}-v{table.version}")
+        source = "user"
+        if cfg.rows is not None and cfg.rows != len(table):
+            log(f"note: --rows applies to the demo table; {path} has {len(table):,} rows")
+    rows = len(table)
+    image, label, columns = _profile(table)
+    sample = table[: min(rows, 256)][image]
+    mean_image = sum(len(x) for x in sample) / max(1, len(sample))
+    ingest_rows = sorted({min(n, rows) for n in (1000, 2000, rows)})
+    ctx = S.Context(
+        table_url=path,
+        rows=rows,
+        image=image,
+        label=label,
+        columns=columns,
+        storage_options=None,
+        device=device,
+        cores=cores,
+        batch_sizes=list(cfg.batch_sizes),
+        remote=cfg.remote,
+        timing=timing,
+        gpu=has_gpu,
+        ingest_rows=ingest_rows,
+        loader_workers=cfg.loader_workers,
+    )
+    measurements = S.build(ctx, cfg.suites)
+    if cfg.only:
+        measurements = [m for m in measurements if any(m.id.startswith(p) for p in cfg.only)]
+    if cfg.skip:
+        measurements = [m for m in measurements if not any(m.id.startswith(p) for p in cfg.skip)]
+
+    mach = machine()
+    vers = versions()
+    log(
+        f"gpuload bench: {rows:,} rows ({table.nbytes / 1e6:,.0f} MB, mean JPEG {mean_image / 1e3:.1f} kB) "
+        f"from {path}; device {device}; {cores} cores; suites {','.join(cfg.suites)}; "
+        f"{len(measurements)} measurements x {repeats} fresh processes"
+    )
+    resources = S.Resources(ctx, workdir, log=log)
+    sampler = GpuSampler() if has_gpu else None
+    try:
+        # prepare the data the runnable measurements need (timed, reported apart)
+        for m in measurements:
+            if (m.needs_gpu and not has_gpu) or S.missing_modules(m.requires):
+                continue
+            for n in m.needs:
+                if n not in resources.values and n not in resources.errors:
+                    try:
+                        resources.get(n)
+                    except RuntimeError as e:
+                        log(f"  {e}")
+        prep.update({f"{k}_s": v for k, v in resources.timings.items()})
+        entries = run_measurements(
+            measurements,
+            resources,
+            repeats,
+            cores,
+            has_gpu,
+            log=log,
+            progress=cfg.progress,
+            gpu_sampler=sampler,
+            suite_repeats={"train": train_repeats},
+        )
+    finally:
+        resources.close()
+        if sampler is not None:
+            sampler.close()
+    ratios = add_ratios(entries)
+    total = time.perf_counter() - t_start
+    doc = {
+        "format": "gpuload-bench/1",
+        "started": started,
+        "total_s": total,
+        "machine": mach,
+        "versions": vers,
+        "config": {
+            "table": path,
+            "table_source": source,
+            "rows": rows,
+            "seed": cfg.seed,
+            "device": device,
+            "batch_sizes": list(cfg.batch_sizes),
+            "suites": list(cfg.suites),
+            "remote": cfg.remote,
+            "repeats": repeats,
+            "train_repeats": train_repeats,
+            "quick": cfg.quick,
+            "timing": asdict(timing),
+            "python": platform.python_version(),
+            "command": _command_line(),
+        },
+        "table": {
+            "url": path,
+            "rows": rows,
+            "bytes": table.nbytes,
+            "mean_image_bytes": mean_image,
+            "columns": {c.name: c.type_string() for c in table.schema},
+            "image_column": image,
+            "label_column": label,
+        },
+        "prepare_s": prep,
+        "method": (
+            f"Each measurement runs {repeats} time(s) ({train_repeats} for the training runs), "
+            f"each time in a fresh Python process "
+            f"(round-robin over a suite's measurements); in each process a warm-up is excluded "
+            f"(JIT compilation, worker start-up, first reads), then batches are timed for at "
+            f"least a minimum window. Figures are the median with min-max over the processes. "
+            f"rows/s (images/s for decode, e2e, train); MB/s and Gb/s of the bytes delivered "
+            f"(encoded bytes for ingest/stream/decode, output tensors for e2e); batch latency = "
+            f"time between successive batches at the consumer; CPU = CPU time of the process "
+            f"and its workers over wall time and all {cores} cores; peak RSS = peak resident "
+            f"memory of the process tree."
+        ),
+        "results": entries,
+        "ratios": ratios,
+    }
+    return doc
+
+
+# -- command line ----------------------------------------------------------------------------
+def _csv_ints(s: str) -> list[int]:
+    try:
+        v = [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+    if not v or any(x <= 0 for x in v):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {s!r}")
+    return v
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "table",
+        nargs="?",
+        default=None,
+        help="table path or URL (default: the demo table, generated in a cache folder)",
+    )
+    p.add_argument(
+        "--rows",
+        type=int,
+        default=None,
+        help=f"demo table rows (default {DEFAULT_ROWS:,}; {QUICK_ROWS} with --quick)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="demo table seed")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument(
+        "--batch-sizes",
+        type=_csv_ints,
+        default=[64, 128, 256],
+        help="raw stream batch sizes (default 64,128,256)",
+    )
+    p.add_argument(
+        "--suite",
+        "--suites",
+        dest="suites",
+        type=_csv,
+        default=list(S.DEFAULT_SUITES),
+        help=f"comma list of {','.join(S.SUITES)} (default: {','.join(S.DEFAULT_SUITES)})",
+    )
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="also stream from a loopback S3 endpoint (moto) started for the run",
+    )
+    p.add_argument("--out", default=None, help="write results.json, report.md and PNG plots here")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print results.json on stdout (the table goes to stderr)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help=f"fresh processes per measurement (default {DEFAULT_REPEATS}; 1 with --quick)",
+    )
+    p.add_argument(
+        "--train-repeats",
+        type=int,
+        default=None,
+        help=f"fresh processes per training run (default {DEFAULT_TRAIN_REPEATS}, at most --repeats)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a ~1-minute run: {QUICK_ROWS} rows, 1 repeat, short windows",
+    )
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        help="timed training steps (default 200; 10 with --quick)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the demo table and the peers' copies live (default: $GPULOAD_BENCH_CACHE or ~/.cache/gpuload/bench)",
+    )
+    p.add_argument(
+        "--only",
+        type=_csv,
+        default=None,
+        help="keep measurements whose id starts with one of these (e.g. e2e.gpuload,decode)",
+    )
+    p.add_argument(
+        "--skip",
+        type=_csv,
+        default=None,
+        help="drop measurements whose id starts with one of these",
+    )
+    p.add_argument(
+        "--install-peers",
+        action="store_true",
+        help="pip-install missing peers (deeplake, DALI, nvImageCodec, TensorFlow) first",
+    )
+    p.add_argument(
+        "--no-progress", dest="progress", action="store_const", const=False, default=None
+    )
+
+
+def config_from_args(a: argparse.Namespace) -> BenchConfig:
+    if a.repeats is not None and a.repeats < 1:
+        raise SystemExit("gpuload bench: --repeats must be >= 1")
+    if a.train_repeats is not None and a.train_repeats < 1:
+        raise SystemExit("gpuload bench: --train-repeats must be >= 1")
+    if a.rows is not None and a.rows < 1:
+        raise SystemExit("gpuload bench: --rows must be >= 1")
+    return BenchConfig(
+        table=a.table,
+        rows=a.rows,
+        seed=a.seed,
+        device=a.device,
+        batch_sizes=a.batch_sizes,
+        suites=a.suites,
+        remote=a.remote,
+        out=a.out,
+        json=a.json,
+        repeats=a.repeats,
+        train_repeats=a.train_repeats,
+        quick=a.quick,
+        cache_dir=a.cache_dir,
+        train_steps=a.train_steps,
+        progress=a.progress,
+        only=a.only,
+        skip=a.skip,
+        install_peers=a.install_peers,
+    )
+
+
+def execute(cfg: BenchConfig) -> int:
+    """Run, print the table (or the JSON), write the report; exit status 0 when every
+    runnable measurement succeeded, 1 when some failed."""
+    from . import report
+
+    log = Log()
+    doc = run(cfg, log=log)
+    text = report.terminal(doc)
+    if cfg.out:
+        t = time.perf_counter()
+        report.write(doc, cfg.out)
+        doc["report_s"] = time.perf_counter() - t
+        doc["total_s"] += doc["report_s"]
+        with open(os.path.join(cfg.out, "results.json"), "w") as f:
+            json.dump(doc, f, indent=2)
+    if cfg.json:
+        print(text, file=sys.stderr)
+        print(json.dumps(doc, indent=2))
+    else:
+        print(text)
+    where = f"; report in {cfg.out}" if cfg.out else ""
+    print(f"total time {doc['total_s']:.0f} s{where}", file=sys.stderr if cfg.json else sys.stdout)
+    return 1 if any(e["status"] == "failed" for e in doc["results"]) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gpuload bench", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return execute(config_from_args(p.parse_args(argv)))
