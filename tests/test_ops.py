@@ -469,13 +469,24 @@ def test_cpu_stage_run_does_not_allocate_outputs():
     stage = ops.FusedImageStage(plan, batch_size=8, device="cpu")
     batch = _batch(plan, [(120, 160, 3)] * 8, 3)
     stage.run(*batch)  # compile + warm-up
-    tracemalloc.start()
+    ptrs = {o.ctypes.data for o in stage.outputs}
+    for _ in range(2 * stage.depth):
+        assert stage.run(*batch).ctypes.data in ptrs  # always one of the preallocated buffers
+    # Peak Python allocation during run(): tracemalloc also sees other threads (idle pools and
+    # framework threads left by other tests), so a stray allocation there is retried; a real
+    # per-call allocation shows every time.
+    peaks = []
     for _ in range(3):
-        stage.run(*batch)
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    assert peak < 16 * 1024, (
-        f"run() allocated {peak} bytes through Python (output is {stage.outputs[0].nbytes})"
+        tracemalloc.start()
+        for _ in range(3):
+            stage.run(*batch)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        peaks.append(peak)
+        if peak < 16 * 1024:
+            break
+    assert min(peaks) < 16 * 1024, (
+        f"run() allocated {peaks} bytes through Python (output is {stage.outputs[0].nbytes})"
     )
 
 
