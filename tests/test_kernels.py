@@ -365,6 +365,231 @@ def test_kernel_input_check():
 
 
 # ---------------------------------------------------------------------------------------------
+# on-disk kernel cache (generated modules + Numba's cache=True)
+# ---------------------------------------------------------------------------------------------
+
+# brightness + contrast + flip: both parallel loops of fused_cpu (contrast pre-pass, rows)
+CACHE_CFG = dict(dtype="float32", layout="NCHW", size=(19, 23), jitter=(0.5, 0.5, 0.0))
+
+_CACHE_CHILD = r"""
+import json, sys, time
+import numpy as np
+from gpuload.kernels import fused as F
+spec = F.KernelSpec(**json.loads(sys.argv[1]))
+d = np.load(sys.argv[2])
+k = F.get_cpu_kernel(spec)
+out = np.full(tuple(d["shape"]), 77, np.float32)
+t1 = time.perf_counter()
+k(d["src"], d["meta"], d["win"], d["params"], d["mean"], d["inv_std"],
+  np.zeros(d["meta"].shape[0], np.float32), out)
+t2 = time.perf_counter()
+np.save(sys.argv[3], out)
+print(json.dumps({
+    "first_call_s": t2 - t1,
+    "hits": sum(k.stats.cache_hits.values()),
+    "misses": sum(k.stats.cache_misses.values()),
+    "cache_path": k.stats.cache_path,
+    "module_file": sys.modules[k.py_func.__module__].__file__,
+}))
+"""
+
+
+def _cache_env(cache_dir, **extra) -> dict:
+    env = dict(os.environ, GPULOAD_CACHE_DIR=str(cache_dir), **extra)
+    for var in ("GPULOAD_KERNEL_CACHE", "NUMBA_ENABLE_CUDASIM", "NUMBA_DISABLE_JIT"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def disk_cache_runs(tmp_path_factory):
+    """Two fresh processes, one after the other, requesting the same spec with an empty kernel
+    cache directory (different hash seeds: the generated text must not depend on them)."""
+    import dataclasses
+
+    tmp = tmp_path_factory.mktemp("kcache")
+    plan, src, meta, wins, params = make_case(31, CACHE_CFG, SIZES)
+    spec = plan.kernel_spec
+    assert spec.brightness and spec.contrast and spec.flip and not spec.saturation
+    inp = tmp / "in.npz"
+    np.savez(
+        inp,
+        src=src,
+        meta=meta,
+        win=wins,
+        params=params,
+        mean=plan.mean_array(),
+        inv_std=plan.inv_std_array(),
+        shape=np.array(plan.out_shape(meta.shape[0])),
+    )
+    runs = []
+    for k in range(2):
+        outp = tmp / f"out{k}.npy"
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                _CACHE_CHILD,
+                json.dumps(dataclasses.asdict(spec)),
+                str(inp),
+                str(outp),
+            ],
+            env=_cache_env(tmp / "cache", PYTHONHASHSEED=str(k + 1)),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "NumbaWarning" not in proc.stderr, proc.stderr[-4000:]  # e.g. "Cannot cache"
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["out"] = np.load(outp)
+        runs.append(res)
+    return dict(
+        tmp=tmp,
+        cache=tmp / "cache",
+        plan=plan,
+        spec=spec,
+        runs=runs,
+        inputs=(src, meta, wins, params),
+    )
+
+
+def test_cpu_kernel_loads_from_disk_cache_in_a_new_process(disk_cache_runs):
+    cold, warm = disk_cache_runs["runs"]
+    kdir = disk_cache_runs["cache"] / "kernels"
+    assert cold["misses"] == 1 and cold["hits"] == 0, cold
+    # the second process loaded the machine code from Numba's on-disk cache: no compilation
+    assert warm["hits"] == 1 and warm["misses"] == 0, warm
+    assert warm["module_file"] == cold["module_file"]
+    assert os.path.dirname(warm["module_file"]) == str(kdir)
+    assert len(list(kdir.glob("fused_*.py"))) == 1
+    if not os.environ.get("NUMBA_CACHE_DIR"):
+        assert warm["cache_path"] == str(kdir / "__pycache__")
+        assert list(kdir.glob("__pycache__/fused_*.fused_cpu-*.nbi"))
+    assert warm["first_call_s"] < 0.5 * cold["first_call_s"], (cold, warm)
+    np.testing.assert_array_equal(warm["out"], cold["out"])
+    # and the output is the kernel's
+    plan = disk_cache_runs["plan"]
+    ref = R.reference_batch(*disk_cache_runs["inputs"], plan)
+    assert_close(warm["out"], plan, ref, "disk-cached kernel")
+
+
+def test_unwritable_kernel_cache_compiles_in_memory(disk_cache_runs, tmp_path, monkeypatch, caplog):
+    """A cache directory that cannot be created falls back to compiling in memory (debug log),
+    with results identical to the disk-cached kernel; two threads compile it once."""
+    import logging
+    import threading
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("GPULOAD_CACHE_DIR", str(blocker / "cache"))  # even root cannot mkdir
+    monkeypatch.delenv("GPULOAD_KERNEL_CACHE", raising=False)
+    spec = disk_cache_runs["spec"]
+    with caplog.at_level(logging.DEBUG, logger="gpuload.kernels"):
+        mod = F._load_module("cpu", spec, True, disk=True)  # what get_cpu_kernel does, uncached
+    assert any("compiling the CPU kernel" in r.getMessage() for r in caplog.records), caplog.text
+    assert mod.CACHE is False and not hasattr(mod, "__file__")
+    k = mod.fused_cpu
+    src, meta, wins, params = disk_cache_runs["inputs"]
+    plan = disk_cache_runs["plan"]
+    outs = [np.full(plan.out_shape(meta.shape[0]), 77, np.float32) for _ in range(2)]
+    barrier = threading.Barrier(2)
+
+    def run(o):
+        barrier.wait()
+        k(
+            src,
+            meta,
+            wins,
+            params,
+            plan.mean_array(),
+            plan.inv_std_array(),
+            np.zeros(meta.shape[0], np.float32),
+            o,
+        )
+
+    threads = [threading.Thread(target=run, args=(o,)) for o in outs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(k.stats.cache_misses.values()) == 1 and not k.stats.cache_hits  # compiled once
+    for o in outs:
+        np.testing.assert_array_equal(o, disk_cache_runs["runs"][0]["out"])
+
+
+def test_kernel_modules_are_shared_and_written_atomically(tmp_path, monkeypatch):
+    """Threads requesting the same spec share one generated module and kernel; concurrent
+    writers of the same file never leave a partial or temporary file (rename), and every
+    writer gives it the same mtime (Numba's cache index checks the source's mtime and size)."""
+    import threading
+
+    monkeypatch.setenv("GPULOAD_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("GPULOAD_KERNEL_CACHE", raising=False)
+    spec = F.KernelSpec("uint8", "NHWC", brightness=True, saturation=True)
+    got = []
+    barrier = threading.Barrier(4)
+
+    def request():
+        barrier.wait()
+        got.append(F.get_cpu_kernel(spec, parallel=False))
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 4 and all(k is got[0] for k in got)
+    if F._MODULES[("cpu", spec, False)].CACHE:  # not built earlier in this process elsewhere
+        assert os.path.dirname(got[0].py_func.__code__.co_filename) == str(
+            tmp_path / "cache" / "kernels"
+        )
+
+    # the writer itself, raced
+    (tmp_path / "w").mkdir()
+    path = str(tmp_path / "w" / "m.py")
+    text = F.module_source("cpu", spec, False, cache=True).encode()
+    assert text == F.module_source("cpu", spec, False, cache=True).encode()  # deterministic
+    barrier = threading.Barrier(8)
+
+    def write():
+        barrier.wait()
+        F._write_atomic(path, text)
+
+    for _ in range(10):
+        if os.path.exists(path):
+            os.unlink(path)
+        threads = [threading.Thread(target=write) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        with open(path, "rb") as f:
+            assert f.read() == text
+        assert os.stat(path).st_mtime == F._SOURCE_MTIME
+        assert os.listdir(tmp_path / "w") == ["m.py"]  # no temporary files left
+
+
+def test_no_kernel_work_at_import(tmp_path):
+    """Importing gpuload (and the kernel module) generates and compiles nothing."""
+    code = (
+        "import gpuload, gpuload.ops\n"
+        "from gpuload.kernels import fused as F\n"
+        "assert not F._MODULES and not F._KERNELS\n"
+        "print('OK')\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_cache_env(tmp_path / "cache"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert not (tmp_path / "cache").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA simulator (subprocess) and real GPU
 # ---------------------------------------------------------------------------------------------
 
