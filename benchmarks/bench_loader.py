@@ -55,6 +55,9 @@ def main() -> None:
     res["peak_memory_mb"] = {
         size: r.median(f"memory.fast.{size}", "peak_rss_mb") for size in ("1x", "4x")
     }
+    res["rss_growth_mb"] = {
+        size: r.median(f"memory.fast.{size}", "rss_growth_mb") for size in ("1x", "4x")
+    }
     if not args.no_s3:
         if r.ok("loader.s3.dataloader.w0.cold"):
             res["s3_dataloader_w0_shuffle_epoch1"] = r.metric("loader.s3.dataloader.w0.cold")

@@ -70,6 +70,8 @@ def main() -> None:
         size: {
             "rows": N * (4 if size == "4x" else 1),
             "peak_rss_mb": r.median(f"memory.stream.{size}", "peak_rss_mb"),
+            # what the epoch's streaming added to the process's RSS (sampled, baseline = start)
+            "rss_growth_mb": r.median(f"memory.stream.{size}", "rss_growth_mb"),
         }
         for size in ("1x", "4x")
     }

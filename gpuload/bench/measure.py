@@ -113,6 +113,8 @@ class ProcessTree:
             self._me = None
         self._proc = self._ps is None and _ProcFS.available()
         self._peak = 0
+        self._baseline: int | None = None
+        self._phase_peak = 0
         self._stop = threading.Event()
         self._thread = None
         if self._ps is not None or self._proc:
@@ -144,7 +146,20 @@ class ProcessTree:
 
     def _sample(self, interval: float) -> None:
         while not self._stop.wait(interval):
-            self._peak = max(self._peak, self._tree_rss())
+            rss = self._tree_rss()
+            self._peak = max(self._peak, rss)
+            self._phase_peak = max(self._phase_peak, rss)
+
+    def mark(self) -> None:
+        """Start a phase: remember the tree's RSS now; ``growth()`` is then the sampled peak since
+        minus this baseline (what streaming added, without import/JIT-time peaks)."""
+        self._baseline = self._phase_peak = self._tree_rss() if (self._ps or self._proc) else 0
+
+    def growth(self) -> int | None:
+        """Sampled RSS peak since ``mark()`` minus the RSS at ``mark()`` (None when unsampled)."""
+        if self._thread is None or self._baseline is None:
+            return None
+        return max(0, max(self._phase_peak, self._tree_rss()) - self._baseline)
 
     def cpu_times(self) -> dict[int, float]:
         """CPU seconds (user + system) per process of the tree, keyed by pid."""
@@ -237,6 +252,7 @@ class Meter:
         if self.sync is not None:
             self.sync()
         self._cpu0 = self.tree.cpu_times()
+        self.tree.mark()
         self._wall0 = time.time()
         self._t0 = self._last = time.perf_counter()
 
@@ -292,6 +308,9 @@ class Meter:
             "peak_rss": self.tree.peak_rss(),
             "window": [self._wall0, self._wall1],
         }
+        growth = self.tree.growth()
+        if growth is not None:
+            rec["rss_growth"] = growth
         rec.update(self.extra)
         rec.update(extra)
         return rec

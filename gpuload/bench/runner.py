@@ -101,6 +101,8 @@ def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
         "cpu_util_pct": 100.0 * rec["cpu_s"] / wall / cores,
         "peak_rss_mb": rec["peak_rss"] / 1e6,
     }
+    if "rss_growth" in rec:
+        m["rss_growth_mb"] = rec["rss_growth"] / 1e6
     lat = rec.get("latencies") or []
     if lat:
         m["p50_ms"] = percentile(lat, 50) * 1e3
