@@ -71,15 +71,6 @@ class ImageStageFactory:
             loader_threads,
         )
 
-    def tf_specs(self, tf_dtypes: dict, batch: int | None) -> dict:
-        import tensorflow as tf
-
-        shape = self.plan.out_shape(1)[1:]
-        return {
-            c: tf.TensorSpec((batch, *shape), tf_dtypes[self.plan.out_dtype], name=c)
-            for c in self._columns
-        }
-
 
 def image_stage_factory(
     table: Table,
@@ -103,9 +94,7 @@ def image_stage_factory(
             f"image= ops need an image column; the loaded columns of table {table.name!r} are "
             f"{[f'{c.name}: {c.type_string()}' for c in cols]}"
         )
-    f = ImageStageFactory(plan, decoder, device, options or DecodeOptions(), seed)
-    f._columns = image_cols
-    return image_cols, f
+    return image_cols, ImageStageFactory(plan, decoder, device, options or DecodeOptions(), seed)
 
 
 class ImageStage:

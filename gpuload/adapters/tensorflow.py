@@ -103,7 +103,12 @@ def tensorflow(
         image_columns, factory = image_stage_factory(
             t, image, decoder, dev, columns, options=decode_options, seed=seed
         )
-        image_specs = factory.tf_specs(_TF_DTYPES, batch_size if drop_last else None)
+        shape = factory.plan.out_shape(1)[1:]
+        batch = batch_size if drop_last else None
+        image_specs = {
+            c: tf.TensorSpec((batch, *shape), _TF_DTYPES[factory.plan.out_dtype], name=c)
+            for c in image_columns
+        }
     loader = Loader(
         t, opts, image_stage_factory=factory, image_columns=image_columns, rank=r, world_size=w
     )
