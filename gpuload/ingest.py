@@ -530,8 +530,6 @@ class _Validator:
                 seen = self.codecs[c.name]
                 codec = next(iter(seen)) if len(seen) == 1 else ("mixed" if seen else None)
                 c = Column(c.name, c.kind, c.dtype, c.shape, codec, c.metadata)
-            elif c.kind == "image" and c.codec == "mixed":
-                pass
             cols.append(c)
         return Schema(tuple(cols), self.schema.metadata)
 

@@ -375,12 +375,10 @@ def _write_atomic(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` unless it already holds it, through a temporary file in the
     same directory and a rename, so concurrent writers (threads, processes) never expose a
     partial file; the mtime is fixed (see ``_SOURCE_MTIME``)."""
-    try:
-        with open(path, "rb") as f:
-            if f.read() == data:
-                return
-    except OSError:
-        pass
+    # absent or unreadable: (re)write it below
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        if f.read() == data:
+            return
     tmp = f"{path}.{os.getpid()}-{threading.get_ident()}.tmp"
     try:
         with open(tmp, "wb") as f:

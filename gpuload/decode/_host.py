@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import numpy as np
@@ -75,13 +76,12 @@ def _decode_png(data, c: int, out: np.ndarray | None):
     try:
         if out is not None:
             # libpng writes straight into the staging view when the layouts match.
-            try:
+            # decode straight into the staging view where imagecodecs accepts it (same shape and
+            # dtype); otherwise it refuses with ValueError/TypeError and we decode then copy
+            with contextlib.suppress(ValueError, TypeError):
                 target = out if c == 3 else out.reshape(out.shape[0], out.shape[1])
-                res = ic.png_decode(data, out=target)
-                if res is not None:
+                if ic.png_decode(data, out=target) is not None:
                     return out
-            except (ValueError, TypeError):
-                pass
         arr = ic.png_decode(data)
     except Exception as e:  # imagecodecs raises its own PngError
         raise DecodeError(f"corrupt PNG data: {e}") from e
