@@ -1,4 +1,4 @@
-"""The ``gpuload`` command line: ingest, info, ls, rm (and demo-table, bench)."""
+"""The ``gpuload`` command line: ingest, info, ls, rm, vacuum (and demo-table, bench)."""
 
 from __future__ import annotations
 
@@ -84,6 +84,22 @@ def cmd_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vacuum(args: argparse.Namespace) -> int:
+    from .storage import Store
+    from .vacuum import vacuum_store
+
+    older = args.older_than_hours * 3600.0
+    if _is_location(args.table):
+        label = os.path.basename(args.table.rstrip("/")) or args.table
+        report = vacuum_store(Store(args.table), label, older, args.dry_run)
+    else:
+        report = Client(args.root).vacuum(args.table, older, args.dry_run)
+    print(report)
+    for rel in report.removed:
+        print(f"  {'would remove' if args.dry_run else 'removed'} {rel}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpuload", description="GPU-first data loader: tables, ingest, benchmarks."
@@ -117,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("rm", help="delete a table")
     s.add_argument("table")
     s.set_defaults(func=cmd_rm)
+
+    s = sub.add_parser("vacuum", help="delete chunk files no commit names (left by killed writers)")
+    s.add_argument("table")
+    s.add_argument(
+        "--older-than-hours",
+        type=float,
+        default=24.0,
+        help="only files older than this (default 24; must exceed the longest running ingest)",
+    )
+    s.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    s.set_defaults(func=cmd_vacuum)
 
     for register in _extra_commands():
         register(sub)

@@ -13,6 +13,7 @@ from .ingest import ingest_into
 from .schema import Schema, validate_name
 from .storage import Store, join_url
 from .table import Table
+from .vacuum import DEFAULT_GRACE_S, VacuumReport, vacuum_store
 from .writer import DEFAULT_CHUNK_BYTES
 
 __all__ = ["Client", "default_root", "ingest"]
@@ -104,6 +105,17 @@ class Client:
             if Store(join_url(self.root, entry), self.storage_options).exists(MANIFEST):
                 names.append(entry)
         return names
+
+    def vacuum(
+        self, name: str, older_than: float = DEFAULT_GRACE_S, dry_run: bool = False
+    ) -> VacuumReport:
+        """Delete chunk files of table ``name`` that no committed manifest names (left by a
+        killed writer) once they are older than ``older_than`` seconds (default 24 h; it must
+        exceed the longest ingest that may be running)."""
+        store = self._store(name)
+        if not store.exists(MANIFEST):
+            raise TableNotFoundError(f"no table named {name!r} under {self.root}")
+        return vacuum_store(store, name, older_than, dry_run)
 
     def delete_table(self, name: str) -> None:
         """Delete a table and all its versions."""

@@ -158,6 +158,35 @@ class Store:
             return []
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def list_files(self, rel: str = "") -> list[tuple[str, int, float | None]]:
+        """(name, size, modification time in epoch seconds or None when the store does not say)
+        of the files directly under a folder of the store ([] when absent)."""
+        if self.is_local:
+            p = self.path(rel) if rel else self.root
+            out = []
+            try:
+                with os.scandir(p) as it:
+                    for e in it:
+                        if e.is_file(follow_symlinks=False):
+                            st = e.stat(follow_symlinks=False)
+                            out.append((e.name, st.st_size, st.st_mtime))
+            except FileNotFoundError:
+                return []
+            return sorted(out)
+        p = self.path(rel) if rel else self.root
+        self.fs.invalidate_cache(p)  # listings are cached per instance; another process may write
+        try:
+            entries = self.fs.ls(p, detail=True)
+        except FileNotFoundError:
+            return []
+        out = []
+        for e in entries:
+            if e.get("type", "file") != "file":
+                continue
+            name = posixpath.basename(str(e["name"]).rstrip("/"))
+            out.append((name, int(e.get("size") or 0), _mtime_of(e)))
+        return sorted(out)
+
     # -- writes ----------------------------------------------------------------------------
     def write_atomic(self, rel: str, data: bytes) -> None:
         """Publish a whole file in one atomic step (rename locally; a single PUT remotely)."""
@@ -218,6 +247,32 @@ class Store:
             shutil.rmtree(self.root, ignore_errors=False)
             return
         self.fs.rm(self.root, recursive=True)
+
+
+def _mtime_of(info: Mapping[str, Any]) -> float | None:
+    """Modification time of an fsspec ``info`` dict (local: mtime; S3: LastModified; GCS:
+    updated; memory: created), or None."""
+    import datetime as _dt
+
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        v = info.get(key)
+        if v is None:
+            continue
+        if isinstance(v, (int, float)):
+            return float(v)
+        if isinstance(v, _dt.datetime):
+            if v.tzinfo is None:
+                v = v.replace(tzinfo=_dt.timezone.utc)
+            return v.timestamp()
+        if isinstance(v, str):
+            try:
+                d = _dt.datetime.fromisoformat(v.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if d.tzinfo is None:
+                d = d.replace(tzinfo=_dt.timezone.utc)
+            return d.timestamp()
+    return None
 
 
 def check_relpath(rel: str) -> str:

@@ -182,6 +182,18 @@ class TableWriter:
                 f"table {self.label!r} changed while writing (version {base_version} -> {cur_version}); "
                 "nothing of this write was committed; retry it"
             )
+        if self._new_chunks:
+            # A vacuum with a grace period shorter than this write may have removed chunks
+            # that no manifest named yet: never publish a manifest naming a missing chunk.
+            have = {f"chunks/{n}" for n, _, _ in self.store.list_files("chunks")}
+            missing = [c.file for c in self._new_chunks if c.file not in have]
+            if missing:
+                self.abort()
+                raise CommitConflictError(
+                    f"table {self.label!r}: {len(missing)} chunk(s) written by this commit "
+                    f"disappeared before it (first: {missing[0]}; was `gpuload vacuum` run with "
+                    "a grace period shorter than this ingest?); nothing was committed; retry it"
+                )
         old_chunks = tuple(self.base.chunks) if (self.base and self.mode == "append") else ()
         schema = self.schema
         if self.base is not None and self.mode == "append":
