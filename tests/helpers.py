@@ -52,3 +52,35 @@ def robot_columns(n: int, seed: int = 0, h: int = 48, w: int = 64) -> dict:
         "label": rng.integers(0, 10, size=n).astype(np.int64),
         "text": [f"row {i}: pick {'abc'[i % 3]}" for i in range(n)],
     }
+
+
+def kill_writer_midway(root, table: str, image: bytes) -> None:
+    """Start a real process appending rows to ``table`` under client root ``root``, and SIGKILL
+    it once it has written some chunks (never committed): what a crash or OOM kill leaves."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, gpuload
+        def rows():
+            for i in range(10**7):
+                if i == 2000:
+                    print("writing", flush=True)
+                yield {{"image": {image!r}, "state": np.ones(14, np.float32), "label": i, "text": "x"}}
+        gpuload.Client({str(root)!r}).ingest({table!r}, rows(), mode="append", chunk_bytes=1 << 16)
+        """
+    )
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline().strip()
+        if line != "writing":
+            raise RuntimeError(f"the writer process did not start writing (printed {line!r})")
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=30)

@@ -1,8 +1,4 @@
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -10,7 +6,7 @@ import pytest
 import gpuload
 from gpuload.errors import SchemaError
 
-from .helpers import jpeg, png, robot_columns
+from .helpers import jpeg, kill_writer_midway, png, robot_columns
 
 
 @pytest.fixture
@@ -197,25 +193,7 @@ def test_killed_ingest_leaves_previous_version(tmp_path):
     c = gpuload.Client(root)
     cols = robot_columns(30)
     c.ingest("t", cols)
-    script = textwrap.dedent(
-        f"""
-        import sys, numpy as np, gpuload
-        def rows():
-            for i in range(10**7):
-                if i == 2000:
-                    print("writing", flush=True)
-                yield {{"image": {cols["image"][0]!r}, "state": np.zeros(14, np.float32), "label": i, "text": "x"}}
-        gpuload.Client({str(root)!r}).ingest("t", rows(), mode="append", chunk_bytes=1 << 16)
-        """
-    )
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "writing"
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    kill_writer_midway(root, "t", cols["image"][0])
     chunk_files = os.listdir(root / "t" / "chunks")
     t = c.open_table("t")
     assert len(t) == 30 and t.version == 1

@@ -1,10 +1,6 @@
 """Vacuum: files no commit names (left by killed writers) go; nothing committed is touched."""
 
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
 import uuid
 
@@ -17,7 +13,7 @@ from gpuload.errors import CommitConflictError, TableNotFoundError
 from gpuload.storage import Store
 from gpuload.vacuum import vacuum_store
 
-from .helpers import robot_columns
+from .helpers import kill_writer_midway, robot_columns
 
 
 def _same(t, cols):
@@ -43,25 +39,7 @@ def test_vacuum_removes_a_killed_writers_chunks_only(tmp_path):
         k: np.concatenate([v, v[:5]]) if isinstance(v, np.ndarray) else list(v) + list(v[:5])
         for k, v in cols.items()
     }
-    script = textwrap.dedent(
-        f"""
-        import numpy as np, gpuload
-        def rows():
-            for i in range(10**7):
-                if i == 1500:
-                    print("writing", flush=True)
-                yield {{"image": {cols["image"][0]!r}, "state": np.ones(14, np.float32), "label": i, "text": "x"}}
-        gpuload.Client({str(root)!r}).ingest("t", rows(), mode="append", chunk_bytes=1 << 16)
-        """
-    )
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "writing"
-        p.send_signal(signal.SIGKILL)
-        p.wait(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    kill_writer_midway(root, "t", cols["image"][0])
     chunk_dir = root / "t" / "chunks"
     t = c.open_table("t")
     named = {os.path.basename(ch.file) for ch in t.manifest.chunks}
