@@ -100,6 +100,16 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hours(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of hours >= 0, got {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gpuload", description="GPU-first data loader: tables, ingest, benchmarks."
@@ -138,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table")
     s.add_argument(
         "--older-than-hours",
-        type=float,
+        type=_hours,
         default=24.0,
         help="only files older than this (default 24; must exceed the longest running ingest)",
     )

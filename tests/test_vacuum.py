@@ -124,6 +124,9 @@ def test_cli_vacuum(tmp_path, capsys):
     assert cli_main(["--root", str(root), "vacuum", "t", "--older-than-hours", "2"]) == 0
     assert "removed 1" in capsys.readouterr().out and not orphan.exists()
     assert len(c.open_table("t")) == 10
+    with pytest.raises(SystemExit):  # argparse's usage error, not a traceback
+        cli_main(["--root", str(root), "vacuum", "t", "--older-than-hours", "-1"])
+    assert "hours >= 0" in capsys.readouterr().err
 
 
 @pytest.mark.s3
