@@ -90,6 +90,12 @@ class Log:
 
 
 # -- one measurement, R repetitions ------------------------------------------------------------
+# Metrics that are >= 0 by definition and may measure exactly 0: memory growth while streaming
+# (a loader that allocates nothing more) and time spent waiting on data. Every other number in a
+# result is a rate, a duration, a size or a ratio, and must be > 0.
+ZERO_ALLOWED = frozenset({"rss_growth_mb", "wait_pct"})
+
+
 def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
     """Per-repetition metrics from a child record."""
     wall = rec["wall_s"]
