@@ -498,11 +498,11 @@ def e2e_loader(a: dict):
     cols = [image] + ([label] if label else [])
     workers = int(a.get("workers") or cores())
 
-    if kind == "gpuload":
+    if kind in ("gpuload", "gpuload_tf"):
         import gpuload
 
-        loader = gpuload.pytorch(
-            a["url"],
+        # the same loader arguments through either front door
+        kw = dict(
             batch_size=bs,
             shuffle=True,
             seed=0,
@@ -511,6 +511,8 @@ def e2e_loader(a: dict):
             image=ops_list(),
             decode_options=_decode_options(a.get("options", "on")),
         )
+    if kind == "gpuload":
+        loader = gpuload.pytorch(a["url"], **kw)
 
         def epoch(e):
             loader.set_epoch(e)
@@ -519,18 +521,7 @@ def e2e_loader(a: dict):
         return epoch, torch_sync(device), loader
 
     if kind == "gpuload_tf":
-        import gpuload
-
-        ds = gpuload.tensorflow(
-            a["url"],
-            batch_size=bs,
-            shuffle=True,
-            seed=0,
-            device=device,
-            columns=cols,
-            image=ops_list(),
-            decode_options=_decode_options(a.get("options", "on")),
-        )
+        ds = gpuload.tensorflow(a["url"], **kw)
         return (lambda e: iter(ds)), None, None
 
     import torch
