@@ -1,4 +1,4 @@
-"""The ``gpuload`` command line: ingest, info, ls, rm, vacuum (and demo-table, bench)."""
+"""The ``gpuload`` command line: ingest, info, ls, rm, vacuum, verify (and demo-table, bench)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"version  {info['version']}")
     print(f"rows     {info['rows']}")
     print(f"size     {_human(info['bytes'])} in {info['chunks']} chunks")
+    print(f"checksums {info['checksums']}")
     print("schema")
     for name, typ in info["schema"].items():
         print(f"  {name:<20} {typ:<16} {_human(info['column_bytes'].get(name, 0))}")
@@ -98,6 +99,24 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
     for rel in report.removed:
         print(f"  {'would remove' if args.dry_run else 'removed'} {rel}")
     return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    t = _open(args.table, args.root)
+    report = t.verify()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{report['table']} v{report['version']}: {report['verified']} of {report['chunks']} "
+            f"chunks verified ({_human(report['bytes'])}), {len(report['bad'])} bad, "
+            f"{len(report['unverified'])} without checksums"
+        )
+        for bad in report["bad"]:
+            print(f"  BAD {bad['chunk']}: {bad['error']}")
+        for rel in report["unverified"]:
+            print(f"  not verifiable (written before checksums): {rel}")
+    return 0 if report["ok"] else 1
 
 
 def _hours(text: str) -> float:
@@ -154,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--dry-run", action="store_true", help="list what would be removed")
     s.set_defaults(func=cmd_vacuum)
+
+    s = sub.add_parser("verify", help="read every chunk and check it against its checksums")
+    s.add_argument("table")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_verify)
 
     for register in _extra_commands():
         register(sub)

@@ -8,12 +8,12 @@ from typing import Any
 
 from .errors import TableNotFoundError
 from .fetch import CacheOptions, FetchOptions
-from .format import MANIFEST
 from .ingest import ingest_into
 from .schema import Schema, validate_name
 from .storage import Store, join_url
 from .table import Table
 from .vacuum import DEFAULT_GRACE_S, VacuumReport, vacuum_store
+from .versions import table_exists
 from .writer import DEFAULT_CHUNK_BYTES
 
 __all__ = ["Client", "default_root", "ingest"]
@@ -53,7 +53,8 @@ class Client:
         return join_url(self.root, validate_name(name, "table"))
 
     def _store(self, name: str) -> Store:
-        return Store(self.table_url(name), self.storage_options)
+        retry = self.fetch.retry if self.fetch is not None else None
+        return Store(self.table_url(name), self.storage_options, retry)
 
     def open_table(self, name: str) -> Table:
         """Open a table by name; TableNotFoundError lists the tables that exist."""
@@ -66,7 +67,7 @@ class Client:
             ) from None
 
     def exists(self, name: str) -> bool:
-        return self._store(name).exists(MANIFEST)
+        return table_exists(self._store(name))
 
     def ingest(
         self,
@@ -102,7 +103,7 @@ class Client:
                 validate_name(entry, "table")
             except ValueError:
                 continue
-            if Store(join_url(self.root, entry), self.storage_options).exists(MANIFEST):
+            if table_exists(Store(join_url(self.root, entry), self.storage_options)):
                 names.append(entry)
         return names
 
@@ -113,14 +114,14 @@ class Client:
         killed writer) once they are older than ``older_than`` seconds (default 24 h; it must
         exceed the longest ingest that may be running)."""
         store = self._store(name)
-        if not store.exists(MANIFEST):
+        if not table_exists(store):
             raise TableNotFoundError(f"no table named {name!r} under {self.root}")
         return vacuum_store(store, name, older_than, dry_run)
 
     def delete_table(self, name: str) -> None:
         """Delete a table and all its versions."""
         store = self._store(name)
-        if not store.exists(MANIFEST):
+        if not table_exists(store):
             raise TableNotFoundError(f"no table named {name!r} under {self.root}")
         store.remove_tree()
 
@@ -137,7 +138,7 @@ def ingest(
     fetch: FetchOptions | None = None,
 ) -> Table:
     """Write ``data`` to the table at a path or URL and open the committed snapshot."""
-    store = Store(os.fspath(url), storage_options)
+    store = Store(os.fspath(url), storage_options, fetch.retry if fetch is not None else None)
     label = os.path.basename(os.fspath(url).rstrip("/")) or os.fspath(url)
     manifest = ingest_into(store, label, data, mode, schema, chunk_bytes, progress)
     return Table(store, manifest, cache=cache, fetch=fetch)

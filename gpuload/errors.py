@@ -45,3 +45,8 @@ class MissingDependencyError(GpuloadError, ImportError):
 
 class TransformError(GpuloadError):
     """A user transform raised; names the table and row. The original error is the __cause__."""
+
+
+class IntegrityError(GpuloadError, OSError):
+    """Bytes read from a table do not match their checksum, even after a second fetch; names the
+    table, chunk and byte range."""

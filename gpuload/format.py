@@ -2,30 +2,79 @@
 
 A chunk holds, for each column, one section (64-byte aligned): fixed-shape columns as raw
 little-endian arrays; variable-length columns as concatenated bytes plus an int64 offsets
-section, so any row's bytes are one byte range.
+section, so any row's bytes are one byte range. Since format 2 every chunk ends with the
+hashes of its pages (gpuload.checksums), so every read can be verified.
+
+A manifest is validated completely when it is parsed: every field's type and range, the nesting
+depth of metadata, and every section against its chunk. A malformed manifest is one
+``FormatError`` naming the manifest and the field, never a raw ValueError or TypeError.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checksums import PageChecksums
 from .errors import FormatError, SchemaError
 from .schema import Schema
 from .storage import check_relpath
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "ChunkInfo", "Manifest", "Section", "ALIGN"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ChunkInfo",
+    "Manifest",
+    "Section",
+    "ALIGN",
+    "MAX_INT",
+    "version_path",
+]
 
 FORMAT_NAME = "gpuload-table"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)
 ALIGN = 64
 MANIFEST = "manifest.json"
-CHUNK_RE = re.compile(r"^chunks/[0-9a-f]{32}\.chunk$")
+CHUNK_RE = re.compile(r"chunks/[0-9a-f]{32}\.chunk")
+MAX_INT = 1 << 50  # offsets, sizes, rows and versions: far beyond any real table, far below 2^63
+MAX_DEPTH = 32  # nesting depth of free-form metadata
+_TABLE_ID_RE = re.compile(r"[0-9a-f]{1,64}")
+
+
+def version_path(version: int) -> str:
+    """The immutable file of a committed version: ``versions/v<12 digits>.json``."""
+    return f"versions/v{version:012d}.json"
+
+
+def _int(v: Any, what: str, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
+    """A JSON integer in [lo, hi), or a FormatError naming the field."""
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v < hi:
+        raise FormatError(
+            f"{where}: field {what!r} must be an integer in [{lo}, {hi}), got {v!r}"[:400]
+        )
+    return v
+
+
+def _depth(v: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value, stopping once it exceeds ``limit``."""
+    stack = [(v, 1)]
+    deepest = 0
+    while stack:
+        x, d = stack.pop()
+        deepest = max(deepest, d)
+        if deepest > limit:
+            return deepest
+        if isinstance(x, dict):
+            stack.extend((y, d + 1) for y in x.values())
+        elif isinstance(x, list):
+            stack.extend((y, d + 1) for y in x)
+    return deepest
 
 
 @dataclass(frozen=True)
@@ -39,16 +88,24 @@ class Section:
     def end(self) -> int:
         return self.offset + self.length
 
+    @classmethod
+    def from_json(cls, v: Any, what: str, where: str) -> Section:
+        if not isinstance(v, list) or len(v) != 2:
+            raise FormatError(f"{where}: field {what!r} must be [offset, length], got {v!r}"[:400])
+        return cls(_int(v[0], f"{what}[0]", where), _int(v[1], f"{what}[1]", where))
+
 
 @dataclass(frozen=True)
 class ChunkInfo:
-    """One immutable chunk: its file, row count, size, and per-column sections."""
+    """One immutable chunk: its file, row count, size, per-column sections and page checksums
+    (None for chunks written before format 2)."""
 
     file: str
     rows: int
     size: int
     data: Mapping[str, Section]
     offsets: Mapping[str, Section] = field(default_factory=dict)
+    checksums: PageChecksums | None = None
 
     def to_json(self) -> dict[str, Any]:
         cols: dict[str, Any] = {}
@@ -58,27 +115,40 @@ class ChunkInfo:
                 o = self.offsets[name]
                 entry["offsets"] = [o.offset, o.length]
             cols[name] = entry
-        return {"file": self.file, "rows": self.rows, "size": self.size, "columns": cols}
+        d: dict[str, Any] = {
+            "file": self.file,
+            "rows": self.rows,
+            "size": self.size,
+            "columns": cols,
+        }
+        if self.checksums is not None:
+            d["checksums"] = self.checksums.to_json()
+        return d
 
     @classmethod
-    def from_json(cls, d: Mapping[str, Any], where: str) -> ChunkInfo:
-        try:
-            file = d["file"]
-            rows = int(d["rows"])
-            size = int(d["size"])
-            cols = d["columns"]
-            data = {k: Section(int(v["data"][0]), int(v["data"][1])) for k, v in cols.items()}
-            offsets = {
-                k: Section(int(v["offsets"][0]), int(v["offsets"][1]))
-                for k, v in cols.items()
-                if "offsets" in v
-            }
-        except (KeyError, TypeError, ValueError, IndexError) as e:
-            raise FormatError(f"{where}: malformed chunk entry ({e!r})") from None
-        if not isinstance(file, str) or not CHUNK_RE.match(file):
+    def from_json(cls, d: Any, where: str) -> ChunkInfo:
+        if not isinstance(d, Mapping):
+            raise FormatError(f"{where}: a chunk entry must be an object")
+        file = d.get("file")
+        if not isinstance(file, str) or not CHUNK_RE.fullmatch(file):
             raise FormatError(f"{where}: chunk path {file!r} is not a chunk file inside the table")
         check_relpath(file)
-        return cls(file, rows, size, data, offsets)
+        where = f"{where} ({file})"
+        rows = _int(d.get("rows"), "rows", where)
+        size = _int(d.get("size"), "size", where)
+        cols = d.get("columns")
+        if not isinstance(cols, Mapping):
+            raise FormatError(f"{where}: field 'columns' must be an object")
+        data: dict[str, Section] = {}
+        offsets: dict[str, Section] = {}
+        for name, v in cols.items():
+            if not isinstance(v, Mapping):
+                raise FormatError(f"{where}: field 'columns.{name}' must be an object")
+            data[name] = Section.from_json(v.get("data"), f"columns.{name}.data", where)
+            if "offsets" in v:
+                offsets[name] = Section.from_json(v["offsets"], f"columns.{name}.offsets", where)
+        sums = PageChecksums.from_json(d["checksums"], where) if "checksums" in d else None
+        return cls(file, rows, size, data, offsets, sums)
 
 
 @dataclass(frozen=True)
@@ -91,6 +161,7 @@ class Manifest:
     chunks: tuple[ChunkInfo, ...]
     created: float = 0.0
     updated: float = 0.0
+    format_version: int = FORMAT_VERSION
 
     @property
     def num_rows(self) -> int:
@@ -123,32 +194,36 @@ class Manifest:
             d = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise FormatError(f"{where}: manifest is not valid JSON ({e})") from None
+        except RecursionError:
+            raise FormatError(f"{where}: manifest JSON is nested too deeply") from None
         if not isinstance(d, dict) or d.get("format") != FORMAT_NAME:
             raise FormatError(f"{where}: not a gpuload table manifest (format != {FORMAT_NAME!r})")
         ver = d.get("format_version")
-        if ver not in SUPPORTED_VERSIONS:
+        if isinstance(ver, bool) or ver not in SUPPORTED_VERSIONS:
             raise FormatError(
                 f"{where}: format version {ver!r} is not supported by this gpuload "
                 f"(reads {list(SUPPORTED_VERSIONS)}); upgrade gpuload to read it"
             )
-        try:
-            schema = Schema.from_json(d["schema"])
-        except (KeyError, SchemaError) as e:
-            raise FormatError(f"{where}: bad schema: {e}") from None
-        if not isinstance(d.get("chunks"), list):
-            raise FormatError(f"{where}: 'chunks' must be a list")
+        schema = _schema(d.get("schema"), where)
+        chunks_json = d.get("chunks")
+        if not isinstance(chunks_json, list):
+            raise FormatError(f"{where}: field 'chunks' must be a list")
         chunks = tuple(
-            ChunkInfo.from_json(c, f"{where} chunk {i}") for i, c in enumerate(d["chunks"])
+            ChunkInfo.from_json(c, f"{where} chunk {i}") for i, c in enumerate(chunks_json)
         )
+        table_id = d.get("table_id", "")
+        if not isinstance(table_id, str) or not _TABLE_ID_RE.fullmatch(table_id):
+            raise FormatError(f"{where}: field 'table_id' must be 1-64 lowercase hex digits")
         m = cls(
-            table_id=str(d.get("table_id", "")),
-            version=int(d.get("version", 0)),
+            table_id=table_id,
+            version=_int(d.get("version"), "version", where, 1),
             schema=schema,
             chunks=chunks,
-            created=float(d.get("created", 0.0)),
-            updated=float(d.get("updated", 0.0)),
+            created=_time(d.get("created", 0.0), "created", where),
+            updated=_time(d.get("updated", 0.0), "updated", where),
+            format_version=ver,
         )
-        if "num_rows" in d and int(d["num_rows"]) != m.num_rows:
+        if "num_rows" in d and _int(d["num_rows"], "num_rows", where) != m.num_rows:
             raise FormatError(
                 f"{where}: num_rows {d['num_rows']} disagrees with the chunks' rows ({m.num_rows})"
             )
@@ -156,39 +231,69 @@ class Manifest:
         return m
 
     def validate(self, where: str) -> None:
-        """Check every section lies inside its chunk and matches the schema."""
+        """Check every section lies inside its chunk, inside the checksummed pages, and matches
+        the schema, so no size read from the manifest can exceed the chunk it describes."""
+        if self.num_rows >= MAX_INT:
+            raise FormatError(f"{where}: {self.num_rows} rows is more than a table can hold")
+        files = set()
         for i, c in enumerate(self.chunks):
-            if c.rows < 0 or c.size < 0:
-                raise FormatError(f"{where} chunk {i} ({c.file}): negative rows or size")
+            here = f"{where} chunk {i} ({c.file})"
+            if c.file in files:
+                raise FormatError(f"{here}: the chunk is listed twice")
+            files.add(c.file)
+            limit = c.size
+            if c.checksums is not None:
+                if c.checksums.end != c.size:
+                    raise FormatError(
+                        f"{here}: page hashes end at byte {c.checksums.end}, the chunk has {c.size}"
+                    )
+                limit = c.checksums.covers
+            extra = sorted(set(c.data) - set(self.schema.names))
+            if extra:
+                raise FormatError(f"{here}: sections for unknown column(s) {extra}")
             for col in self.schema:
-                sec = c.data.get(col.name)
-                if sec is None:
-                    raise FormatError(
-                        f"{where} chunk {i} ({c.file}): no section for column {col.name!r}"
-                    )
-                if sec.offset < 0 or sec.length < 0 or sec.end > c.size:
-                    raise FormatError(
-                        f"{where} chunk {i} ({c.file}): column {col.name!r} section "
-                        f"[{sec.offset}, {sec.end}) lies outside the chunk's {c.size} bytes"
-                    )
-                if col.is_var:
-                    off = c.offsets.get(col.name)
-                    if (
-                        off is None
-                        or off.length != 8 * (c.rows + 1)
-                        or off.offset < 0
-                        or off.end > c.size
-                    ):
-                        raise FormatError(
-                            f"{where} chunk {i} ({c.file}): column {col.name!r} needs an offsets "
-                            f"section of {8 * (c.rows + 1)} bytes inside the chunk"
-                        )
-                elif sec.length != c.rows * col.row_nbytes:
-                    raise FormatError(
-                        f"{where} chunk {i} ({c.file}): column {col.name!r} has {sec.length} bytes, "
-                        f"expected {c.rows} rows x {col.row_nbytes}"
-                    )
+                _check_column(here, c, col, limit)
 
     @staticmethod
     def now() -> float:
         return time.time()
+
+
+def _check_column(here: str, c: ChunkInfo, col, limit: int) -> None:
+    sec = c.data.get(col.name)
+    if sec is None:
+        raise FormatError(f"{here}: no section for column {col.name!r}")
+    if sec.end > limit:
+        raise FormatError(
+            f"{here}: column {col.name!r} section [{sec.offset}, {sec.end}) lies outside the "
+            f"chunk's {limit} data bytes"
+        )
+    if col.is_var:
+        off = c.offsets.get(col.name)
+        if off is None or off.length != 8 * (c.rows + 1) or off.end > limit:
+            raise FormatError(
+                f"{here}: column {col.name!r} needs an offsets section of {8 * (c.rows + 1)} "
+                "bytes inside the chunk"
+            )
+    elif sec.length != c.rows * col.row_nbytes:
+        raise FormatError(
+            f"{here}: column {col.name!r} has {sec.length} bytes, expected {c.rows} rows x "
+            f"{col.row_nbytes}"
+        )
+
+
+def _schema(v: Any, where: str) -> Schema:
+    if not isinstance(v, Mapping):
+        raise FormatError(f"{where}: field 'schema' must be an object")
+    if _depth(v) > MAX_DEPTH:
+        raise FormatError(f"{where}: field 'schema' is nested deeper than {MAX_DEPTH} levels")
+    try:
+        return Schema.from_json(v)
+    except (SchemaError, TypeError, ValueError, OverflowError) as e:
+        raise FormatError(f"{where}: bad schema: {e}"[:600]) from None
+
+
+def _time(v: Any, what: str, where: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise FormatError(f"{where}: field {what!r} must be a finite number, got {v!r}"[:400])
+    return float(v)

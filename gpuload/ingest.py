@@ -17,7 +17,7 @@ from .errors import SchemaError, TableNotFoundError
 from .format import Manifest
 from .schema import Column, Schema, detect_codec
 from .storage import Store
-from .table import read_manifest
+from .versions import read_manifest
 from .writer import DEFAULT_CHUNK_BYTES, TableWriter
 
 __all__ = ["ingest_into", "infer_schema", "IMAGE_EXTENSIONS"]
@@ -479,29 +479,10 @@ class _Validator:
             arr = np.asarray(v)
         except ValueError:
             arr = None
-        if arr is None or arr.dtype == object or arr.shape != want:
-            for j, x in enumerate(v):
-                try:
-                    xa = np.asarray(x)
-                except ValueError:
-                    raise SchemaError(
-                        f"{self._where(col, row0 + j)}: ragged nested lists"
-                    ) from None
-                if xa.shape != col.shape:
-                    raise SchemaError(
-                        f"{self._where(col, row0 + j)}: shape {xa.shape} does not match the column's "
-                        f"{col.type_string()} (shape {col.shape})"
-                    )
-                if xa.dtype == object or xa.dtype.kind not in "biuf":
-                    raise SchemaError(
-                        f"{self._where(col, row0 + j)}: expected numbers, got {type(x).__name__}"
-                    )
+        if arr is None or arr.dtype == object or arr.shape != want or arr.dtype.kind not in "biuf":
+            self._first_bad_row(col, v, row0)
             raise SchemaError(
                 f"table {self.label!r}, column {col.name!r}: cannot stack values from row {row0}"
-            )
-        if arr.dtype.kind not in "biuf":
-            raise SchemaError(
-                f"table {self.label!r}, column {col.name!r} at row {row0}: expected numbers, got {arr.dtype}"
             )
         both_int = arr.dtype.kind in "iu" and target.kind in "iu"  # range-checked below
         if not both_int and not np.can_cast(arr.dtype, target, casting="same_kind"):
@@ -522,6 +503,26 @@ class _Validator:
                     f"{self._where(col, row0 + bad)}: value out of range for {col.dtype}"
                 )
         return np.ascontiguousarray(arr, dtype=target)
+
+    def _first_bad_row(self, col: Column, v: Any, row0: int) -> None:
+        """Raise a SchemaError naming the first value that is not a number of the column's
+        shape (called when a batch does not stack into one numeric array)."""
+        for j, x in enumerate(v):
+            try:
+                xa = np.asarray(x)
+            except ValueError:
+                raise SchemaError(f"{self._where(col, row0 + j)}: ragged nested lists") from None
+            if xa.dtype == object or xa.dtype.kind not in "biuf":
+                raise SchemaError(
+                    f"{self._where(col, row0 + j)}: expected numbers, got {type(x).__name__} {x!r}"[
+                        :300
+                    ]
+                )
+            if xa.shape != col.shape:
+                raise SchemaError(
+                    f"{self._where(col, row0 + j)}: shape {xa.shape} does not match the column's "
+                    f"{col.type_string()} (shape {col.shape})"
+                )
 
     def final_schema(self) -> Schema:
         cols = []

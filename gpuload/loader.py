@@ -14,7 +14,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from .errors import TransformError
 from .sampling import Shard, shard_for
 from .schema import Column
 from .table import Table
+from .threads import DaemonThreadPool
 
 __all__ = ["LoaderOptions", "Loader", "LoadedRow", "resolve_table"]
 
@@ -251,7 +252,8 @@ class Loader:
         self._stopped: tuple[int, int] | None = (
             None  # (epoch, position) where a consumer stopped early
         )
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
+        self._draining: list[Future] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self.stats = LoaderStats()
@@ -322,11 +324,11 @@ class Loader:
         self._stopped = None
 
     # -- threads ---------------------------------------------------------------------------
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> DaemonThreadPool:
         if self._pid != os.getpid():  # after fork: the parent's threads do not exist here
             self._pool, self._image_stage, self._pid = None, None, os.getpid()
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="gpuload-loader")
+            self._pool = DaemonThreadPool(self.num_threads, thread_name_prefix="gpuload-loader")
         return self._pool
 
     def close(self) -> None:
@@ -407,6 +409,7 @@ class Loader:
     def __iter__(self) -> Iterator[Any]:
         import time
 
+        self._drain()
         ep = self._begin()
         self._current, self._position, self._stopped = ep.epoch, ep.start, None
         pool = self._executor()
@@ -440,14 +443,20 @@ class Loader:
                 self._current = None
             for _, fut in pending:
                 fut.cancel()
-            for _, fut in pending:
-                if not fut.cancelled():
-                    try:
-                        fut.result()
-                    except BaseException:  # noqa: BLE001 - the consumer has gone; nothing to report to
-                        log.debug(
-                            "a prefetched batch failed after the consumer stopped", exc_info=True
-                        )
+            # Batches already running are not waited for here, so an error or Ctrl-C reaches
+            # the caller at once; the next iteration waits for them before reusing buffers.
+            self._draining = [fut for _, fut in pending if not fut.cancelled()]
+
+    def _drain(self) -> None:
+        """Wait for batches still running from an iteration that stopped early."""
+        draining, self._draining = self._draining, []
+        if self._pid != os.getpid():
+            return  # a forked child: those threads (and their buffers) were the parent's
+        for fut in draining:
+            try:
+                fut.result()
+            except BaseException:  # noqa: BLE001 - the consumer has gone; nothing to report to
+                log.debug("a prefetched batch failed after the consumer stopped", exc_info=True)
 
 
 def _take(v: Any, keep: np.ndarray) -> Any:

@@ -4,6 +4,10 @@ decode (DCT-scaled, row-ROI) into a reused staging buffer -> one fused kernel ->
 Built once per loader: decoder, staging buffers, raw-byte buffers and kernel output rings are
 allocated when the stage is built (staging grows only if a batch needs more than any before it,
 counted in ``stats["staging_grows"]``), so the hot loop allocates nothing for pixels.
+
+Every image's header is checked against ``DecodeOptions.max_pixels`` as soon as it is read,
+before the staging buffer is sized from it: an implausible header (a few bytes claiming
+65535x65535 pixels) is a DecodeError for its row, which ``on_error="skip"`` drops.
 """
 
 from __future__ import annotations
@@ -18,24 +22,42 @@ from typing import Any
 import numpy as np
 
 from .collate import BFloat16Bits, aligned_empty
+from .decode.header import DEFAULT_MAX_PIXELS, ImageHeader, read_header, validate_max_pixels
 from .device import Device
 from .errors import DecodeError, SchemaError
 from .schema import Column
 from .table import Table
 
-__all__ = ["ImageStage", "ImageStageFactory", "image_stage_factory", "DecodeOptions"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageStage",
+    "ImageStageFactory",
+    "image_stage_factory",
+    "DecodeOptions",
+]
 
 log = logging.getLogger("gpuload.pipeline")
 
 
 @dataclass(frozen=True)
 class DecodeOptions:
-    """Decode choices: DCT-domain downscale when lossless for the output, ROI decode, fast IDCT."""
+    """Decode choices: DCT-domain downscale when lossless for the output, ROI decode, fast IDCT.
+
+    ``max_pixels``: most pixels (height x width) an image's header may claim, checked before
+    any buffer is sized from it; a larger image is a DecodeError for its row (skipped by
+    ``on_error="skip"``). Default 89,478,485 (Pillow's default ``MAX_IMAGE_PIXELS``, about
+    256 MiB of RGB per image); None means no limit of gpuload's own (formats decoded through
+    Pillow remain subject to Pillow's ``Image.MAX_IMAGE_PIXELS``).
+    """
 
     dct: bool = True
     roi: bool | str = True  # True = the decoder's default ("rows" on the CPU), "region", False
     fast: bool = False
     threads: int | None = None
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "max_pixels", validate_max_pixels(self.max_pixels))
 
 
 class ImageStageFactory:
@@ -130,7 +152,9 @@ class ImageStage:
         kw: dict = {"fast": True} if options.fast else {}
         if isinstance(options.roi, str):
             kw["roi"] = options.roi
-        self.decoder = get_decoder(decoder, device, threads=self.inner_threads, **kw)
+        self.decoder = get_decoder(
+            decoder, device, threads=self.inner_threads, max_pixels=options.max_pixels, **kw
+        )
         self.kernels = {
             c.name: FusedImageStage(plan, batch_size, device, depth=slots) for c in self.columns
         }
@@ -222,8 +246,6 @@ class ImageStage:
         on_error: str,
         keep: np.ndarray,
     ):
-        from .decode import read_header
-
         plan, dest = table.plan_reads(rows, col)
         total = int(dest[-1])
         buf = self._raw_for(total)[:total]
@@ -238,7 +260,7 @@ class ImageStage:
                 continue
             data = mv[o[i] : o[i + 1]]
             try:
-                heads.append(read_header(data))
+                heads.append(self._header(data))
             except DecodeError as e:
                 if on_error == "skip":
                     bad[i] = True
@@ -260,6 +282,16 @@ class ImageStage:
                 bad[i] = True
                 del datas[j], heads[j], idx[j]
         return out, bad
+
+    def _header(self, data: memoryview) -> ImageHeader:
+        """The image's header, checked against ``max_pixels`` before anything is sized from it;
+        any failure is a DecodeError."""
+        try:
+            return read_header(data, self.options.max_pixels)
+        except DecodeError:
+            raise
+        except Exception as e:  # noqa: BLE001 - an unreadable header is this row's DecodeError
+            raise DecodeError(f"{type(e).__name__}: {e}") from e
 
     def _where(self, e: DecodeError, row, col: Column, a: int, b: int) -> DecodeError:
         msg = str(e)

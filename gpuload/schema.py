@@ -33,14 +33,16 @@ NUMERIC_DTYPES = (
     "float32",
     "float64",
 )
-_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}$")
+_NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
+MAX_DIM = 1 << 31  # one dimension of an array column
+MAX_ROW_NBYTES = 1 << 40  # one row of a fixed-shape column
 _TYPE_RE = re.compile(r"^\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\s*\])?\s*$")
 IMAGE_CODECS = ("jpeg", "png", "webp", "gif", "bmp", "tiff", "mixed")
 
 
 def validate_name(name: str, what: str) -> str:
     """Check a table or column name: letters, digits, '_', '-', '.', no path separators or '..'."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
         raise SchemaError(
             f"invalid {what} name {name!r}: use 1-128 characters from [A-Za-z0-9_.-], "
             "starting with a letter, digit or '_', with no '..' or path separators"
@@ -66,6 +68,22 @@ def detect_codec(data: bytes | memoryview) -> str | None:
     return None
 
 
+def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
+    """A positive integer shape whose rows stay below MAX_ROW_NBYTES (a manifest may lie)."""
+    if not isinstance(shape, (tuple, list)):
+        raise SchemaError(f"column {name!r}: shape must be a list of integers, got {shape!r}")
+    out = []
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)):
+            raise SchemaError(f"column {name!r}: shape {shape!r} must hold integers")
+        if not 0 < int(s) < MAX_DIM:
+            raise SchemaError(f"column {name!r}: shape {tuple(shape)} must be positive and < 2^31")
+        out.append(int(s))
+    if len(out) > 32 or int(np.prod(out, dtype=object)) * 8 > MAX_ROW_NBYTES:
+        raise SchemaError(f"column {name!r}: shape {tuple(out)} is too large for one row")
+    return tuple(out)
+
+
 @dataclass(frozen=True)
 class Column:
     """One column: ``kind`` is image/bytes/text/scalar/array; numeric kinds carry dtype and shape."""
@@ -89,9 +107,7 @@ class Column:
                 raise SchemaError(
                     f"column {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(NUMERIC_DTYPES)}"
                 )
-            shape = tuple(int(s) for s in self.shape)
-            if any(s <= 0 for s in shape):
-                raise SchemaError(f"column {self.name!r}: shape {shape} must be positive")
+            shape = _check_shape(self.name, self.shape)
             if self.kind == "scalar" and shape:
                 raise SchemaError(f"column {self.name!r}: a scalar has shape ()")
             if self.kind == "array" and not shape:
@@ -100,6 +116,8 @@ class Column:
         else:
             if self.dtype is not None or self.shape:
                 raise SchemaError(f"column {self.name!r}: kind {self.kind!r} has no dtype or shape")
+        if not isinstance(self.metadata, Mapping):
+            raise SchemaError(f"column {self.name!r}: metadata must be a mapping")
         if self.kind == "image" and self.codec is not None and self.codec not in IMAGE_CODECS:
             raise SchemaError(
                 f"column {self.name!r}: unknown image codec {self.codec!r}; expected one of {IMAGE_CODECS}"
@@ -151,11 +169,17 @@ class Column:
     def from_json(cls, d: Mapping[str, Any]) -> Column:
         if not isinstance(d, Mapping) or "name" not in d or "kind" not in d:
             raise SchemaError(f"malformed column entry {d!r}: needs 'name' and 'kind'")
+        for key in ("name", "kind", "dtype", "codec"):
+            if d.get(key) is not None and not isinstance(d[key], str):
+                raise SchemaError(f"column entry field {key!r} must be a string, got {d[key]!r}")
+        shape = d.get("shape", ())
+        if not isinstance(shape, (list, tuple)):
+            raise SchemaError(f"column {d['name']!r}: shape must be a list, got {shape!r}")
         return cls(
             name=d["name"],
             kind=d["kind"],
             dtype=d.get("dtype"),
-            shape=tuple(d.get("shape", ())),
+            shape=tuple(shape),
             codec=d.get("codec"),
             metadata=d.get("metadata") or {},
         )
@@ -264,6 +288,8 @@ class Schema:
     def from_json(cls, d: Mapping[str, Any]) -> Schema:
         if not isinstance(d, Mapping) or not isinstance(d.get("columns"), list):
             raise SchemaError("malformed schema: expected {'columns': [...]}")
+        if not isinstance(d.get("metadata") or {}, Mapping):
+            raise SchemaError("malformed schema: 'metadata' must be an object")
         return cls(tuple(Column.from_json(c) for c in d["columns"]), d.get("metadata") or {})
 
     @classmethod

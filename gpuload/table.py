@@ -14,12 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FetchError, FormatError, TableNotFoundError
+from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
-from .format import MANIFEST, Manifest
+from .format import Manifest
 from .sampling import EpochOrder
 from .schema import Column, Schema
 from .storage import Store
+from .versions import read_manifest
 
 __all__ = ["Table", "Row", "Rows", "open_table"]
 
@@ -63,7 +64,9 @@ class Table:
             self._fetch_opts,
             self._cache_opts,
             sizes={c.file: c.size for c in manifest.chunks},
+            checksums={c.file: c.checksums for c in manifest.chunks if c.checksums is not None},
         )
+        self._sized = np.zeros(len(manifest.chunks), dtype=bool)
         self._chunk_files = [c.file for c in manifest.chunks]
         self._sec_offsets: dict[str, np.ndarray] = {}
         # Bounded in-memory LRU of small per-chunk arrays: offsets indexes and whole sections of
@@ -86,7 +89,7 @@ class Table:
         cache: CacheOptions | bool | str | None = None,
         fetch: FetchOptions | None = None,
     ) -> Table:
-        store = Store(url, storage_options)
+        store = Store(url, storage_options, (fetch or FetchOptions()).retry)
         return cls(store, read_manifest(store), cache=cache, fetch=fetch)
 
     def refresh(self) -> Table:
@@ -178,8 +181,57 @@ class Table:
             "chunks": self.num_chunks,
             "schema": {c.name: c.type_string() for c in self.schema},
             "column_bytes": col_bytes,
+            "checksums": self.checksum_status(),
             "metadata": dict(self.schema.metadata),
         }
+
+    def checksum_status(self) -> str:
+        """Whether reads can be verified: every chunk, some (appended to a table written before
+        format 2), or none (the table predates checksums: rewrite it to get them)."""
+        have = sum(c.checksums is not None for c in self._manifest.chunks)
+        if have == len(self._manifest.chunks):
+            return "xxh3-64 pages, every chunk"
+        if have == 0:
+            return (
+                "none: written before gpuload format 2, reads are not verified "
+                "(copy it with `gpuload ingest OLD NEW` to add checksums)"
+            )
+        return (
+            f"{have} of {self.num_chunks} chunks (the others predate format 2 and are not verified)"
+        )
+
+    def verify(self) -> dict[str, Any]:
+        """Read and check every byte of every chunk against its checksums, and every offsets
+        index; returns a report. Chunks without checksums are listed as unverified."""
+        report: dict[str, Any] = {"table": self.name, "version": self.version, "chunks": 0}
+        report.update(verified=0, unverified=[], bad=[], bytes=0)
+        for i, info in enumerate(self._manifest.chunks):
+            report["chunks"] += 1
+            try:
+                self._ensure_sizes(np.array([i]))
+                if info.checksums is None:
+                    report["unverified"].append(info.file)
+                else:
+                    self._verify_chunk(info)
+                    report["verified"] += 1
+                    report["bytes"] += info.size
+                for col in self.schema:
+                    if col.is_var:
+                        self._mem.pop((i, col.name, "offsets"), None)
+                        self.chunk_offsets(i, col)
+            except (IntegrityError, FormatError, FetchError) as e:
+                report["bad"].append({"chunk": info.file, "error": str(e)})
+        report["ok"] = not report["bad"]
+        return report
+
+    def _verify_chunk(self, info) -> None:
+        """Stream one chunk's checksummed bytes through the verifying fetcher."""
+        step = 8 << 20
+        buf = np.empty(step, dtype=np.uint8)
+        covers = info.checksums.covers
+        for lo in range(0, covers, step):
+            n = min(step, covers - lo)
+            self._fetcher.read_into([Read(info.file, lo, n, 0)], buf[:n])
 
     # -- row access ------------------------------------------------------------------------
     def _normalize_index(self, i: int) -> int:
@@ -246,6 +298,7 @@ class Table:
             return arr
         info = self._manifest.chunks[chunk]
         sec = info.offsets[column.name]
+        self._ensure_sizes(np.array([chunk]))
         buf = np.empty(sec.length // 8, dtype="<i8")
         self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
         data_len = info.data[column.name].length
@@ -274,13 +327,23 @@ class Table:
             return arr
         info = self._manifest.chunks[chunk]
         sec = info.data[column.name]
+        self._ensure_sizes(np.array([chunk]))
         buf = np.empty(sec.length, dtype=np.uint8)
         self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
         self._mem_put(key, buf)
         return buf
 
+    def _ensure_sizes(self, chunks: np.ndarray) -> None:
+        """Check (once per chunk) that chunk files are as large as the manifest says before
+        anything is allocated from the manifest's sizes: a manifest may lie."""
+        todo = chunks[~self._sized[chunks]]
+        for c in np.unique(todo).tolist():
+            self._fetcher.ensure_size(self._chunk_files[c])
+            self._sized[c] = True
+
     def _read_small(self, idx: np.ndarray, col: Column) -> ColumnValues:
         chunks, local = self._locate(idx)
+        self._ensure_sizes(chunks)
         if not col.is_var:
             out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
             for c in np.unique(chunks):
@@ -303,6 +366,7 @@ class Table:
         """The byte-range reads that gather ``column`` for ``indices`` into one packed buffer,
         and the (len+1) offsets of each row within that buffer."""
         chunks, local = self._locate(indices)
+        self._ensure_sizes(chunks)
         n = len(indices)
         sec_off = self._section_offsets(column.name)[chunks]
         if not column.is_var:
@@ -361,8 +425,8 @@ class Table:
                 values = self._decode_text(values, col)
             return values
         if not col.is_var:
+            plan, _ = self.plan_reads(idx, col)  # checks the chunks' sizes before allocating
             out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
-            plan, _ = self.plan_reads(idx, col)
             self._fetcher.read_into(plan, out.reshape(-1).view(np.uint8))
             return out
         buf, dest = self.read_column_into(idx, col)
@@ -493,17 +557,6 @@ def resolve_shuffle(shuffle: bool | str, cached: bool) -> str:
     if shuffle in ("full", "block"):
         return shuffle
     raise ValueError(f"shuffle must be True, False, 'full' or 'block', got {shuffle!r}")
-
-
-def read_manifest(store: Store) -> Manifest:
-    where = store.url_of(MANIFEST)
-    try:
-        raw = store.read_bytes(MANIFEST)
-    except FileNotFoundError:
-        raise TableNotFoundError(f"no table at {store.url} (missing {MANIFEST})") from None
-    except OSError as e:
-        raise FetchError(f"reading {where} failed: {e}") from e
-    return Manifest.loads(raw, where)
 
 
 class Row:

@@ -1,13 +1,15 @@
-"""Vacuum: delete files of a table that no committed manifest names.
+"""Vacuum: delete files of a table that no live snapshot needs.
 
-A writer killed before its commit (SIGKILL, power loss) leaves its chunk files behind: no
-manifest names them, so readers never see them, but they take space. ``vacuum`` removes chunk
-files the current manifest does not name, and leftover temporary manifest files, once they are
-older than a grace period. The grace period is what keeps a writer that is still running safe
-(its chunks are unnamed until it commits), so it must exceed the longest ingest; the default is
-24 hours, as object-store "remove orphan files" jobs do. A writer also checks, just before its
-commit, that all of its chunks still exist, so a too-short grace period fails that ingest
-loudly instead of committing a manifest that names a deleted chunk.
+Two kinds of chunk files are unnamed by the current manifest: those a killed writer left (no
+manifest ever named them) and those an overwrite replaced (older versions name them, and a
+reader that opened one of those versions still reads them). ``vacuum`` removes both once they
+are older than a grace period: an unnamed file by its modification time, a replaced chunk by the
+time the version that dropped it was committed. The grace period is what keeps a writer that is
+still running (its chunks are unnamed until it commits) and a reader of an older snapshot safe,
+so it must exceed the longest ingest and the longest epoch; the default is 24 hours, as
+object-store "remove orphan files" jobs do. A writer also checks, just before its commit, that
+all of its chunks still exist, so a too-short grace period fails that ingest loudly instead of
+committing a manifest that names a deleted chunk.
 """
 
 from __future__ import annotations
@@ -17,15 +19,15 @@ import re
 import time
 from dataclasses import dataclass
 
-from .format import CHUNK_RE
+from .format import CHUNK_RE, Manifest
 from .storage import Store
-from .table import read_manifest
+from .versions import read_manifest, read_version
 
 __all__ = ["VacuumReport", "vacuum_store", "DEFAULT_GRACE_S"]
 
 log = logging.getLogger("gpuload.vacuum")
 DEFAULT_GRACE_S = 24 * 3600.0
-_TMP_RE = re.compile(r"^(manifest\.json|v\d{12}\.json)\.tmp-[0-9a-f]{32}$")
+_TMP_RE = re.compile(r"(manifest\.json|v\d{12}\.json)\.tmp-[0-9a-f]{32}")
 
 
 @dataclass(frozen=True)
@@ -64,15 +66,15 @@ def vacuum_store(
     candidates: list[tuple[str, int, float | None]] = []
     for name, size, mtime in store.list_files("chunks"):
         rel = f"chunks/{name}"
-        if CHUNK_RE.match(rel):
+        if CHUNK_RE.fullmatch(rel):
             candidates.append((rel, size, mtime))
         else:
             log.warning("vacuum of %s: leaving unknown file %s alone", label, rel)
     for folder in ("", "versions"):
         for name, size, mtime in store.list_files(folder):
-            if _TMP_RE.match(name):
+            if _TMP_RE.fullmatch(name):
                 candidates.append((f"{folder}/{name}" if folder else name, size, mtime))
-    named = {c.file for c in manifest.chunks}
+    named = _needed(store, manifest, now, older_than)
     old, recent = [], []
     for rel, size, mtime in candidates:
         if rel in named:
@@ -86,7 +88,7 @@ def vacuum_store(
         # A commit may have landed since the manifest was read: never delete what it names.
         latest = read_manifest(store)
         if latest.version != manifest.version:
-            named = {c.file for c in latest.chunks}
+            named = _needed(store, latest, now, older_than)
             old = [(rel, size) for rel, size in old if rel not in named]
         for rel, _ in old:
             store.remove(rel)
@@ -100,3 +102,19 @@ def vacuum_store(
     )
     log.info("%s", report)
     return report
+
+
+def _needed(store: Store, latest: Manifest, now: float, older_than: float) -> set[str]:
+    """Chunk files a live snapshot may still read: those of the latest version and of every
+    version replaced less than ``older_than`` seconds ago (a reader may hold one of those)."""
+    named = {c.file for c in latest.chunks}
+    newer = latest
+    for v in range(latest.version - 1, 0, -1):
+        if now - newer.updated >= older_than:
+            break  # version v was replaced before the grace period: nobody may read it now
+        m = read_version(store, v)
+        if m is None:
+            break  # versions older than a missing file cannot be looked up
+        named.update(c.file for c in m.chunks)
+        newer = m
+    return named

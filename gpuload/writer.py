@@ -1,29 +1,37 @@
-"""Writing tables: chunks first, then one atomic manifest publish.
+"""Writing tables: chunks first, then one atomic, serialisable commit.
 
 A crashed or interrupted writer leaves the previous snapshot fully readable: its chunks are new,
-uniquely named files that no manifest names until the commit, which is a single atomic step.
+uniquely named files that no manifest names until the commit, which creates the next version's
+file only if no other writer created it first (gpuload.versions). An append that loses that race
+rebases onto the winner's version and tries again (appends commute); a create, an overwrite or a
+schema change that loses it raises CommitConflictError. A commit never reports success with
+another writer's rows gone, and never deletes chunks: replaced ones stay for live readers until
+``vacuum`` removes them after its grace period.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import CommitConflictError, SchemaError, TableExistsError, TableNotFoundError
-from .format import ALIGN, MANIFEST, ChunkInfo, Manifest, Section
+from .checksums import DEFAULT_PAGE_BYTES, PageChecksums, hash_bytes, page_hashes
+from .errors import CommitConflictError, SchemaError, TableExistsError
+from .format import ALIGN, ChunkInfo, Manifest, Section
 from .schema import Column, Schema
 from .storage import Store
-from .table import read_manifest
+from .versions import publish, try_read_manifest
 
 __all__ = ["TableWriter", "DEFAULT_CHUNK_BYTES", "MODES"]
 
 log = logging.getLogger("gpuload.writer")
 DEFAULT_CHUNK_BYTES = 32 << 20
 MODES = ("create", "append", "overwrite")
+MAX_COMMIT_TRIES = 200  # appends rebase on each lost race; each lost race means another's win
 _PAD = bytes(ALIGN)
 
 
@@ -46,10 +54,7 @@ class TableWriter:
         self.label = label or store.url
         self.mode = mode
         self.chunk_bytes = int(chunk_bytes)
-        try:
-            self.base: Manifest | None = read_manifest(store)
-        except TableNotFoundError:
-            self.base = None
+        self.base: Manifest | None = try_read_manifest(store)
         if mode == "create" and self.base is not None:
             raise TableExistsError(
                 f"table {self.label!r} already exists (version {self.base.version}); "
@@ -150,9 +155,15 @@ class TableWriter:
                     else np.zeros(0, col.np_dtype)
                 )
                 data[col.name] = add(arr.tobytes())
+        covers = pos + (-pos) % ALIGN
+        if covers > pos:
+            parts.append(_PAD[: covers - pos])
+        hashes = page_hashes(parts, DEFAULT_PAGE_BYTES).tobytes()
+        sums = PageChecksums(DEFAULT_PAGE_BYTES, covers, hash_bytes(hashes))
+        parts.append(hashes)
         name = f"chunks/{uuid.uuid4().hex}.chunk"
         size = self.store.write_new(name, parts)
-        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets))
+        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets, sums))
         self.rows_written += rows
         self._reset_buffers()
 
@@ -162,65 +173,80 @@ class TableWriter:
         the writer's schema (e.g. image codecs observed while writing); its columns must match."""
         self.flush()
         if schema is not None:
-            if [(c.name, c.kind, c.dtype, c.shape) for c in schema] != [
-                (c.name, c.kind, c.dtype, c.shape) for c in self.schema
-            ]:
+            if _layout(schema) != _layout(self.schema):
                 raise SchemaError(
                     f"commit of {self.label!r}: the schema's columns changed while writing"
                 )
-            self.schema = (
-                _merge_codecs(self.base.schema, schema)
-                if (self.base and self.mode == "append")
-                else schema
-            )
-        current = _try_read(self.store)
-        base_version = self.base.version if self.base else 0
-        cur_version = current.version if current else 0
-        if cur_version != base_version:
+            self.schema = schema
+        self._check_chunks_exist()
+        base = self.base
+        for attempt in range(MAX_COMMIT_TRIES):
+            manifest = self._manifest_on(base, metadata)
+            if publish(self.store, manifest):
+                self._closed = True
+                return manifest
+            latest = try_read_manifest(self.store)
+            self._check_rebase(base, latest)
+            base = latest
+            time.sleep(random.uniform(0, min(0.2, 0.002 * (attempt + 1))))
+        self.abort()
+        raise CommitConflictError(
+            f"table {self.label!r}: lost the commit race {MAX_COMMIT_TRIES} times in a row to "
+            "other writers; nothing of this write was committed; retry it"
+        )
+
+    def _check_chunks_exist(self) -> None:
+        """A vacuum with a grace period shorter than this write may have removed chunks that no
+        manifest named yet: never publish a manifest naming a missing chunk."""
+        if not self._new_chunks:
+            return
+        have = {f"chunks/{n}" for n, _, _ in self.store.list_files("chunks")}
+        missing = [c.file for c in self._new_chunks if c.file not in have]
+        if missing:
             self.abort()
             raise CommitConflictError(
-                f"table {self.label!r} changed while writing (version {base_version} -> {cur_version}); "
-                "nothing of this write was committed; retry it"
+                f"table {self.label!r}: {len(missing)} chunk(s) written by this commit "
+                f"disappeared before it (first: {missing[0]}; was `gpuload vacuum` run with "
+                "a grace period shorter than this ingest?); nothing was committed; retry it"
             )
-        if self._new_chunks:
-            # A vacuum with a grace period shorter than this write may have removed chunks
-            # that no manifest named yet: never publish a manifest naming a missing chunk.
-            have = {f"chunks/{n}" for n, _, _ in self.store.list_files("chunks")}
-            missing = [c.file for c in self._new_chunks if c.file not in have]
-            if missing:
-                self.abort()
-                raise CommitConflictError(
-                    f"table {self.label!r}: {len(missing)} chunk(s) written by this commit "
-                    f"disappeared before it (first: {missing[0]}; was `gpuload vacuum` run with "
-                    "a grace period shorter than this ingest?); nothing was committed; retry it"
-                )
-        old_chunks = tuple(self.base.chunks) if (self.base and self.mode == "append") else ()
-        schema = self.schema
-        if self.base is not None and self.mode == "append":
-            metadata = {**self.base.schema.metadata, **(metadata or {})}
-        if metadata:
-            schema = Schema(schema.columns, {**schema.metadata, **metadata})
+
+    def _check_rebase(self, base: Manifest | None, latest: Manifest | None) -> None:
+        """After a lost race: an append moves onto the winner's version when the columns still
+        match; anything else (create, overwrite, a changed schema) conflicts."""
+        before = base.version if base else 0
+        now = latest.version if latest else 0
+        reason = None
+        if self.mode != "append":
+            reason = f"this {self.mode} started from version {before}"
+        elif latest is None:
+            reason = "the table was deleted meanwhile"
+        elif _layout(latest.schema) != _layout(self.schema):
+            reason = f"its columns changed to {latest.schema.describe()}"
+        if reason is not None:
+            self.abort()
+            raise CommitConflictError(
+                f"table {self.label!r} changed while writing (version {before} -> {now}; "
+                f"{reason}); nothing of this write was committed; retry it"
+            )
+        log.debug("append to %s rebased from version %d onto %d", self.label, before, now)
+
+    def _manifest_on(self, base: Manifest | None, metadata: Mapping | None) -> Manifest:
+        """The manifest this write commits on top of ``base`` (the latest version it knows)."""
+        append = base is not None and self.mode == "append"
+        schema = _merge_codecs(base.schema, self.schema) if append else self.schema
+        meta = {**(base.schema.metadata if append else {}), **(metadata or {})}
+        if meta:
+            schema = Schema(schema.columns, {**schema.metadata, **meta})
         now = time.time()
         manifest = Manifest(
-            table_id=self.base.table_id
-            if (self.base and self.mode == "append")
-            else uuid.uuid4().hex,
-            version=base_version + 1,
+            table_id=base.table_id if append else uuid.uuid4().hex,
+            version=(base.version if base else 0) + 1,
             schema=schema,
-            chunks=old_chunks + tuple(self._new_chunks),
-            created=self.base.created if (self.base and self.mode == "append") else now,
+            chunks=(tuple(base.chunks) if append else ()) + tuple(self._new_chunks),
+            created=base.created if append else now,
             updated=now,
         )
         manifest.validate(f"new manifest of {self.label!r}")
-        raw = manifest.dumps()
-        self.store.write_atomic(f"versions/v{manifest.version:012d}.json", raw)
-        self.store.write_atomic(MANIFEST, raw)  # the commit point
-        self._closed = True
-        if self.mode == "overwrite" and self.base is not None:
-            keep = {c.file for c in manifest.chunks}
-            for c in self.base.chunks:
-                if c.file not in keep:
-                    self.store.remove(c.file)
         return manifest
 
     def abort(self) -> None:
@@ -237,11 +263,9 @@ class TableWriter:
         self._closed = True
 
 
-def _try_read(store: Store) -> Manifest | None:
-    try:
-        return read_manifest(store)
-    except TableNotFoundError:
-        return None
+def _layout(schema: Schema) -> list[tuple]:
+    """What must match for rows to be appended: names, kinds, dtypes and shapes, in order."""
+    return [(c.name, c.kind, c.dtype, c.shape) for c in schema]
 
 
 def _check_same_schema(existing: Schema, new: Schema, label: str) -> None:

@@ -21,10 +21,37 @@ from .helpers import robot_columns
 
 pytestmark = pytest.mark.gcs
 
+# gcp-storage-emulator ignores upload preconditions; real GCS answers 412 to an upload with
+# ifGenerationMatch=0 when the object exists (that is how gpuload creates a version only if it
+# does not exist). The child adds exactly that check, under a lock, to the emulator's upload
+# handlers, so the commit protocol is tested against GCS's documented behaviour.
 _CHILD = r"""
-import logging, socket, sys
+import logging, socket, sys, threading
+from http import HTTPStatus
 logging.disable(logging.CRITICAL)
 from gcp_storage_emulator.server import create_server
+from gcp_storage_emulator.handlers import objects
+from gcp_storage_emulator.exceptions import NotFound
+
+_lock = threading.Lock()
+
+def _precondition(upload):
+    def guarded(request, response, storage):
+        if request.query.get("ifGenerationMatch") != ["0"]:
+            return upload(request, response, storage)
+        meta = request.data.get("meta", {}) if isinstance(request.data, dict) else {}
+        name = request.query.get("name", [meta.get("name")])[0]
+        with _lock:
+            try:
+                storage.get_file_obj(request.params["bucket_name"], name)
+            except NotFound:
+                return upload(request, response, storage)
+            response.status = HTTPStatus.PRECONDITION_FAILED
+            response.json({"error": {"code": 412, "message": "conditionNotMet", "errors": []}})
+    return guarded
+
+objects._multipart_upload = _precondition(objects._multipart_upload)
+objects._media_upload = _precondition(objects._media_upload)
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 server = create_server("127.0.0.1", port, in_memory=True, default_bucket="gpuload")
 server.start()
@@ -118,3 +145,20 @@ def test_gcs_uncached_loader_and_vacuum(gcs):
     r = vacuum_store(store, "t", older_than=3600, now=time.time() + 7200)
     assert r.removed == (orphan,) and not store.exists(orphan)
     assert len(gpuload.open_table(url, storage_options=gcs, cache=False)) == 60
+
+
+def test_gcs_versions_are_created_only_if_absent_and_appends_race(gcs):
+    """A version file is an upload with ifGenerationMatch=0: of two writers racing for one
+    version, one wins; real processes appending at once lose nothing."""
+    from gpuload.bench.writers import concurrent_append_trials
+
+    store = Store(f"gs://gpuload/v-{uuid.uuid4().hex[:8]}", gcs)
+    assert store.create_exclusive("versions/v000000000001.json", b"one")
+    assert not store.create_exclusive("versions/v000000000001.json", b"two")
+    assert store.read_bytes("versions/v000000000001.json") == b"one"
+    r = concurrent_append_trials(
+        f"gs://gpuload/race-{uuid.uuid4().hex[:8]}", gcs, writers=3, trials=2, slow=0.05
+    )
+    assert r.errors == 0 and r.conflicts == 0, r
+    assert r.lost_commits == 0 and r.extra_rows == 0 and r.version_mismatches == 0, r
+    assert r.rows_found == r.rows_committed > 0

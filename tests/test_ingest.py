@@ -142,6 +142,9 @@ def test_explicit_schema(client):
         ({"x": [b"not an image"]}, {"x": "image"}, "not a recognised image"),
         ({"x": [300]}, {"x": "uint8"}, "out of range for uint8"),
         ({"x": [None]}, None, "None cannot be stored"),
+        ({"x": [1, 2, "a", 4]}, None, r"row 2, column 'x': expected numbers, got str 'a'"),
+        ({"x": [1] * 1500 + ["b"]}, None, r"row 1500, column 'x': expected numbers, got str"),
+        ({"x": [1.0, 2.0, None]}, None, r"row 2, column 'x': expected numbers, got NoneType"),
         ({"x": [1, 2], "y": [1]}, None, "different lengths"),
     ],
 )

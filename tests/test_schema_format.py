@@ -113,7 +113,7 @@ def test_manifest_is_plain_json_never_pickle(tmp_path):
     t = _write_table(tmp_path)
     raw = (tmp_path / "t" / "manifest.json").read_bytes()
     d = json.loads(raw)
-    assert d["format"] == "gpuload-table" and d["format_version"] == 1
+    assert d["format"] == "gpuload-table" and d["format_version"] == 2
     m = Manifest.loads(raw, "x")
     assert m.num_rows == len(t) == 2
 

@@ -87,6 +87,8 @@ def open_src(a: dict):
         kw["storage_options"] = a["storage_options"]
     if "cache" in a:
         kw["cache"] = a["cache"]
+    if a.get("verify") is False:  # the cost of checksums: the same read without them
+        kw["fetch"] = gpuload.FetchOptions(verify_local=False)
     return gpuload.open_table(a["url"], **kw)
 
 
@@ -512,7 +514,7 @@ def e2e_loader(a: dict):
             decode_options=_decode_options(a.get("options", "on")),
         )
     if kind == "gpuload":
-        loader = gpuload.pytorch(a["url"], **kw)
+        loader = gpuload.pytorch(open_src(a), **kw)
 
         def epoch(e):
             loader.set_epoch(e)

@@ -208,24 +208,28 @@ def stream_suite(ctx: Context) -> list[Measurement]:
     for bs0 in ctx.batch_sizes:
         bs = _clamp(ctx, bs0)
         for mode, shuffle in (("seq", False), ("shuffle", True)):
-            out.append(
-                Measurement(
-                    id=f"stream.local.{mode}.bs{bs0}",
-                    suite="stream",
-                    group=group,
-                    label=f"gpuload batches({bs0}{', shuffle=True' if shuffle else ''})",
-                    system="gpuload",
-                    task="stream",
-                    args={
-                        **_src(ctx),
-                        "batch_size": bs,
-                        "shuffle": shuffle,
-                        "warmup": w,
-                        "min_time": t,
-                    },
-                    batch_size=bs0,
+            # the same read without checksum verification, once (what verification costs)
+            for verify in (True, False) if bs0 == loader_batch(ctx) else (True,):
+                out.append(
+                    Measurement(
+                        id=f"stream.local.{mode}.bs{bs0}" + ("" if verify else ".noverify"),
+                        suite="stream",
+                        group=group,
+                        label=f"gpuload batches({bs0}{', shuffle=True' if shuffle else ''})"
+                        + ("" if verify else ", verify_local=False"),
+                        system="gpuload",
+                        task="stream",
+                        args={
+                            **_src(ctx),
+                            "batch_size": bs,
+                            "shuffle": shuffle,
+                            "warmup": w,
+                            "min_time": t,
+                            "verify": verify,
+                        },
+                        batch_size=bs0,
+                    )
                 )
-            )
         out.append(
             Measurement(
                 id=f"stream.deeplake.seq.bs{bs0}",
@@ -586,6 +590,13 @@ def e2e_suite(ctx: Context) -> list[Measurement]:
             "gpuload fast path, default (DCT downscale + row-ROI)",
             "gpuload",
             {"kind": "gpuload", "options": "on"},
+            requires=("torch",),
+        ),
+        m(
+            "e2e.gpuload.on.noverify",
+            "gpuload fast path, default, checksums not verified (verify_local=False)",
+            "gpuload",
+            {"kind": "gpuload", "options": "on", "verify": False},
             requires=("torch",),
         ),
         m(

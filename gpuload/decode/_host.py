@@ -1,5 +1,9 @@
 """Per-image host fallback: PNG through imagecodecs (libpng) when installed, anything else
-(and CMYK JPEGs) through PIL. Always full size; output is RGB, or one channel for grey sources."""
+(and CMYK JPEGs) through PIL. Always full size; output is RGB, or one channel for grey sources.
+
+PIL images are checked after ``Image.open`` (which reads only the header) and before
+``load()``: their size must match the header gpuload checked and lie within the pixel limit,
+so PIL never decodes more pixels than were planned. Any PIL failure is a DecodeError."""
 
 from __future__ import annotations
 
@@ -10,9 +14,9 @@ import numpy as np
 
 from gpuload.errors import DecodeError
 
-from .header import ImageHeader, output_channels
+from .header import DEFAULT_MAX_PIXELS, ImageHeader, check_size, output_channels
 
-__all__ = ["decode_other_into", "decode_other", "pil_to_array"]
+__all__ = ["decode_other_into", "decode_other", "pil_to_array", "open_pil"]
 
 _imagecodecs = None
 _imagecodecs_checked = False
@@ -88,25 +92,52 @@ def _decode_png(data, c: int, out: np.ndarray | None):
     return _fit_channels(np.asarray(arr), c)
 
 
-def decode_other(data, header: ImageHeader) -> np.ndarray:
+def decode_other(
+    data, header: ImageHeader, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Decode a non-JPEG (or CMYK JPEG) image at full size to a fresh (H, W, C) uint8 array."""
+    check_size(header.height, header.width, max_pixels, header.codec.upper())
     c = output_channels(header)
     if header.codec == "png":
         arr = _decode_png(bytes(data) if not isinstance(data, bytes) else data, c, None)
         if arr is not None:
             return arr
-    return _decode_pil(data, header, c)
+    return _decode_pil(data, header, c, max_pixels)
 
 
-def _decode_pil(data, header: ImageHeader, c: int) -> np.ndarray:
+def open_pil(data, header: ImageHeader, max_pixels: int | None):
+    """``Image.open`` (header only) of an image whose size matches ``header`` and the limit,
+    checked before any pixel is decoded; DecodeError otherwise."""
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
+        im = Image.open(io.BytesIO(data if isinstance(data, bytes) else bytes(data)))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"too many pixels: Pillow refuses the image: {e}") from e
+    w, h = im.size
+    try:
+        check_size(h, w, max_pixels, header.codec.upper())
+        if (h, w) != (header.height, header.width):
+            raise DecodeError(
+                f"PIL reads a {h}x{w} image, the header said {header.height}x{header.width}"
+            )
+    except DecodeError:
+        im.close()
+        raise
+    return im
+
+
+def _decode_pil(data, header: ImageHeader, c: int, max_pixels: int | None) -> np.ndarray:
+    try:
+        with open_pil(data, header, max_pixels) as im:
             im.load()
             arr = pil_to_array(im, c)
+    except DecodeError:
+        raise
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"corrupt {header.codec.upper()} data: {e}") from e
+    except Exception as e:  # noqa: BLE001 - MemoryError, bomb warnings as errors, PIL internals
+        raise DecodeError(f"{header.codec.upper()} decode failed: {type(e).__name__}: {e}") from e
     if arr.shape != (header.height, header.width, c):
         raise DecodeError(
             f"{header.codec} decoded to {arr.shape}, header says {(header.height, header.width, c)}"
@@ -114,8 +145,11 @@ def _decode_pil(data, header: ImageHeader, c: int) -> np.ndarray:
     return arr
 
 
-def decode_other_into(data, header: ImageHeader, out: np.ndarray) -> None:
+def decode_other_into(
+    data, header: ImageHeader, out: np.ndarray, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> None:
     """Decode a non-JPEG (or CMYK JPEG) image at full size into ``out`` (H, W, C) uint8."""
+    check_size(header.height, header.width, max_pixels, header.codec.upper())
     c = out.shape[2]
     if header.codec == "png":
         arr = _decode_png(data if isinstance(data, bytes) else bytes(data), c, out)
@@ -124,4 +158,4 @@ def decode_other_into(data, header: ImageHeader, out: np.ndarray) -> None:
         if arr is not None:
             np.copyto(out, arr)
             return
-    np.copyto(out, _decode_pil(data, header, c))
+    np.copyto(out, _decode_pil(data, header, c, max_pixels))

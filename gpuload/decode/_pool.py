@@ -85,7 +85,9 @@ def run_chunks(
     """Run ``work(i)`` for i in range(n) on the pool; return the exception per index (or None).
 
     Indices are handed out in small contiguous chunks (a few images each) so that per-task
-    overhead stays small while images of uneven cost still balance across threads.
+    overhead stays small while images of uneven cost still balance across threads. Any
+    Exception (MemoryError included) is recorded for its image; KeyboardInterrupt and
+    SystemExit propagate to the caller.
     """
     errors: list[BaseException | None] = [None] * n
 
@@ -93,7 +95,7 @@ def run_chunks(
         for i in range(lo, hi):
             try:
                 work(i)
-            except BaseException as e:  # noqa: BLE001 - reported per image by the caller
+            except Exception as e:  # noqa: BLE001 - reported per image by the caller
                 errors[i] = e
 
     if pool.threads <= 1 or n <= 1:

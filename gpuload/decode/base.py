@@ -12,6 +12,10 @@ reused, and returns where each image landed plus how it maps to the original ima
   For libjpeg DCT scaling by 1/s, ``sy = sx = s`` and the decoded size is ``ceil(H/s) x
   ceil(W/s)``; a region decode reports the region's actual origin (it may have been widened to
   MCU boundaries, or to whole rows).
+
+Before anything is sized from a header, every image's dimensions are checked against the
+decoder's pixel limit (:attr:`Decoder.max_pixels`, default :data:`DEFAULT_MAX_PIXELS`): an
+image over it, or with zero or negative dimensions, is a :class:`DecodeError` naming its index.
 """
 
 from __future__ import annotations
@@ -26,7 +30,15 @@ import numpy as np
 from gpuload.device import Device
 from gpuload.errors import DecodeError, GpuloadError
 
-from .header import ImageHeader, incomplete_reason, output_channels, read_header
+from .header import (
+    DEFAULT_MAX_PIXELS,
+    ImageHeader,
+    check_size,
+    incomplete_reason,
+    output_channels,
+    read_header,
+    validate_max_pixels,
+)
 
 __all__ = [
     "STAGING_ALIGN",
@@ -37,7 +49,9 @@ __all__ = [
     "StagingTooSmallError",
     "staging_nbytes",
     "staging_nbytes_for",
+    "as_batch_error",
     "batch_error",
+    "check_headers",
     "raise_first_error",
 ]
 
@@ -150,13 +164,25 @@ def batch_error(index: int, message: str, cause: BaseException | None = None) ->
     return err
 
 
+def as_batch_error(index: int, e: Exception) -> DecodeError:
+    """Any exception raised for image ``index`` of a batch, as a DecodeError naming the index
+    (DecodeError messages kept, other types named: MemoryError, DecompressionBombError...)."""
+    if isinstance(e, DecodeError):
+        if getattr(e, "index", None) == index:
+            return e
+        return batch_error(index, str(e), e)
+    return batch_error(index, f"{type(e).__name__}: {e}", e)
+
+
 def raise_first_error(errors) -> None:
-    """Raise the error of the lowest failing index, as a DecodeError naming that index."""
+    """Raise the error of the lowest failing index, as a DecodeError naming that index
+    (whatever the exception type: MemoryError, PIL's DecompressionBombError, a library's own);
+    KeyboardInterrupt, SystemExit and other non-Exception errors propagate unchanged."""
     for i, e in enumerate(errors):
         if e is not None:
-            if isinstance(e, DecodeError) and getattr(e, "index", None) == i:
+            if not isinstance(e, Exception):
                 raise e
-            raise batch_error(i, f"{type(e).__name__}: {e}", e) from e
+            raise as_batch_error(i, e)
 
 
 def normalize_requests(requests, n: int) -> Sequence[DecodeRequest]:
@@ -179,18 +205,35 @@ def normalize_requests(requests, n: int) -> Sequence[DecodeRequest]:
     return out
 
 
-def parse_headers(datas, headers=None) -> list[ImageHeader]:
+def parse_headers(
+    datas, headers=None, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> list[ImageHeader]:
+    """Headers of a batch (parsed, or the caller's checked), each within ``max_pixels``; a
+    DecodeError names the index of the first image that fails."""
     if headers is not None:
         if len(headers) != len(datas):
             raise ValueError(f"{len(headers)} headers for a batch of {len(datas)} images")
+        check_headers(headers, max_pixels)
         return list(headers)
     out = []
     for i, d in enumerate(datas):
         try:
-            out.append(read_header(d))
+            out.append(read_header(d, max_pixels))
         except DecodeError as e:
             raise batch_error(i, str(e), e) from e
+        except Exception as e:  # noqa: BLE001 - any header failure is this image's DecodeError
+            raise batch_error(i, f"{type(e).__name__}: {e}", e) from e
     return out
+
+
+def check_headers(headers: Sequence[ImageHeader], max_pixels: int | None) -> None:
+    """DecodeError naming the index of the first header with zero, negative or too many pixels
+    (checked before any buffer is sized from the headers)."""
+    for i, h in enumerate(headers):
+        try:
+            check_size(h.height, h.width, max_pixels, h.codec.upper())
+        except DecodeError as e:
+            raise batch_error(i, str(e), e) from e
 
 
 def check_roi(i: int, header: ImageHeader, req: DecodeRequest) -> None:
@@ -218,43 +261,74 @@ def full_plan(
 
 
 def staging_nbytes(
-    headers: Sequence[ImageHeader], requests=None, decoder: Decoder | None = None
+    headers: Sequence[ImageHeader],
+    requests=None,
+    decoder: Decoder | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> int:
     """Bytes of staging needed for a batch: exact for ``decoder``, else an upper bound.
 
     The upper bound (no decoder) is every image at full size with 3 channels, which holds for
     every backend whatever the requests. Size the buffer once with the largest batch the loader
-    will see (for example its batch size times the largest image) and reuse it.
+    will see (for example its batch size times the largest image) and reuse it. An image over
+    the pixel limit (``decoder.max_pixels``, else ``max_pixels``) raises DecodeError naming it.
     """
     if decoder is not None:
         return decoder.staging_nbytes(headers, requests)
+    check_headers(headers, validate_max_pixels(max_pixels))
     return sum(_align(h.height * h.width * 3) for h in headers)
 
 
-def staging_nbytes_for(batch_size: int, max_height: int, max_width: int, channels: int = 3) -> int:
+def staging_nbytes_for(
+    batch_size: int,
+    max_height: int,
+    max_width: int,
+    channels: int = 3,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> int:
     """Upper bound of staging bytes for any batch of ``batch_size`` images no larger than
     ``max_height`` x ``max_width``, for every backend and request (the loader's one-time sizing
     when it knows the dataset's largest image but not each batch's headers)."""
+    limit = validate_max_pixels(max_pixels)
+    if max_height <= 0 or max_width <= 0 or (limit is not None and max_height * max_width > limit):
+        raise ValueError(
+            f"staging for {max_height}x{max_width} images: sizes must be positive and at most "
+            f"max_pixels={limit} pixels"
+        )
     return batch_size * _align(max_height * max_width * channels)
 
 
 class Decoder:
     """Base class: plans the batch layout, checks the staging buffer, delegates the decode.
 
-    Subclasses set ``name`` and implement :meth:`_plan` and :meth:`_decode`.
+    Subclasses set ``name`` and implement :meth:`_plan` and :meth:`_decode`. ``max_pixels``
+    (default :data:`DEFAULT_MAX_PIXELS`, None: no limit) bounds each image's header dimensions
+    before anything is sized from them; :func:`get_decoder` sets it.
     """
 
     name = "base"
+    _max_pixels: int | None = DEFAULT_MAX_PIXELS
 
     def __init__(self, device: Device, threads: int | None = None):
         self.device = device
         self.threads = max(1, int(threads if threads is not None else (os.cpu_count() or 1)))
+
+    @property
+    def max_pixels(self) -> int | None:
+        """Most pixels (height x width) an image's header may claim; None means no limit."""
+        return self._max_pixels
+
+    @max_pixels.setter
+    def max_pixels(self, value: int | None) -> None:
+        self._max_pixels = validate_max_pixels(value)
 
     # ----- planning -------------------------------------------------------------------------
     def _plan(self, i: int, header: ImageHeader, req: DecodeRequest) -> Plan:
         raise NotImplementedError
 
     def plan_batch(self, headers: Sequence[ImageHeader], requests=None) -> list[Plan]:
+        """One plan per image; DecodeError (naming the index) for an image over the limit."""
+        check_headers(headers, self.max_pixels)
         reqs = normalize_requests(requests, len(headers))
         plans = []
         for i, (h, r) in enumerate(zip(headers, reqs, strict=True)):
@@ -305,7 +379,7 @@ class Decoder:
         if staging is None:
             raise TypeError("decode_batch needs a staging buffer; size it with staging_nbytes()")
         n = len(datas)
-        hdrs = parse_headers(datas, headers)
+        hdrs = parse_headers(datas, headers, self.max_pixels)
         reqs = normalize_requests(requests, n)
         plans = []
         for i, (h, r) in enumerate(zip(hdrs, reqs, strict=True)):

@@ -35,7 +35,16 @@ from gpuload.device import Device
 
 from ._host import decode_other_into
 from ._pool import ForkSafeLocal, WorkerPool, run_chunks
-from .base import Decoder, DecodeRequest, Plan, batch_error, ceil_div, host_views, raise_first_error
+from .base import (
+    Decoder,
+    DecodeRequest,
+    Plan,
+    as_batch_error,
+    batch_error,
+    ceil_div,
+    host_views,
+    raise_first_error,
+)
 from .header import ImageHeader, output_channels
 
 __all__ = ["CpuDecoder"]
@@ -127,6 +136,7 @@ class CpuDecoder(Decoder):
         views = host_views(staging, plans, offsets)
         fast = self.fast
         strict = self.strict
+        limit = self.max_pixels
 
         def jpeg(data, h: ImageHeader, p: Plan, out, height: int):
             cs = "GRAY" if p.channels == 1 else "RGB"
@@ -168,9 +178,9 @@ class CpuDecoder(Decoder):
                 self._region(i, data, h, p, out, jpeg)
             else:
                 try:
-                    decode_other_into(data, h, out)
-                except Exception as e:
-                    raise batch_error(i, str(e), e) from e
+                    decode_other_into(data, h, out, limit)
+                except Exception as e:  # noqa: BLE001 - any failure is this image's DecodeError
+                    raise as_batch_error(i, e)  # noqa: B904 - cause set
 
         raise_first_error(run_chunks(self._pool, len(datas), work))
 

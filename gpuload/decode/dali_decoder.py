@@ -10,6 +10,7 @@
   which is then synchronised once per batch (DALI reuses its output buffers on the next run).
 * DALI fails a whole batch on a bad image: the batch is then re-checked image by image with
   the strict host decoder to name the failing index, and the pipeline is rebuilt next time.
+  Any exception for one image (host decode included) is a DecodeError naming its index.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from gpuload.device import Device
 from gpuload.errors import DecodeError, MissingDependencyError
 
 from ._pool import orphan
-from .base import Decoder, DecodeRequest, Plan, batch_error, host_views
+from .base import Decoder, DecodeRequest, Plan, as_batch_error, batch_error, host_views
 from .header import ImageHeader
 from .nvimgcodec_decoder import host_decode_rgb
 
@@ -163,14 +164,13 @@ class DaliDecoder(Decoder):
         for i, p in enumerate(plans):
             if p.method == "host":
                 try:
-                    if cuda:
-                        copy_host_to_device(
-                            host_decode_rgb(datas[i], headers[i], p), views[i], stream
-                        )
-                    else:
-                        np.copyto(views[i], host_decode_rgb(datas[i], headers[i], p))
-                except DecodeError as e:
-                    raise batch_error(i, str(e), e) from e
+                    arr = host_decode_rgb(datas[i], headers[i], p, self.max_pixels)
+                except Exception as e:  # noqa: BLE001 - any failure is this image's DecodeError
+                    raise as_batch_error(i, e)  # noqa: B904 - cause set
+                if cuda:
+                    copy_host_to_device(arr, views[i], stream)
+                else:
+                    np.copyto(views[i], arr)
         if not idx:
             return
         roi = any(plans[i].method == "dali" and plans[i].arg is not None for i in idx)
@@ -218,8 +218,8 @@ class DaliDecoder(Decoder):
     def _blame(self, datas, headers, plans, idx, err: Exception):
         for i in idx:
             try:
-                host_decode_rgb(datas[i], headers[i], plans[i])
-            except Exception as e:
+                host_decode_rgb(datas[i], headers[i], plans[i], self.max_pixels)
+            except Exception as e:  # noqa: BLE001 - the first image the host cannot decode
                 raise batch_error(
                     i, f"{e} (DALI: {str(err).splitlines()[0] if str(err) else err})", err
                 ) from err

@@ -2,17 +2,35 @@
 
 JPEG and PNG headers are parsed in pure Python (a few microseconds): JPEG by walking the marker
 segments up to the start of scan, PNG from the IHDR chunk. Any other format goes through PIL,
-which only reads the header at ``Image.open``.
+which only reads the header at ``Image.open``; GIF, BMP and WebP dimensions are read in pure
+Python first, so that gpuload's pixel limit is checked before PIL sees the data.
+
+Nothing here allocates memory sized from a header: the dimensions a header claims are checked
+against a pixel limit (:data:`DEFAULT_MAX_PIXELS`, ``DecodeOptions.max_pixels``) before any
+decoder or staging buffer is sized from them.
 """
 
 from __future__ import annotations
 
 import io
+import numbers
 from dataclasses import dataclass
 
 from gpuload.errors import DecodeError
 
-__all__ = ["ImageHeader", "read_header", "incomplete_reason", "output_channels"]
+__all__ = [
+    "DEFAULT_MAX_PIXELS",
+    "ImageHeader",
+    "read_header",
+    "incomplete_reason",
+    "output_channels",
+    "check_size",
+    "validate_max_pixels",
+]
+
+DEFAULT_MAX_PIXELS = 89_478_485
+"""Default pixel limit per image: the value of Pillow's ``Image.MAX_IMAGE_PIXELS`` (a copy, so
+that a change to Pillow's mutable global does not change gpuload's limit)."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _EOI = b"\xff\xd9"
@@ -67,6 +85,31 @@ def output_channels(header: ImageHeader) -> int:
     return 1 if header.channels <= 2 else 3
 
 
+def validate_max_pixels(value) -> int | None:
+    """``value`` as a pixel limit: a positive int, or None for no limit; else TypeError/ValueError."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(
+            f"max_pixels must be a positive int or None (no limit), got {type(value).__name__}"
+        )
+    if value <= 0:
+        raise ValueError(f"max_pixels must be a positive int or None (no limit), got {value}")
+    return int(value)
+
+
+def check_size(height: int, width: int, max_pixels: int | None, what: str = "image") -> None:
+    """Raise DecodeError for dimensions a decoder must not allocate for: zero or negative, or
+    more than ``max_pixels`` pixels (None: no limit)."""
+    if height <= 0 or width <= 0:
+        raise DecodeError(f"corrupt {what} header: image size {height}x{width}")
+    if max_pixels is not None and height * width > max_pixels:
+        raise DecodeError(
+            f"too many pixels: the {what} header claims {height}x{width} = {height * width} "
+            f"pixels, over the limit of {max_pixels} (DecodeOptions.max_pixels)"
+        )
+
+
 def _as_bytes_like(buf):
     """Return something indexable by int -> int and sliceable to bytes, without copying bytes."""
     if isinstance(buf, (bytes, bytearray)):
@@ -77,24 +120,32 @@ def _as_bytes_like(buf):
     return mv
 
 
-def read_header(buf) -> ImageHeader:
+def read_header(buf, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageHeader:
     """Parse an encoded image's header: JPEG and PNG in pure Python, anything else with PIL.
 
     ``buf`` is any bytes-like object (bytes, bytearray, memoryview, 1-D uint8 numpy array).
     Raises :class:`~gpuload.errors.DecodeError` naming what is wrong for empty, truncated,
-    corrupt or unrecognised data.
+    corrupt or unrecognised data, for zero or negative dimensions, and for an image of more
+    than ``max_pixels`` pixels (None: no limit of gpuload's own; formats read through Pillow
+    are still subject to Pillow's ``Image.MAX_IMAGE_PIXELS``, whose refusal is a DecodeError).
     """
     data = _as_bytes_like(buf)
     n = len(data)
     if n == 0:
         raise DecodeError("empty image buffer (0 bytes)")
     if n >= 3 and data[0] == 0xFF and data[1] == 0xD8 and data[2] == 0xFF:
-        return _read_jpeg(data, n)
-    if n >= 8 and bytes(data[:8]) == _PNG_SIGNATURE:
-        return _read_png(data, n)
-    if n >= 2 and data[0] == 0xFF and data[1] == 0xD8:
+        h = _read_jpeg(data, n)
+    elif n >= 8 and bytes(data[:8]) == _PNG_SIGNATURE:
+        h = _read_png(data, n)
+    elif n >= 2 and data[0] == 0xFF and data[1] == 0xD8:
         raise DecodeError(f"corrupt JPEG header: SOI marker not followed by a marker ({n} bytes)")
-    return _read_with_pil(data, n)
+    else:
+        peek = _peek_size(data, n)
+        if peek is not None:
+            check_size(peek[0], peek[1], max_pixels, peek[2])
+        h = _read_with_pil(data, n)
+    check_size(h.height, h.width, max_pixels, h.codec.upper())
+    return h
 
 
 def _read_jpeg(data, n: int) -> ImageHeader:
@@ -189,7 +240,7 @@ def _read_png(data, n: int) -> ImageHeader:
     width = int.from_bytes(data[16:20], "big")
     height = int.from_bytes(data[20:24], "big")
     depth, ctype = data[24], data[25]
-    if width == 0 or height == 0:
+    if not (0 < width < 1 << 31 and 0 < height < 1 << 31):  # PNG: 1 .. 2**31 - 1
         raise DecodeError(f"corrupt PNG: image size {height}x{width}")
     if ctype not in _PNG_CHANNELS:
         raise DecodeError(f"corrupt PNG: unknown colour type {ctype}")
@@ -216,6 +267,35 @@ _PIL_BANDS = {
 }
 
 
+def _peek_size(data, n: int) -> tuple[int, int, str] | None:
+    """(height, width, codec) from a GIF, BMP or WebP header, read without PIL (so the pixel
+    limit is checked before PIL parses anything), or None for other or too short data."""
+    head = bytes(data[:30])
+    if n >= 10 and head[:6] in (b"GIF87a", b"GIF89a"):  # logical screen size, uint16 LE
+        h, w = _le(head, 8, 2), _le(head, 6, 2)
+        return (h, w, "GIF") if h and w else None  # 0: PIL takes the first frame's size
+    if n >= 26 and head[:2] == b"BM":
+        if _le(head, 14, 4) == 12:  # OS/2 BITMAPCOREHEADER: uint16 sizes
+            return _le(head, 20, 2), _le(head, 18, 2), "BMP"
+        w = int.from_bytes(head[18:22], "little", signed=True)
+        h = int.from_bytes(head[22:26], "little", signed=True)
+        return abs(h), w, "BMP"  # a negative height means rows stored top-down
+    if n >= 30 and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        chunk = head[12:16]
+        if chunk == b"VP8X":  # canvas size - 1, 24-bit LE
+            return _le(head, 27, 3) + 1, _le(head, 24, 3) + 1, "WEBP"
+        if chunk == b"VP8L" and head[20] == 0x2F:  # 14-bit (size - 1) fields
+            bits = _le(head, 21, 4)
+            return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1, "WEBP"
+        if chunk == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":  # 14-bit sizes after start code
+            return _le(head, 28, 2) & 0x3FFF, _le(head, 26, 2) & 0x3FFF, "WEBP"
+    return None
+
+
+def _le(b: bytes, at: int, size: int) -> int:
+    return int.from_bytes(b[at : at + size], "little")
+
+
 def _read_with_pil(data, n: int) -> ImageHeader:
     try:
         from PIL import Image, UnidentifiedImageError
@@ -229,8 +309,11 @@ def _read_with_pil(data, n: int) -> ImageHeader:
     except UnidentifiedImageError as e:
         head = bytes(data[:8]).hex(" ")
         raise DecodeError(f"unknown or corrupt image data ({n} bytes, starts with {head})") from e
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"corrupt image header: {e}") from e
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # Pillow's own limit (its mutable global), or its warning turned into an error
+        raise DecodeError(f"too many pixels: Pillow refuses the image header: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure of a PIL header parser is corrupt data
+        raise DecodeError(f"corrupt image header: {type(e).__name__}: {e}") from e
     channels = _PIL_BANDS.get(mode, len(mode) if mode.isalpha() else 3)
     if mode in ("RGB", "YCbCr", "LAB", "HSV"):
         channels = 3

@@ -12,14 +12,16 @@ CPU (its libjpeg-turbo / libpng extensions) with ``NVIMGCODEC_DEVICE_CPU_ONLY``.
 * Output is always RGB (3 channels), grey JPEGs included (one decode parameter set per batch).
 * An image nvImageCodec cannot decode (it returns None) is decoded on the host instead (strict
   libjpeg-turbo for JPEG, libpng/PIL otherwise), which either succeeds or raises a DecodeError
-  naming the index. nvImageCodec's libjpeg-turbo path does not report libjpeg's corrupt-data
-  warnings; truncated streams are rejected before decoding (EOI check).
+  naming the index; so is every image of a batch whose decode call raises. Any exception for
+  one image becomes a DecodeError naming it. nvImageCodec's libjpeg-turbo path does not report
+  libjpeg's corrupt-data warnings; truncated streams are rejected before decoding (EOI check).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import logging
 
 import numpy as np
 
@@ -28,10 +30,12 @@ from gpuload.errors import DecodeError, MissingDependencyError
 
 from ._host import decode_other
 from ._pool import ForkSafeLocal, WorkerPool
-from .base import Decoder, DecodeRequest, Plan, batch_error, host_views
-from .header import ImageHeader
+from .base import Decoder, DecodeRequest, Plan, as_batch_error, host_views
+from .header import DEFAULT_MAX_PIXELS, ImageHeader, check_size
 
 __all__ = ["NvImgCodecDecoder"]
+
+log = logging.getLogger("gpuload.decode")
 
 INSTALL_HINT = "pip install nvidia-nvimgcodec-cu12 (or: pip install 'gpuload[cuda]')"
 
@@ -63,17 +67,20 @@ def _as_u8(data):
     return np.frombuffer(data, dtype=np.uint8)
 
 
-def host_decode_rgb(data, header: ImageHeader, plan: Plan) -> np.ndarray:
+def host_decode_rgb(
+    data, header: ImageHeader, plan: Plan, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Strict host decode of one image to the plan's (region of the) RGB output."""
     import simplejpeg
 
+    check_size(header.height, header.width, max_pixels, header.codec.upper())
     if header.codec == "jpeg" and header.channels in (1, 3) and header.precision == 8:
         try:
             arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
         except ValueError as e:
             raise DecodeError(f"corrupt JPEG data: {e}") from e
     else:
-        arr = decode_other(data, header)
+        arr = decode_other(data, header, max_pixels)
     if arr.shape[2] == 1:
         arr = np.repeat(arr, 3, axis=2)
     y0, x0 = plan.origin_y, plan.origin_x
@@ -206,37 +213,60 @@ class NvImgCodecDecoder(Decoder):
         for i, o in enumerate(outs):
             if o is None:
                 try:
-                    np.copyto(views[i], host_decode_rgb(datas[i], headers[i], plans[i]))
-                except DecodeError as e:
-                    raise batch_error(i, str(e), e) from e
-                except Exception as e:
-                    raise batch_error(i, f"{type(e).__name__}: {e}", e) from e
+                    np.copyto(
+                        views[i], host_decode_rgb(datas[i], headers[i], plans[i], self.max_pixels)
+                    )
+                except Exception as e:  # noqa: BLE001 - any failure is this image's DecodeError
+                    raise as_batch_error(i, e)  # noqa: B904 - cause set
 
     def _decode_cuda(self, datas, headers, plans, offsets, staging, stream) -> None:
         from ._cuda import copy_device_to_device, copy_host_to_device, device_views, stream_handle
 
         handle = stream_handle(stream)
         views = device_views(staging, plans, offsets)
-        srcs = self._code_streams(datas, plans)
-        dec = self._decoder()
-        # nvImageCodec allocates the output images (stream-ordered on `handle`); they are freed
-        # when `outs` goes away, which the CUDA allocator orders after the copies queued below.
-        # (Reusing them across batches via images= would save the allocations, but only if
-        # the next decode is ordered after these copies; left for a GPU measurement.)
-        outs = dec.decode(srcs, params=self._params(), cuda_stream=handle)
+        outs = self._decode_device(datas, plans, handle)
         for i, o in enumerate(outs):
+            if o is None:
+                try:
+                    arr = host_decode_rgb(datas[i], headers[i], plans[i], self.max_pixels)
+                except Exception as e:  # noqa: BLE001 - any failure is this image's DecodeError
+                    raise as_batch_error(i, e)  # noqa: B904 - cause set
+                copy_host_to_device(arr, views[i], stream)
+                continue
+            # nvImageCodec orders its output on the stream it was given; wait only if the
+            # image reports another one.
+            other = getattr(o, "cuda_stream", handle) not in (handle, None)
             try:
-                if o is None:
-                    copy_host_to_device(
-                        host_decode_rgb(datas[i], headers[i], plans[i]), views[i], stream
-                    )
-                else:
-                    # nvImageCodec orders its output on the stream it was given; wait only if
-                    # the image reports another one.
-                    other = getattr(o, "cuda_stream", handle) not in (handle, None)
-                    copy_device_to_device(o, views[i], stream, sync_src=other)
-            except DecodeError as e:
-                raise batch_error(i, str(e), e) from e
+                copy_device_to_device(o, views[i], stream, sync_src=other)
+            except ValueError as e:  # decoded to another shape than its header says
+                raise as_batch_error(i, e)  # noqa: B904 - cause set
+
+    def _decode_device(self, datas, plans, handle: int) -> list:
+        """nvImageCodec's batched decode on the stream: one output per image, None for an image
+        it cannot read (decided on the host by the caller), all None if the batch call raises.
+
+        nvImageCodec allocates the output images (stream-ordered on ``handle``); they are freed
+        when the list goes away, which the CUDA allocator orders after the caller's copies.
+        (Reusing them across batches via images= would save the allocations, but only if the
+        next decode is ordered after these copies; left for a GPU measurement.)"""
+        outs: list = [None] * len(datas)
+        srcs, where = [], []
+        for i, (d, p) in enumerate(zip(datas, plans, strict=True)):
+            try:
+                srcs.append(self._code_streams([d], [p])[0])
+                where.append(i)
+            except Exception:  # noqa: BLE001 - an unreadable stream is decided on the host
+                continue
+        if not srcs:
+            return outs
+        try:
+            got = self._decoder().decode(srcs, params=self._params(), cuda_stream=handle)
+        except Exception as e:  # noqa: BLE001 - a failed batch call: images decided on the host
+            log.warning("nvImageCodec batch decode failed (%r); decoding on the host", e)
+            return outs
+        for i, o in zip(where, got, strict=True):
+            outs[i] = o
+        return outs
 
     def close(self) -> None:
         self._pool.close()

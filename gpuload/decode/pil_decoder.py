@@ -2,18 +2,18 @@
 
 JPEG DCT scaling goes through ``Image.draft`` (libjpeg scale 1/s, the same ``ceil(H/s)`` size);
 regions are not decoded separately (the whole image is decoded, origin 0). Every image goes
-through ``Image.open(...).load()`` and one copy into the staging buffer.
+through ``Image.open(...).load()`` and one copy into the staging buffer; the size ``Image.open``
+reads is checked against the header and the pixel limit before ``load()``.
 """
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 
 from gpuload.device import Device
+from gpuload.errors import DecodeError
 
-from ._host import pil_to_array
+from ._host import open_pil, pil_to_array
 from ._pool import WorkerPool, run_chunks
 from .base import Decoder, DecodeRequest, Plan, batch_error, ceil_div, host_views, raise_first_error
 from .header import ImageHeader, output_channels
@@ -45,21 +45,24 @@ class PilDecoder(Decoder):
         return Plan(h.height, h.width, c, method="full")
 
     def _decode(self, datas, headers, plans, offsets, staging, stream) -> None:
-        from PIL import Image
-
         views = host_views(staging, plans, offsets)
+        limit = self.max_pixels
 
         def work(i: int) -> None:
             data, h, p, out = datas[i], headers[i], plans[i], views[i]
             try:
-                with Image.open(io.BytesIO(data if isinstance(data, bytes) else bytes(data))) as im:
+                with open_pil(data, h, limit) as im:
                     if p.method == "draft":
                         s = p.scale
                         im.draft("L" if p.channels == 1 else "RGB", (h.width // s, h.height // s))
                     im.load()
                     arr = pil_to_array(im, p.channels)
+            except DecodeError as e:
+                raise batch_error(i, str(e), e) from e
             except (OSError, SyntaxError, ValueError, EOFError) as e:
                 raise batch_error(i, f"corrupt {h.codec.upper()} data: {e}", e) from e
+            except Exception as e:  # noqa: BLE001 - MemoryError, PIL bomb errors, PIL internals
+                raise batch_error(i, f"{type(e).__name__}: {e}", e) from e
             if arr.shape != out.shape:
                 raise batch_error(i, f"PIL decoded {arr.shape}, expected {out.shape}")
             np.copyto(out, arr)

@@ -14,6 +14,7 @@ from gpuload.device import Device, resolve_device
 from gpuload.errors import MissingDependencyError
 
 from .base import Decoder
+from .header import DEFAULT_MAX_PIXELS, validate_max_pixels
 
 __all__ = ["get_decoder", "register_decoder", "known_decoders", "available_decoders"]
 
@@ -91,16 +92,29 @@ def available_decoders() -> list[str]:
 
 
 def get_decoder(
-    name: str = "auto", device: Device | str | None = "auto", threads: int | None = None, **options
+    name: str = "auto",
+    device: Device | str | None = "auto",
+    threads: int | None = None,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    **options,
 ) -> Decoder:
     """A decoder by name: "cpu", "pil", "nvimgcodec", "dali" or "auto".
 
     "auto" on a CUDA device picks nvimgcodec, else dali, else cpu (which stages in host memory:
     check ``decoder.device``); on the CPU it picks "cpu". ``options`` go to the backend
-    (e.g. ``fast=True``; cpu: ``roi="off"``; nvimgcodec/dali: ``hw_load=0.9``). Creating a
-    decoder neither touches CUDA nor starts threads; that happens at the first batch.
+    (e.g. ``fast=True``; cpu: ``roi="off"``; nvimgcodec/dali: ``hw_load=0.9``). ``max_pixels``
+    bounds each image's header dimensions (None: no limit), see ``Decoder.max_pixels``.
+    Creating a decoder neither touches CUDA nor starts threads; that happens at the first batch.
     """
-    dev = resolve_device(device)
+    limit = validate_max_pixels(max_pixels)
+    dec = _construct(name, resolve_device(device), threads, options)
+    dec.max_pixels = limit
+    return dec
+
+
+def _construct(name: str, dev: Device, threads: int | None, options: dict) -> Decoder:
+    """The backend instance for ``name`` ("auto" resolved for ``dev``)."""
     if name == "auto":
         if not dev.is_cuda:
             return _load("cpu")(dev, threads, **options)

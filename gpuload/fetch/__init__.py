@@ -1,9 +1,9 @@
 """Fetch: coalesced, concurrent, retried byte-range reads into preallocated buffers."""
 
+from ..retry import RetryPolicy, is_transient
 from .cache import BlockCache, CacheOptions
 from .fetcher import Fetcher, FetchOptions
 from .ranges import Groups, Read, ReadPlan, coalesce, coalesce_plan
-from .retry import RetryPolicy, is_transient
 
 __all__ = [
     "BlockCache",

@@ -1,11 +1,14 @@
 """The one fetcher every read goes through.
 
 Byte ranges are coalesced (adjacent rows become one request), issued concurrently with a bounded
-number in flight, and written straight into the caller's preallocated buffer: ``os.preadv`` for
-local files and cached blocks, one copy from the response for remote reads. Transient errors are
-retried with backoff; the final error names the table, chunk and byte range. Remote files are
-cached on local disk in blocks (size-bounded, opt-out). Thread pools and file descriptors are
-created lazily per process, so a Fetcher survives pickling and fork.
+number in flight, and written into the caller's preallocated buffer. Chunks written since format
+2 carry page checksums: their reads are widened to whole pages, verified, and only then copied
+(refetched once on a mismatch, then an IntegrityError naming table, chunk and range). Remote
+reads are always verified, local ones unless ``FetchOptions.verify_local`` is False; the block
+cache only ever stores verified bytes and is verified again on every read from it. Transient
+errors are retried with backoff; the final error names the table, chunk and byte range. Thread
+pools and file descriptors are created lazily per process, so a Fetcher survives pickling and
+fork.
 """
 
 from __future__ import annotations
@@ -13,15 +16,20 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from ..errors import FetchError
+import numpy as np
+
+from ..checksums import PageChecksums, hash_bytes
+from ..errors import FetchError, FormatError, GpuloadError
+from ..retry import RetryPolicy, call_with_retry
 from ..storage import Store
+from ..threads import DaemonThreadPool
 from .cache import BlockCache, CacheOptions
 from .ranges import Groups, Read, ReadPlan, coalesce_plan
-from .retry import RetryPolicy, call_with_retry
+from .verify import PageTables, integrity_error, widen
 
 __all__ = ["FetchOptions", "Fetcher", "Read", "ReadPlan"]
 
@@ -30,12 +38,14 @@ _IOV_MAX = 1024
 
 @dataclass(frozen=True)
 class FetchOptions:
-    """How reads are issued. ``None`` picks a default suited to local or remote storage."""
+    """How reads are issued. ``None`` picks a default suited to local or remote storage.
+    ``verify_local``: check page checksums on local reads too (remote reads always are)."""
 
     max_in_flight: int = 16
     max_gap: int | None = None
     max_request: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    verify_local: bool = True
 
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
@@ -52,12 +62,14 @@ class Fetcher:
         options: FetchOptions | None = None,
         cache: CacheOptions | bool | str | None = None,
         sizes: Mapping[str, int] | None = None,
+        checksums: Mapping[str, PageChecksums] | None = None,
     ) -> None:
         self.store = store
         self.label = label
         self.options = options or FetchOptions()
         self.cache_options = CacheOptions.coerce(cache)
         self.sizes: dict[str, int] = dict(sizes or {})
+        self.checksums: dict[str, PageChecksums] = dict(checksums or {})
         local = store.is_local
         self.max_gap = (
             self.options.max_gap
@@ -75,15 +87,27 @@ class Fetcher:
         self.cache = (
             BlockCache(store.url, self.cache_options) if (use_cache and not local) else None
         )
+        self.verify = bool(self.checksums) and (not local or self.options.verify_local)
         self._reset()
 
     def _reset(self) -> None:
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: DaemonThreadPool | None = None
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._inflight: dict[tuple[str, int], Future] = {}
-        self.stats = {"requests": 0, "bytes": 0, "retries": 0, "cache_hits": 0, "cache_misses": 0}
+        self._scratch = threading.local()
+        self._pages = PageTables(self.checksums)
+        self._sized: set[str] = set()
+        self.stats = {
+            "requests": 0,
+            "bytes": 0,
+            "retries": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "verified_bytes": 0,
+            "refetches": 0,
+        }
 
     def __getstate__(self):
         return {
@@ -92,11 +116,17 @@ class Fetcher:
             "options": self.options,
             "cache": self.cache_options,
             "sizes": self.sizes,
+            "checksums": self.checksums,
         }
 
     def __setstate__(self, state):
         self.__init__(
-            state["store"], state["label"], state["options"], state["cache"], state["sizes"]
+            state["store"],
+            state["label"],
+            state["options"],
+            state["cache"],
+            state["sizes"],
+            state.get("checksums"),
         )
 
     def _check_pid(self) -> None:
@@ -104,13 +134,13 @@ class Fetcher:
             # After fork: the parent's threads do not exist here and its fds are shared; start over.
             self._reset()
 
-    def _executor(self) -> ThreadPoolExecutor:
+    def _executor(self) -> DaemonThreadPool:
         self._check_pid()
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(
-                        max_workers=self.options.max_in_flight, thread_name_prefix="gpuload-fetch"
+                    self._pool = DaemonThreadPool(
+                        self.options.max_in_flight, thread_name_prefix="gpuload-fetch"
                     )
         return self._pool
 
@@ -147,7 +177,8 @@ class Fetcher:
         return bytes(out)
 
     def read_into(self, reads: Sequence[Read] | ReadPlan, out) -> None:
-        """Fill ``out`` (a writable buffer) from the given reads. Returns when every read landed."""
+        """Fill ``out`` (a writable buffer) from the given reads. Returns when every read landed
+        (verified against its chunk's page checksums where the chunk has them)."""
         self._check_pid()
         plan = reads if isinstance(reads, ReadPlan) else ReadPlan.from_reads(reads)
         view = memoryview(out).cast("B")
@@ -155,12 +186,49 @@ class Fetcher:
             return
         if plan.dest.min() < 0 or int((plan.dest + plan.length).max()) > len(view):
             raise ValueError(f"reads do not fit the {len(view)}-byte output buffer")
+        if self.verify:
+            used = np.unique(plan.fidx)
+            has = np.array([plan.files[i] in self.checksums for i in used.tolist()], dtype=bool)
+            if has.all():
+                self._read_verified(plan, view, used)
+                return
+            if has.any():
+                checked = np.isin(plan.fidx, used[has])
+                self._read_verified(_subplan(plan, checked), view, used[has])
+                plan = _subplan(plan, ~checked)
         if self.store.is_local:
             self._read_local(plan, view)
         elif self.cache is not None:
             self._read_cached(plan, view)
         else:
             self._read_remote(plan, view)
+
+    def ensure_size(self, file: str) -> None:
+        """Check once per process that a chunk file is as large as its manifest says, before
+        anything is allocated from the manifest's sizes (a manifest may lie)."""
+        if file in self._sized:
+            return
+        claimed = self.sizes.get(file)
+        if claimed is None:
+            raise FormatError(f"table {self.label!r}: {file} is not a chunk of this snapshot")
+        if self.store.is_local:
+            try:
+                real = os.fstat(self._fd(file)).st_size
+            except GpuloadError:
+                raise
+            except OSError as e:
+                raise self._fail(file, 0, claimed, e) from e
+        elif file in self.checksums:
+            self._page_table(file)  # reading the hash table reads the chunk's last bytes
+            real = claimed
+        else:
+            real = self.store.size(file)
+        if real != claimed:
+            raise FormatError(
+                f"table {self.label!r}, chunk {file}: the manifest says {claimed} bytes, the "
+                f"file has {real}"
+            )
+        self._sized.add(file)
 
     # -- helpers ---------------------------------------------------------------------------
     def _where(self, file: str, start: int, end: int) -> str:
@@ -189,6 +257,13 @@ class Fetcher:
         if first is not None:
             raise first
 
+    def _buffer(self, n: int) -> memoryview:
+        """A reused per-thread scratch buffer of at least ``n`` bytes."""
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or len(buf) < n:
+            buf = self._scratch.buf = bytearray(max(n, 1 << 20))
+        return memoryview(buf)[:n]
+
     # -- local files -----------------------------------------------------------------------
     def _fd(self, file: str) -> int:
         """An open descriptor for a table file (LRU of 256, per process)."""
@@ -197,7 +272,7 @@ class Fetcher:
             if fd is not None:
                 self._fds.move_to_end(file)
                 return fd
-        fd = os.open(self.store.path(file), os.O_RDONLY)
+        fd = self.store.open_local(file)
         with self._lock:
             old = self._fds.get(file)
             if old is not None:
@@ -228,6 +303,8 @@ class Fetcher:
             if fd is None:
                 try:
                     fd = fds[fi] = self._fd(plan.files[fi])
+                except GpuloadError:
+                    raise
                 except OSError as e:
                     raise self._fail(plan.files[fi], gstart[g], gend[g], e) from e
             a, b = bounds[g], bounds[g + 1]
@@ -249,7 +326,7 @@ class Fetcher:
                         [dest[i] for i in m],
                         view,
                     )
-            except FetchError:
+            except GpuloadError:
                 raise
             except OSError as e:
                 raise self._fail(plan.files[fi], gstart[g], gend[g], e) from e
@@ -272,7 +349,7 @@ class Fetcher:
                 plan.dest[m].tolist(),
                 view,
             )
-        except FetchError:
+        except GpuloadError:
             raise
         except OSError as e:
             raise self._fail(file, gs, ge, e) from e
@@ -294,7 +371,7 @@ class Fetcher:
         """Read one coalesced request with preadv: members land in place, gaps in scratch."""
         overlapping = any(starts[i] < starts[i - 1] + lens[i - 1] for i in range(1, len(starts)))
         if overlapping:
-            buf = memoryview(bytearray(ge - gs))
+            buf = self._buffer(ge - gs)
             self._pread_exact(fd, [buf], gs, file)
             for s0, ln, d in zip(starts, lens, dests):
                 view[d : d + ln] = buf[s0 - gs : s0 - gs + ln]
@@ -343,28 +420,27 @@ class Fetcher:
 
     # -- remote, uncached ------------------------------------------------------------------
     def _get(self, file: str, start: int, end: int) -> bytes:
-        path = self.store.path(file)
+        """Bytes [start, end) of a remote file: retried, checked to be exactly that range."""
         attempts = [0]
 
         def once() -> bytes:
             attempts[0] += 1
-            data = self.store.fs.cat_file(path, start=start, end=end)
-            if len(data) != end - start:
-                raise FetchError(
-                    f"short read in {self._where(file, start, end)}: got {len(data)} bytes"
-                )
-            return data
+            return self.store.read_range(file, start, end)
 
         try:
             data = call_with_retry(once, self.options.retry, lambda: self._where(file, start, end))
-        except FetchError:
+        except GpuloadError as e:
+            if isinstance(e, FetchError) and getattr(e, "gpuload_tries", 1) > 1:
+                raise self._fail(file, start, end, e) from e
             raise
         except Exception as e:  # any storage error after retries becomes one clear FetchError
             raise self._fail(file, start, end, e) from e
         finally:
-            self.stats["retries"] += max(0, attempts[0] - 1)
-        self.stats["requests"] += 1
-        self.stats["bytes"] += len(data)
+            with self._lock:
+                self.stats["retries"] += max(0, attempts[0] - 1)
+        with self._lock:
+            self.stats["requests"] += 1
+            self.stats["bytes"] += len(data)
         return data
 
     def _read_remote(self, plan: ReadPlan, view: memoryview) -> None:
@@ -374,11 +450,7 @@ class Fetcher:
             file = plan.files[int(groups.gfile[g])]
             gs = int(groups.gstart[g])
             src = memoryview(self._get(file, gs, int(groups.gend[g])))
-            m = groups.members(g)
-            for s0, ln, d in zip(
-                plan.start[m].tolist(), plan.length[m].tolist(), plan.dest[m].tolist()
-            ):
-                view[d : d + ln] = src[s0 - gs : s0 - gs + ln]
+            _scatter(plan, groups.members(g), gs, src, view)
 
         self._run_all([lambda g=g: job(g) for g in range(len(groups))])
 
@@ -395,23 +467,39 @@ class Fetcher:
         for fi, s0, ln, d in zip(
             plan.fidx.tolist(), plan.start.tolist(), plan.length.tolist(), plan.dest.tolist()
         ):
-            file = plan.files[fi]
-            pos, end = s0, s0 + ln
-            while pos < end:
-                b = pos // bs
-                b_end = min(end, (b + 1) * bs)
-                path = self.cache.lookup(file, b)
-                if path is None:  # evicted between ensure and read (tiny cache): fetch it again
-                    self._ensure_blocks({file: {b}})
-                    path = self.cache.block_path(file, b)
-                fd = os.open(path, os.O_RDONLY)
+            self._read_from_blocks(plan.files[fi], s0, view[d : d + ln])
+
+    def _read_from_blocks(self, file: str, start: int, out: memoryview) -> None:
+        """Copy file bytes [start, start + len(out)) out of cached blocks (fetching any evicted
+        since they were ensured)."""
+        bs = self.cache_options.block_bytes
+        pos, end = start, start + len(out)
+        while pos < end:
+            b = pos // bs
+            b_end = min(end, (b + 1) * bs)
+            fd = self._open_block(file, b)
+            try:
+                self._pread_exact(fd, [out[pos - start : b_end - start]], pos - b * bs, file)
+            finally:
+                os.close(fd)
+            pos = b_end
+
+    def _open_block(self, file: str, b: int) -> int:
+        """A descriptor for a cached block; a block evicted (by any process sharing the cache)
+        since it was ensured is fetched again."""
+        for _ in range(3):
+            path = self.cache.lookup(file, b)
+            if path is not None:
                 try:
-                    self._pread_exact(
-                        fd, [view[d + (pos - s0) : d + (b_end - s0)]], pos - b * bs, file
-                    )
-                finally:
-                    os.close(fd)
-                pos = b_end
+                    return os.open(path, os.O_RDONLY)
+                except FileNotFoundError:
+                    pass  # evicted between lookup and open: fetch it again below
+            self._ensure_blocks({file: {b}})
+        raise FetchError(
+            f"{self._where(file, b * self.cache_options.block_bytes, (b + 1) * self.cache_options.block_bytes)}: "
+            "the block cache evicted this block three times while reading it; the cache is too "
+            "small for the processes sharing it (CacheOptions.max_bytes)"
+        )
 
     def _ensure_blocks(self, needed: dict[str, set[int]]) -> None:
         bs = self.cache_options.block_bytes
@@ -460,7 +548,7 @@ class Fetcher:
                 raise FetchError(
                     f"{self._where(file, start, end)} lies past the end of the {size}-byte file"
                 )
-            data = memoryview(self._get(file, start, end))
+            data = self._fetch_checked(file, start, end)
             for i, b in enumerate(blocks):
                 part = data[i * bs : (i + 1) * bs]
                 if len(part):
@@ -473,3 +561,235 @@ class Fetcher:
             with self._lock:
                 for b in blocks:
                     self._inflight.pop((file, b), None)
+
+    def _fetch_checked(self, file: str, start: int, end: int) -> memoryview:
+        """Remote bytes [start, end), verified when the chunk has checksums (the range is
+        widened to whole pages for that): what the block cache may store."""
+        sums = self.checksums.get(file)
+        if sums is None:
+            return memoryview(self._get(file, start, end))
+        table = self._page_table(file)
+        lo = start - start % sums.page
+        hi = end if end >= sums.covers else min(-(-end // sums.page) * sums.page, sums.covers)
+        data = self._get(file, lo, hi)
+        if self._pages.bad(file, table, lo, data):
+            with self._lock:
+                self.stats["refetches"] += 1
+            data = self._get(file, lo, hi)
+            bad = self._pages.bad(file, table, lo, data)
+            if bad:
+                raise self._page_error(file, bad[0])
+        with self._lock:
+            self.stats["verified_bytes"] += len(data)
+        return memoryview(data)[start - lo : end - lo]
+
+    # -- verified reads --------------------------------------------------------------------
+    def _page_table(self, file: str) -> np.ndarray:
+        """The chunk's page hashes, read from the end of the file and checked against the
+        manifest's digest (once per process; refetched once on a mismatch)."""
+        table = self._pages.get(file)
+        if table is not None:
+            return table
+        sums = self.checksums[file]
+        lo, hi = sums.table_offset, sums.end
+        for attempt in range(2):
+            if self.store.is_local:
+                raw = memoryview(bytearray(hi - lo))  # not the scratch: callers may hold it
+                self._pread_exact(self._fd(file), [raw], lo, file)
+            elif self.cache is not None and attempt == 0 and self._cached(file, lo, hi):
+                raw = memoryview(bytearray(hi - lo))
+                self._read_from_blocks(file, lo, raw)
+            else:
+                raw = self._get(file, lo, hi)
+            table = self._pages.accept(file, raw)
+            if table is not None:
+                return table
+            with self._lock:
+                self.stats["refetches"] += 1
+        raise integrity_error(
+            self.label, file, lo, hi, "the page hash table does not match the manifest"
+        )
+
+    def _cached(self, file: str, start: int, end: int) -> bool:
+        bs = self.cache_options.block_bytes
+        return all(
+            os.path.exists(self.cache.block_path(file, b))
+            for b in range(start // bs, (end - 1) // bs + 1)
+        )
+
+    def _page_error(self, file: str, page: int) -> GpuloadError:
+        sums = self.checksums[file]
+        if page >= sums.pages:
+            lo, hi = sums.table_offset, sums.end
+        else:
+            lo, hi = page * sums.page, min((page + 1) * sums.page, sums.covers)
+        return integrity_error(self.label, file, lo, hi, f"page {page} does not match its checksum")
+
+    def _read_verified(self, plan: ReadPlan, view: memoryview, used: np.ndarray) -> None:
+        """Widen reads to whole pages, fetch each coalesced group, verify it, then copy out.
+        ``used``: the sorted indexes into ``plan.files`` that the plan reads."""
+        names = [plan.files[i] for i in used.tolist()]
+        sums = [self.checksums[f] for f in names]
+        at = np.searchsorted(used, plan.fidx)
+        page = np.array([s.page for s in sums], dtype=np.int64)[at]
+        covers = np.array([s.covers for s in sums], dtype=np.int64)[at]
+        if (plan.end > covers).any():
+            i = int(np.flatnonzero(plan.end > covers)[0])
+            f = plan.files[int(plan.fidx[i])]
+            raise FormatError(
+                f"{self._where(f, int(plan.start[i]), int(plan.end[i]))} lies outside the "
+                "checksummed pages"
+            )
+        for f in names:
+            self._page_table(f)
+        groups = coalesce_plan(widen(plan, page, covers), self.max_gap, self.max_request)
+        if self.store.is_local:
+            self._verified_local(plan, groups, view)
+            return
+        source = self._source()
+
+        def job(g: int) -> None:
+            file = plan.files[int(groups.gfile[g])]
+            gs, ge = int(groups.gstart[g]), int(groups.gend[g])
+            data = self._verified_group(source, file, gs, ge)
+            _scatter(plan, groups.members(g), gs, data, view)
+
+        self._run_all([lambda g=g: job(g) for g in range(len(groups))])
+
+    def _verified_local(self, plan: ReadPlan, groups: Groups, view: memoryview) -> None:
+        """Local verified reads: every group into one scratch buffer, all pages hashed in one
+        pass, then the reads copied out; plain-int loops and array maths, no per-group calls
+        beyond the read itself (a shuffled batch is one group per row)."""
+        n = len(groups)
+        sizes = groups.gend - groups.gstart
+        offs = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(sizes, out=offs[1:])
+        buf = self._buffer(int(offs[-1]))
+        gfile, gstart, boff = groups.gfile.tolist(), groups.gstart.tolist(), offs.tolist()
+        fds: dict[int, int] = {}
+        for g in range(n):
+            fd = fds.get(gfile[g])
+            if fd is None:
+                fd = fds[gfile[g]] = self._local_fd(plan.files[gfile[g]], groups, g)
+            self._local_pread(fd, buf[boff[g] : boff[g + 1]], gstart[g], plan.files[gfile[g]])
+        for g in self._bad_groups(plan.files, groups, offs, buf):
+            file = plan.files[gfile[g]]
+            self.stats["refetches"] += 1
+            part = buf[boff[g] : boff[g + 1]]
+            self._local_pread(fds[gfile[g]], part, gstart[g], file)
+            again = self._pages.bad(file, self._page_table(file), gstart[g], part)
+            if again:
+                raise self._page_error(file, again[0])
+        # where each read's bytes sit in the scratch buffer, then one copy each
+        group_of = np.empty(len(plan), dtype=np.int64)
+        group_of[groups.order] = np.repeat(np.arange(n), np.diff(groups.bounds))
+        src = (offs[:-1][group_of] + plan.start - groups.gstart[group_of]).tolist()
+        for so, ln, d in zip(src, plan.length.tolist(), plan.dest.tolist()):
+            view[d : d + ln] = buf[so : so + ln]
+        with self._lock:
+            self.stats["requests"] += n
+            self.stats["bytes"] += int(offs[-1])
+            self.stats["verified_bytes"] += int(offs[-1])
+
+    def _local_fd(self, file: str, groups: Groups, g: int) -> int:
+        try:
+            return self._fd(file)
+        except GpuloadError:
+            raise
+        except OSError as e:
+            raise self._fail(file, int(groups.gstart[g]), int(groups.gend[g]), e) from e
+
+    def _local_pread(self, fd: int, part: memoryview, offset: int, file: str) -> None:
+        try:
+            self._pread_exact(fd, [part], offset, file)
+        except GpuloadError:
+            raise
+        except OSError as e:
+            raise self._fail(file, offset, offset + len(part), e) from e
+
+    def _bad_groups(self, files, groups: Groups, offs: np.ndarray, buf: memoryview) -> list[int]:
+        """Groups (read into ``buf`` at ``offs``, page-aligned in their files) holding a page
+        whose hash does not match: every page of every group hashed in one loop."""
+        n = len(groups)
+        sums = [self.checksums[files[f]] for f in groups.gfile.tolist()]
+        page = np.fromiter((s.page for s in sums), dtype=np.int64, count=n)
+        first = groups.gstart // page
+        counts = -(-(groups.gend - groups.gstart) // page)
+        gi = np.repeat(np.arange(n), counts)
+        k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        at = k * page[gi]
+        length = np.minimum(page[gi], (groups.gend - groups.gstart)[gi] - at).tolist()
+        where = (offs[:-1][gi] + at).tolist()
+        want = np.concatenate(
+            [
+                self._page_table(files[f])[p0 : p0 + c]
+                for f, p0, c in zip(groups.gfile.tolist(), first.tolist(), counts.tolist())
+            ]
+        )
+        h = hash_bytes
+        got = np.fromiter(
+            (h(buf[o : o + ln]) for o, ln in zip(where, length)), np.uint64, len(want)
+        )
+        return np.unique(gi[got != want]).tolist()
+
+    def _source(self) -> Callable[[str, int, int, bool], memoryview]:
+        """Where verified reads come from: (file, start, end, again) -> bytes [start, end)."""
+        if self.store.is_local:
+
+            def local(file: str, start: int, end: int, again: bool) -> memoryview:
+                buf = self._buffer(end - start)
+                try:
+                    self._pread_exact(self._fd(file), [buf], start, file)
+                except GpuloadError:
+                    raise
+                except OSError as e:
+                    raise self._fail(file, start, end, e) from e
+                with self._lock:
+                    self.stats["requests"] += 1
+                    self.stats["bytes"] += end - start
+                return buf
+
+            return local
+        if self.cache is None:
+            return lambda file, start, end, again: memoryview(self._get(file, start, end))
+
+        def cached(file: str, start: int, end: int, again: bool) -> memoryview:
+            bs = self.cache_options.block_bytes
+            blocks = set(range(start // bs, (end - 1) // bs + 1))
+            if again:  # the cached copy failed its check: drop it and fetch it anew
+                for b in blocks:
+                    self.cache.discard(file, b)
+            self._ensure_blocks({file: blocks})
+            buf = self._buffer(end - start)
+            self._read_from_blocks(file, start, buf)
+            return buf
+
+        return cached
+
+    def _verified_group(self, source, file: str, gs: int, ge: int) -> memoryview:
+        table = self._page_table(file)
+        data = source(file, gs, ge, False)
+        if self._pages.bad(file, table, gs, data):
+            with self._lock:
+                self.stats["refetches"] += 1
+            data = source(file, gs, ge, True)
+            bad = self._pages.bad(file, table, gs, data)
+            if bad:
+                raise self._page_error(file, bad[0])
+        with self._lock:
+            self.stats["verified_bytes"] += ge - gs
+        return data
+
+
+def _subplan(plan: ReadPlan, mask: np.ndarray) -> ReadPlan:
+    return ReadPlan(
+        plan.files, plan.fidx[mask], plan.start[mask], plan.length[mask], plan.dest[mask]
+    )
+
+
+def _scatter(plan: ReadPlan, members, gs: int, src: memoryview, view: memoryview) -> None:
+    """Copy the plan's reads ``members`` out of ``src`` (file bytes starting at ``gs``)."""
+    for s0, ln, d in zip(
+        plan.start[members].tolist(), plan.length[members].tolist(), plan.dest[members].tolist()
+    ):
+        view[d : d + ln] = src[s0 - gs : s0 - gs + ln]

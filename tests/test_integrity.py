@@ -1,0 +1,145 @@
+"""Every byte verified: page checksums written at commit and checked on every read, `gpuload
+verify`, tables written before checksums, and names and paths checked whole."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import gpuload
+from gpuload.cli import main as cli_main
+from gpuload.errors import FormatError, IntegrityError, SchemaError
+from gpuload.fetch import FetchOptions
+
+from .helpers import robot_columns
+
+
+def _flip(path, offset):
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x10
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def table(tmp_path):
+    cols = robot_columns(60)
+    t = gpuload.ingest(tmp_path / "t", cols, chunk_bytes=64 << 10)
+    return t, cols
+
+
+def test_every_chunk_carries_page_checksums(table):
+    t, _ = table
+    assert t.num_chunks > 1
+    for c in t.manifest.chunks:
+        assert c.checksums is not None and c.checksums.end == c.size
+        assert all(s.end <= c.checksums.covers for s in c.data.values())
+    assert t.info()["checksums"].startswith("xxh3-64")
+
+
+def test_a_flipped_byte_is_an_integrity_error_naming_the_range(table):
+    t, cols = table
+    c = t.manifest.chunks[0]
+    img = c.data["image"]
+    _flip(Path(t.store.path(c.file)), img.offset + 5)
+    fresh = gpuload.open_table(t.url)
+    with pytest.raises(IntegrityError, match=rf"table 't', chunk {c.file}, bytes \[0, 16384\)"):
+        fresh[0]["image"]
+    # rows outside the damaged page still read, exactly
+    last = len(fresh) - 1
+    assert fresh[last]["image"] == cols["image"][last]
+    # verify_local=False trades the check away: the damaged bytes come through
+    loose = gpuload.open_table(t.url, fetch=FetchOptions(verify_local=False))
+    assert loose[0]["image"] != cols["image"][0]
+
+
+def test_gpuload_verify_reports_damaged_chunks(table, capsys):
+    t, _ = table
+    assert cli_main(["verify", t.url]) == 0
+    assert f"{t.num_chunks} of {t.num_chunks} chunks verified" in capsys.readouterr().out
+    c = t.manifest.chunks[-1]
+    _flip(Path(t.store.path(c.file)), c.data["label"].offset)
+    assert cli_main(["verify", t.url]) == 1
+    out = capsys.readouterr().out
+    assert f"BAD {c.file}" in out and "does not match its checksum" in out
+    report = gpuload.open_table(t.url).verify()
+    assert not report["ok"] and [b["chunk"] for b in report["bad"]] == [c.file]
+
+
+def test_a_table_written_before_checksums_still_opens(table):
+    """Format 1 manifests have no checksums: the table reads as before, unverified, and info
+    says so."""
+    t, cols = table
+    for path in [Path(t.url) / "manifest.json", *sorted((Path(t.url) / "versions").iterdir())]:
+        d = json.loads(path.read_bytes())
+        d["format_version"] = 1
+        for c in d["chunks"]:
+            c.pop("checksums")
+        path.write_text(json.dumps(d))
+    old = gpuload.open_table(t.url)
+    assert old.manifest.format_version == 1
+    assert old.info()["checksums"].startswith("none")
+    assert old[:].to_dict()["image"] == cols["image"]
+    assert old.verify()["unverified"] == [c.file for c in old.manifest.chunks]
+    # appending to it adds checksummed chunks; reads mix both
+    gpuload.ingest(t.url, robot_columns(5, seed=1), mode="append")
+    mixed = gpuload.open_table(t.url)
+    assert mixed.info()["checksums"].startswith(f"1 of {mixed.num_chunks} chunks")
+    assert len(mixed[:].to_dict()["image"]) == 65
+
+
+def test_a_manifest_that_lies_about_a_size_is_refused_before_allocating(table):
+    t, _ = table
+    path = Path(t.url) / "manifest.json"
+    d = json.loads(path.read_bytes())
+    c = d["chunks"][0]
+    c.pop("checksums")  # a format-1 chunk: nothing but the size to go by
+    c["size"] += 1 << 30
+    path.write_text(json.dumps(d))
+    for v in (Path(t.url) / "versions").iterdir():
+        v.unlink()
+    lying = gpuload.open_table(t.url)
+    with pytest.raises(FormatError, match="the manifest says .* bytes, the file has"):
+        lying[0].to_dict()
+
+
+@pytest.mark.parametrize("name", ["abc\n", "abc\r", "a/b", "..", ".hidden", "x" * 129])
+def test_table_names_must_match_whole(tmp_path, name):
+    with pytest.raises(SchemaError, match="invalid table name"):
+        gpuload.Client(tmp_path).ingest(name, {"x": [1]})
+
+
+def test_column_names_must_match_whole(tmp_path):
+    with pytest.raises(SchemaError, match="invalid column name"):
+        gpuload.ingest(tmp_path / "t", {"label\n": [1, 2]})
+
+
+def test_cached_remote_reads_never_store_unverified_bytes(tmp_path):
+    """memory:// as a remote store: a block whose bytes were damaged in transit is refetched,
+    and only verified blocks reach the on-disk cache."""
+    url = f"memory://integrity-{np.random.default_rng().integers(1 << 40)}/t"
+    cols = robot_columns(40)
+    gpuload.ingest(url, cols)
+    t = gpuload.open_table(url, cache=str(tmp_path / "cache"))
+    fs = t.store.fs
+    calls = []
+
+    class Flaky:
+        def __getattr__(self, k):
+            return getattr(fs, k)
+
+        def cat_file(self, path, start=None, end=None, **kw):
+            data = fs.cat_file(path, start=start, end=end, **kw)
+            calls.append(path)
+            if "chunks/" in path and len(calls) == 2 and len(data) > 100:
+                data = data[:50] + bytes([data[50] ^ 1]) + data[51:]
+            return data
+
+    t.store._fs = Flaky()
+    assert t[:].to_dict()["image"] == cols["image"]
+    assert t.fetcher.stats["refetches"] == 1
+    again = gpuload.open_table(url, cache=str(tmp_path / "cache"))
+    assert again[:].to_dict()["image"] == cols["image"]
+    assert again.fetcher.stats["requests"] == 0  # all from the (verified) cache
