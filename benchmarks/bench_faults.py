@@ -61,16 +61,31 @@ def _line(r) -> str:
 
 
 def default_policy_faults(work: str) -> list[dict]:
-    """Permanent faults with gpuload's default retry policy: how long until the one error."""
+    """Permanent faults with gpuload's default retry policy: how long until the one error (a
+    503 and a stall over HTTP; S3 SlowDown, which used to take ~105 s through stacked retries)."""
+    import gpuload
+
     src = faults.make_fault_table(os.path.join(work, "d"), 50)
     out = []
+    cases = [
+        faults.FaultCase("", "status", "always", expect="error", status=503),
+        faults.FaultCase("", "stall", "always", expect="error", stall_s=None),
+    ]
     with RangeHTTPServer(os.path.dirname(src)) as server:
-        for kind, kw in (("status", {"status": 503}), ("stall", {"stall_s": None})):
-            case = faults.FaultCase("", kind, "always", expect="error", **kw)
+        for case in cases:
             r = faults.run_case(case, "http", f"{server.url}/d", server, policy=RetryPolicy())
             out.append(r.as_dict() | {"policy": "default"})
             print(_line(r), file=sys.stderr)
             server.plan = FaultPlan()
+    with LoopbackS3() as s3:
+        url = s3.url(f"d-{uuid.uuid4().hex[:8]}")
+        gpuload.ingest(url, gpuload.open_table(src), storage_options=s3.storage_options)
+        with S3FaultProxy(s3) as proxy:
+            r = faults.run_case(
+                cases[0], "s3", url, proxy, proxy.storage_options, policy=RetryPolicy()
+            )
+            out.append(r.as_dict() | {"policy": "default"})
+            print(_line(r), file=sys.stderr)
     return out
 
 
@@ -127,6 +142,99 @@ def verification_cost(work: str, rows: int, repeats: int) -> dict:
     return out
 
 
+def markdown(res: dict) -> str:
+    """The figures table of benchmarks/RESULTS.md, from the run's own counters."""
+    rows = {}
+    for c in res["storage"] + res["default_policy"]:
+        what = c["kind"] + (f" {c['status']}" if c["kind"] == "status" else "")
+        what += " (manifest)" if c["target"] == "manifest" else ""
+        what += ", cached" if c["cached"] else ""
+        what += ", default policy" if c.get("policy") == "default" else ""
+        key = (c["store"], what, c["schedule"])
+        r = rows.setdefault(
+            key,
+            dict(
+                n=0,
+                req=0,
+                faults=0,
+                retries=0,
+                refetch=0,
+                rows=0,
+                wrong=0,
+                exact=0,
+                error=0,
+                secs=0.0,
+                ok=0,
+            ),
+        )
+        r["n"] += 1
+        for a, b in (
+            ("req", "requests"),
+            ("faults", "faults"),
+            ("retries", "retries"),
+            ("refetch", "refetches"),
+            ("rows", "rows_delivered"),
+            ("wrong", "rows_wrong"),
+        ):
+            r[a] += c[b]
+        r["exact" if c["outcome"] == "exact" else "error"] += 1
+        r["ok"] += c["ok"]
+        r["secs"] = max(r["secs"], c["seconds"])
+    out = [
+        "| store | fault | schedule | cases | requests | faults injected | retries | refetches "
+        "| rows delivered | rows wrong | outcome | slowest case |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (store, what, sched), r in rows.items():
+        outcome = f"{r['exact']} exact, {r['error']} one clear error"
+        out.append(
+            f"| {store} | {what} | {sched} | {r['n']} | {r['req']:,} | {r['faults']:,} | "
+            f"{r['retries']:,} | {r['refetch']} | {r['rows']:,} | **{r['wrong']}** | {outcome} "
+            f"| {r['secs']:.1f} s |"
+        )
+    out += [
+        "",
+        "| corrupted chunk (local) | rows delivered | rows wrong | error |",
+        "| --- | --- | --- | --- |",
+    ]
+    for c in res["corrupt_chunks"]:
+        total = c["extra"]["rows"]
+        out.append(
+            f"| {c['kind']} | {c['rows_delivered']} of {total} | **{c['rows_wrong']}** | {c['error']} |"
+        )
+    out += [
+        "",
+        "| concurrent writers (processes) | trials | appends reported ok | rows committed "
+        "| rows found | lost commits | extra rows | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for w in res["writers"]:
+        out.append(
+            f"| {w['writers']} writers, {w['through']} | {w['trials']} | {w['commits_ok']} | "
+            f"{w['rows_committed']:,} | {w['rows_found']:,} | **{w['lost_commits']}** | "
+            f"{w['extra_rows']} | {w['seconds']:.1f} |"
+        )
+    hm, hi = res["hostile_manifests"], res["hostile_images"]
+    refused = sum(o.startswith("error: ") for _, o in hm["results"])
+    out += [
+        "",
+        f"Hostile manifests: {len(hm['results'])} tried, {refused} refused with one FormatError, "
+        f"peak RSS {hm['peak_rss'] / 2**20:.0f} MB (child under RLIMIT_AS). Hostile image headers "
+        f"({', '.join(hi['kinds'])} claiming 65535x65535): {hi['tried']} tried, {hi['skipped']} "
+        f'skipped by on_error="skip", {len(hi["labels"])} good rows delivered, peak RSS '
+        f"{hi['peak_rss'] / 2**20:.0f} MB. Ctrl-C during a stalled read: exit after "
+        f"{res['sigint']['exit_seconds']:.2f} s.",
+        "",
+        "| verification cost, same run | verified | not verified (verify_local=False) | ratio |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, v in res["verification_cost"].items():
+        out.append(
+            f"| {name} | {fmt(v['verify'])} | {fmt(v['no_verify'])} | **{v['ratio']:.2f}** |"
+        )
+    return "\n".join(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1000, help="rows of the fault table")
@@ -136,7 +244,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpuload-bench"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--markdown", default=None, help="only print the tables of this results JSON")
     args = ap.parse_args()
+    if args.markdown:
+        import json
+
+        with open(args.markdown) as f:
+            print(markdown(json.load(f)))
+        return
     t0 = time.perf_counter()
     work = tempfile.mkdtemp(prefix="gpuload-faults-")
     res = {"machine": machine(), "rows": args.rows, "seeds": args.seeds}
@@ -150,6 +265,7 @@ def main() -> None:
     res["verification_cost"] = verification_cost(args.workdir, args.cost_rows, args.repeats)
     res["seconds"] = time.perf_counter() - t0
     write_json(res, args.out)
+    print(markdown(res))
     bad = [c for c in res["storage"] + res["corrupt_chunks"] if not c["ok"]]
     print(f"\n{len(bad)} case(s) not as expected; {res['seconds']:.0f} s", file=sys.stderr)
 

@@ -336,10 +336,10 @@ class Table:
     def _ensure_sizes(self, chunks: np.ndarray) -> None:
         """Check (once per chunk) that chunk files are as large as the manifest says before
         anything is allocated from the manifest's sizes: a manifest may lie."""
-        todo = chunks[~self._sized[chunks]]
-        for c in np.unique(todo).tolist():
-            self._fetcher.ensure_size(self._chunk_files[c])
-            self._sized[c] = True
+        todo = np.unique(chunks[~self._sized[chunks]]).tolist()
+        if todo:
+            self._fetcher.ensure_sizes([self._chunk_files[c] for c in todo])
+            self._sized[todo] = True
 
     def _read_small(self, idx: np.ndarray, col: Column) -> ColumnValues:
         chunks, local = self._locate(idx)

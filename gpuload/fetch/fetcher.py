@@ -203,6 +203,16 @@ class Fetcher:
         else:
             self._read_remote(plan, view)
 
+    def ensure_sizes(self, files: Sequence[str]) -> None:
+        """``ensure_size`` for several chunks; remote checks run concurrently (one round trip
+        each, however many chunks a shuffled batch touches)."""
+        todo = [f for f in files if f not in self._sized]
+        if len(todo) > 1 and not self.store.is_local:
+            self._run_all([lambda f=f: self.ensure_size(f) for f in todo])
+            return
+        for f in todo:
+            self.ensure_size(f)
+
     def ensure_size(self, file: str) -> None:
         """Check once per process that a chunk file is as large as its manifest says, before
         anything is allocated from the manifest's sizes (a manifest may lie)."""
@@ -640,7 +650,10 @@ class Fetcher:
                 f"{self._where(f, int(plan.start[i]), int(plan.end[i]))} lies outside the "
                 "checksummed pages"
             )
-        for f in names:
+        missing = [f for f in names if self._pages.get(f) is None]
+        if len(missing) > 1 and not self.store.is_local:
+            self._run_all([lambda f=f: self._page_table(f) for f in missing])
+        for f in missing:
             self._page_table(f)
         groups = coalesce_plan(widen(plan, page, covers), self.max_gap, self.max_request)
         if self.store.is_local:
@@ -657,80 +670,121 @@ class Fetcher:
         self._run_all([lambda g=g: job(g) for g in range(len(groups))])
 
     def _verified_local(self, plan: ReadPlan, groups: Groups, view: memoryview) -> None:
-        """Local verified reads: every group into one scratch buffer, all pages hashed in one
-        pass, then the reads copied out; plain-int loops and array maths, no per-group calls
-        beyond the read itself (a shuffled batch is one group per row)."""
-        n = len(groups)
-        sizes = groups.gend - groups.gstart
-        offs = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(sizes, out=offs[1:])
-        buf = self._buffer(int(offs[-1]))
-        gfile, gstart, boff = groups.gfile.tolist(), groups.gstart.tolist(), offs.tolist()
-        fds: dict[int, int] = {}
-        for g in range(n):
-            fd = fds.get(gfile[g])
-            if fd is None:
-                fd = fds[gfile[g]] = self._local_fd(plan.files[gfile[g]], groups, g)
-            self._local_pread(fd, buf[boff[g] : boff[g + 1]], gstart[g], plan.files[gfile[g]])
-        for g in self._bad_groups(plan.files, groups, offs, buf):
-            file = plan.files[gfile[g]]
+        """Local verified reads, one preadv per coalesced group. Long groups whose reads are
+        contiguous in the file and in ``view`` (sequential runs) read their inner pages straight
+        into ``view`` and only their first and last page into scratch; the others (shuffled
+        rows) are read into scratch, hashed in one pass and copied out. No byte reaches ``view``
+        unless its page matched."""
+        files = plan.files
+        page = np.fromiter(
+            (self.checksums[files[f]].page for f in groups.gfile.tolist()), np.int64, len(groups)
+        )
+        # direct reads pay off once a group's inner pages outweigh its per-group bookkeeping
+        long = np.flatnonzero(groups.gend - groups.gstart > 16 * page).tolist()
+        direct = [g for g in long if _contiguous(plan, groups.members(g))]
+        copied = np.ones(len(groups), dtype=bool)
+        copied[direct] = False
+        if direct:
+            self._verified_direct(plan, groups, direct, view)
+        if copied.any():
+            self._verified_copied(plan, groups, copied, page, view)
+        total = int((groups.gend - groups.gstart).sum())
+        with self._lock:
+            self.stats["requests"] += len(groups)
+            self.stats["bytes"] += total
+            self.stats["verified_bytes"] += total
+
+    def _verified_direct(self, plan: ReadPlan, groups: Groups, direct: list, view) -> None:
+        scratch = self._buffer(
+            sum(2 * self.checksums[plan.files[groups.gfile[g]]].page for g in direct)
+        )
+        lay = _DirectLayout(plan, groups, view, scratch)
+        for g in direct:
+            file = plan.files[int(groups.gfile[g])]
+            try:
+                fd = self._fd(file)
+                k = lay.add(g, fd, self._page_table(file), self.checksums[file])
+                self._read_pieces(fd, lay.iov[k], lay.gstart[g], file)
+            except GpuloadError:
+                raise
+            except OSError as e:
+                raise self._fail(file, int(groups.gstart[g]), int(groups.gend[g]), e) from e
+        for k in lay.bad():
+            g = lay.groups[k]
+            file = plan.files[int(groups.gfile[g])]
             self.stats["refetches"] += 1
-            part = buf[boff[g] : boff[g + 1]]
-            self._local_pread(fds[gfile[g]], part, gstart[g], file)
-            again = self._pages.bad(file, self._page_table(file), gstart[g], part)
+            self._read_pieces(lay.fds[k], lay.iov[k], lay.gstart[g], file)
+            again = lay.bad_pages(k)
             if again:
                 raise self._page_error(file, again[0])
-        # where each read's bytes sit in the scratch buffer, then one copy each
+        lay.copy_out()
+
+    def _verified_copied(self, plan, groups: Groups, sel: np.ndarray, page, view) -> None:
+        """Selected groups into one scratch buffer, all their pages hashed in one loop, then
+        each read copied out (plain-int loops: a shuffled batch is one group per row)."""
+        files = plan.files
+        gsel = np.flatnonzero(sel)
+        gs, ge = groups.gstart[gsel], groups.gend[gsel]
+        offs = np.zeros(len(gsel) + 1, dtype=np.int64)
+        np.cumsum(ge - gs, out=offs[1:])
+        buf = self._buffer(int(offs[-1]))
+        gfile, gsl, boff = groups.gfile[gsel].tolist(), gs.tolist(), offs.tolist()
+        fds: dict[int, int] = {}
+        for j in range(len(gsel)):
+            file = files[gfile[j]]
+            try:
+                fd = fds.get(gfile[j]) or fds.setdefault(gfile[j], self._fd(file))
+                self._read_pieces(fd, [buf[boff[j] : boff[j + 1]]], gsl[j], file)
+            except GpuloadError:
+                raise
+            except OSError as e:
+                raise self._fail(file, gsl[j], int(ge[j]), e) from e
+        for j in self._bad_copied(files, gfile, gs, ge, page[gsel], offs, buf):
+            file = files[gfile[j]]
+            self.stats["refetches"] += 1
+            part = buf[boff[j] : boff[j + 1]]
+            self._read_pieces(fds[gfile[j]], [part], gsl[j], file)
+            again = self._pages.bad(file, self._page_table(file), gsl[j], part)
+            if again:
+                raise self._page_error(file, again[0])
+        # where each selected read's bytes sit in the scratch buffer, then one copy each
+        slot = np.full(len(groups), -1, dtype=np.int64)
+        slot[gsel] = np.arange(len(gsel))
         group_of = np.empty(len(plan), dtype=np.int64)
-        group_of[groups.order] = np.repeat(np.arange(n), np.diff(groups.bounds))
-        src = (offs[:-1][group_of] + plan.start - groups.gstart[group_of]).tolist()
-        for so, ln, d in zip(src, plan.length.tolist(), plan.dest.tolist()):
+        group_of[groups.order] = np.repeat(slot, np.diff(groups.bounds))
+        mine = group_of >= 0
+        j = group_of[mine]
+        src = (offs[:-1][j] + plan.start[mine] - gs[j]).tolist()
+        for so, ln, d in zip(src, plan.length[mine].tolist(), plan.dest[mine].tolist()):
             view[d : d + ln] = buf[so : so + ln]
-        with self._lock:
-            self.stats["requests"] += n
-            self.stats["bytes"] += int(offs[-1])
-            self.stats["verified_bytes"] += int(offs[-1])
 
-    def _local_fd(self, file: str, groups: Groups, g: int) -> int:
-        try:
-            return self._fd(file)
-        except GpuloadError:
-            raise
-        except OSError as e:
-            raise self._fail(file, int(groups.gstart[g]), int(groups.gend[g]), e) from e
-
-    def _local_pread(self, fd: int, part: memoryview, offset: int, file: str) -> None:
-        try:
-            self._pread_exact(fd, [part], offset, file)
-        except GpuloadError:
-            raise
-        except OSError as e:
-            raise self._fail(file, offset, offset + len(part), e) from e
-
-    def _bad_groups(self, files, groups: Groups, offs: np.ndarray, buf: memoryview) -> list[int]:
+    def _bad_copied(self, files, gfile: list, gs, ge, page, offs, buf) -> list[int]:
         """Groups (read into ``buf`` at ``offs``, page-aligned in their files) holding a page
         whose hash does not match: every page of every group hashed in one loop."""
-        n = len(groups)
-        sums = [self.checksums[files[f]] for f in groups.gfile.tolist()]
-        page = np.fromiter((s.page for s in sums), dtype=np.int64, count=n)
-        first = groups.gstart // page
-        counts = -(-(groups.gend - groups.gstart) // page)
+        n = len(gfile)
+        first = gs // page
+        counts = -(-(ge - gs) // page)
         gi = np.repeat(np.arange(n), counts)
         k = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
         at = k * page[gi]
-        length = np.minimum(page[gi], (groups.gend - groups.gstart)[gi] - at).tolist()
+        length = np.minimum(page[gi], (ge - gs)[gi] - at).tolist()
         where = (offs[:-1][gi] + at).tolist()
-        want = np.concatenate(
-            [
-                self._page_table(files[f])[p0 : p0 + c]
-                for f, p0, c in zip(groups.gfile.tolist(), first.tolist(), counts.tolist())
-            ]
-        )
+        pidx = first[gi] + k
+        want = np.empty(len(pidx), dtype=np.uint64)
+        pfile = np.asarray(gfile, dtype=np.int64)[gi]
+        for f in set(gfile):
+            m = pfile == f
+            want[m] = self._page_table(files[f])[pidx[m]]
         h = hash_bytes
         got = np.fromiter(
             (h(buf[o : o + ln]) for o, ln in zip(where, length)), np.uint64, len(want)
         )
         return np.unique(gi[got != want]).tolist()
+
+    def _read_pieces(self, fd: int, iov: list[memoryview], offset: int, file: str) -> None:
+        want = sum(len(b) for b in iov)
+        if os.preadv(fd, iov, offset) != want:
+            self._pread_exact(fd, iov, offset, file)
 
     def _source(self) -> Callable[[str, int, int, bool], memoryview]:
         """Where verified reads come from: (file, start, end, again) -> bytes [start, end)."""
@@ -793,3 +847,77 @@ def _scatter(plan: ReadPlan, members, gs: int, src: memoryview, view: memoryview
         plan.start[members].tolist(), plan.length[members].tolist(), plan.dest[members].tolist()
     ):
         view[d : d + ln] = src[s0 - gs : s0 - gs + ln]
+
+
+def _contiguous(plan: ReadPlan, m: np.ndarray) -> bool:
+    """True when reads ``m`` (in file order) follow each other in the file and in the output."""
+    if len(m) < 2:
+        return True
+    s, ln, d = plan.start[m], plan.length[m], plan.dest[m]
+    return bool(np.all(s[1:] == s[:-1] + ln[:-1]) and np.all(d[1:] == d[:-1] + ln[:-1]))
+
+
+class _DirectLayout:
+    """Long contiguous groups of a verified local read: inner pages land in the output, the
+    first and last page in scratch; what is copied out of scratch once verified."""
+
+    def __init__(self, plan: ReadPlan, groups: Groups, view: memoryview, scratch: memoryview):
+        self.plan, self.view, self.scratch = plan, view, scratch
+        self.gstart, self.gend = groups.gstart.tolist(), groups.gend.tolist()
+        self.bounds, self.order = groups.bounds.tolist(), groups.order.tolist()
+        self.used = 0
+        self.groups: list[int] = []
+        self.fds: list[int] = []
+        self.page: list[int] = []
+        self.iov: list[list[memoryview]] = []
+        self.pages: list[list[memoryview]] = []  # per group: the bytes of each page
+        self.want: list[list[int]] = []  # per group: each page's expected hash
+        self.copies: list[tuple[int, memoryview]] = []  # (output offset, verified bytes)
+
+    def _take(self, n: int) -> memoryview:
+        part = self.scratch[self.used : self.used + n]
+        self.used += n
+        return part
+
+    def add(self, g: int, fd: int, table: np.ndarray, sums: PageChecksums) -> int:
+        """Lay out group ``g`` (at least 3 pages); returns its index in this layout."""
+        gs, ge, page = self.gstart[g], self.gend[g], sums.page
+        m = self.order[self.bounds[g] : self.bounds[g + 1]]
+        p0, p1 = gs // page, -(-ge // page)
+        s0, d0 = int(self.plan.start[m[0]]), int(self.plan.dest[m[0]])
+        span = int(self.plan.length[m].sum())
+        first, last = self._take(page), self._take(ge - (p1 - 1) * page)
+        inner = self.view[d0 + gs + page - s0 : d0 + (p1 - 1) * page - s0]
+        self.groups.append(g)
+        self.fds.append(fd)
+        self.page.append(page)
+        self.want.append(table[p0:p1].tolist())
+        self.iov.append([first, inner, last])
+        self.pages.append(
+            [first] + [inner[k * page : (k + 1) * page] for k in range(p1 - p0 - 2)] + [last]
+        )
+        for piece, at in ((first, gs), (last, (p1 - 1) * page)):
+            lo, hi = max(at, s0), min(at + len(piece), s0 + span)
+            if hi > lo:
+                self.copies.append((d0 + lo - s0, piece[lo - at : hi - at]))
+        return len(self.groups) - 1
+
+    def bad_pages(self, k: int) -> list[int]:
+        """Page numbers (in the file) of laid-out group ``k`` whose hash does not match."""
+        h = hash_bytes
+        p0 = self.gstart[self.groups[k]] // self.page[k]
+        return [p0 + i for i, (v, w) in enumerate(zip(self.pages[k], self.want[k])) if h(v) != w]
+
+    def bad(self) -> list[int]:
+        """Laid-out groups with any page whose hash does not match."""
+        h = hash_bytes
+        return [
+            k
+            for k, (ps, want) in enumerate(zip(self.pages, self.want))
+            if [h(v) for v in ps] != want
+        ]
+
+    def copy_out(self) -> None:
+        view = self.view
+        for d, src in self.copies:
+            view[d : d + len(src)] = src
