@@ -30,7 +30,6 @@ ALGO = "xxh3_64"
 DEFAULT_PAGE_BYTES = 16 << 10
 MIN_PAGE_BYTES = 4 << 10
 MAX_PAGE_BYTES = 16 << 20
-_HASH = xxhash.xxh3_64_intdigest
 hash_bytes = xxhash.xxh3_64_intdigest  # the xxh3-64 hash of a buffer, as an unsigned int
 
 
@@ -74,10 +73,6 @@ class PageChecksums:
     @property
     def end(self) -> int:
         return self.covers + self.table_length
-
-    def page_range(self, start: int, end: int) -> tuple[int, int]:
-        """The pages [p0, p1) that bytes [start, end) touch."""
-        return start // self.page, -(-end // self.page)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,7 +118,7 @@ def page_hashes(parts: Iterable[Any], page: int) -> np.ndarray:
         pos, n = 0, len(mv)
         while pos < n:
             if fill == 0 and n - pos >= page:  # a whole page inside this part: one call
-                out.append(_HASH(mv[pos : pos + page]))
+                out.append(hash_bytes(mv[pos : pos + page]))
                 pos += page
                 continue
             take = min(page - fill, n - pos)
@@ -149,7 +144,7 @@ def bad_pages(buf: Any, start: int, sums: PageChecksums, hashes: np.ndarray) -> 
     expected = hashes[p0 : p0 + -(-n // page)].tolist()
     bad = []
     for k, want in enumerate(expected):
-        if _HASH(mv[k * page : (k + 1) * page]) != want:
+        if hash_bytes(mv[k * page : (k + 1) * page]) != want:
             bad.append(p0 + k)
     if len(expected) * page < n:  # more bytes than pages: they cannot be verified
         bad.append(p0 + len(expected))

@@ -55,6 +55,8 @@ _TRANSIENT_WORDS = (
     "incompleteread",
     "response ended prematurely",
     "could not connect",
+    "conditionalrequestconflict",  # S3: racing conditional PUTs; the retry gets its 412
+    "conflicting conditional operation",
 )
 # Transient exception classes of the backends, matched by name so no backend is imported here.
 _TRANSIENT_CLASSES = {
@@ -117,6 +119,31 @@ def _status(exc: BaseException) -> int | None:
     return None
 
 
+# Error codes of S3-style services worth another try, whatever their HTTP status (S3 answers
+# RequestTimeout with a 400 and racing conditional PUTs with a 409).
+_TRANSIENT_CODES = {
+    "requesttimeout",
+    "slowdown",
+    "throttling",
+    "throttlingexception",
+    "requestlimitexceeded",
+    "toomanyrequestsexception",
+    "conditionalrequestconflict",
+    "internalerror",
+    "serviceunavailable",
+}
+
+
+def _error_code(exc: BaseException) -> str | None:
+    """The service's error code of a botocore ClientError, lowercased, or None."""
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        code = resp.get("Error", {}).get("Code")
+        if isinstance(code, str):
+            return code.lower()
+    return None
+
+
 def _transient_one(e: BaseException) -> bool | None:
     """True/False when this exception alone decides, None to look at its cause."""
     marked = getattr(e, "gpuload_transient", None)
@@ -130,9 +157,11 @@ def _transient_one(e: BaseException) -> bool | None:
         return True
     if any(c.__name__ in _TRANSIENT_CLASSES for c in type(e).__mro__):
         return True
-    status = _status(e)
-    if status is not None and (status >= 500 or status in (408, 429)):
+    if _error_code(e) in _TRANSIENT_CODES:
         return True
+    status = _status(e)
+    if status is not None and status != 409:  # a status decides (409: by its code, above)
+        return status >= 500 or status in (408, 429)
     text = str(e).lower()
     if any(w in text for w in _TRANSIENT_WORDS):
         return True
@@ -156,7 +185,6 @@ def call_with_retry(
     fn: Callable[[], T],
     policy: RetryPolicy,
     what: Callable[[], str],
-    on_retry: Callable[[BaseException], None] | None = None,
 ) -> T:
     """Call ``fn``; on a transient error sleep and try again, up to ``policy.tries`` times and
     while the deadline allows. The last error propagates with ``gpuload_tries`` set."""
@@ -178,7 +206,5 @@ def call_with_retry(
                 e,
                 d,
             )
-            if on_retry is not None:
-                on_retry(e)
             time.sleep(d)
     raise AssertionError("unreachable")  # pragma: no cover

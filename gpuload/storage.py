@@ -100,6 +100,7 @@ class Store:
         self._fs = None
         self._pid = -1
         self._lock = threading.Lock()
+        self._conditional: bool | None = None  # does the server honour create-only-if-absent?
 
     # -- pickling: drop live handles --------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
@@ -337,7 +338,7 @@ class Store:
         ``atomic_create``; elsewhere single-writer mode (see ``_create_single_writer``)."""
         if self.is_local:
             return _link_exclusive(self.path(rel), data)
-        if not self.atomic_create:
+        if not self.atomic_create or not self._honours_conditions():
             return self._create_single_writer(rel, data)
 
         def put() -> None:
@@ -355,6 +356,36 @@ class Store:
         except FileExistsError:
             # A retried PUT whose first try landed (its answer was lost) finds its own file.
             return self.read_bytes(rel) == data
+
+    def _put_if_absent(self, rel: str, data: bytes) -> bool:
+        try:
+            self.call(
+                lambda: self.fs.pipe_file(self.path(rel), data, mode="create"), rel, "probing"
+            )
+            return True
+        except FileExistsError:
+            return False
+
+    def _honours_conditions(self) -> bool:
+        """Whether this S3/GCS endpoint refuses a conditional create of an existing object:
+        S3-compatible servers that ignore If-None-Match would silently overwrite a version.
+        Probed once per process with a throwaway object."""
+        if self.protocol == "memory":
+            return True
+        if self._conditional is None:
+            probe = f"_gpuload_probe/{uuid.uuid4().hex}"
+            try:
+                self._put_if_absent(probe, b"1")
+                self._conditional = not self._put_if_absent(probe, b"2")
+            finally:
+                self.remove(probe)
+            if not self._conditional:
+                log.warning(
+                    "%s does not honour conditional writes (If-None-Match / ifGenerationMatch): "
+                    "gpuload commits to it in single-writer mode",
+                    self.url,
+                )
+        return self._conditional
 
     def _create_single_writer(self, rel: str, data: bytes) -> bool:
         """Stores without an atomic create: check-then-put under a process-wide lock, then read

@@ -205,6 +205,14 @@ class Table:
         index; returns a report. Chunks without checksums are listed as unverified."""
         report: dict[str, Any] = {"table": self.name, "version": self.version, "chunks": 0}
         report.update(verified=0, unverified=[], bad=[], bytes=0)
+        checker = Fetcher(  # verifies local reads too, whatever this table was opened with
+            self._store,
+            self.name,
+            dataclasses.replace(self._fetch_opts, verify_local=True),
+            self._cache_opts,
+            sizes=self._fetcher.sizes,
+            checksums=self._fetcher.checksums,
+        )
         for i, info in enumerate(self._manifest.chunks):
             report["chunks"] += 1
             try:
@@ -212,7 +220,7 @@ class Table:
                 if info.checksums is None:
                     report["unverified"].append(info.file)
                 else:
-                    self._verify_chunk(info)
+                    _read_through(checker, info.file, info.checksums.covers)
                     report["verified"] += 1
                     report["bytes"] += info.size
                 for col in self.schema:
@@ -223,15 +231,6 @@ class Table:
                 report["bad"].append({"chunk": info.file, "error": str(e)})
         report["ok"] = not report["bad"]
         return report
-
-    def _verify_chunk(self, info) -> None:
-        """Stream one chunk's checksummed bytes through the verifying fetcher."""
-        step = 8 << 20
-        buf = np.empty(step, dtype=np.uint8)
-        covers = info.checksums.covers
-        for lo in range(0, covers, step):
-            n = min(step, covers - lo)
-            self._fetcher.read_into([Read(info.file, lo, n, 0)], buf[:n])
 
     # -- row access ------------------------------------------------------------------------
     def _normalize_index(self, i: int) -> int:
@@ -547,6 +546,14 @@ class Table:
         from .adapters.tensorflow import tensorflow
 
         return tensorflow(self, *args, **kwargs)
+
+
+def _read_through(fetcher: Fetcher, file: str, nbytes: int, step: int = 8 << 20) -> None:
+    """Read bytes [0, nbytes) of a chunk file through ``fetcher`` (which checks them)."""
+    buf = np.empty(min(step, max(nbytes, 1)), dtype=np.uint8)
+    for lo in range(0, nbytes, step):
+        n = min(step, nbytes - lo)
+        fetcher.read_into([Read(file, lo, n, 0)], buf[:n])
 
 
 def resolve_shuffle(shuffle: bool | str, cached: bool) -> str:

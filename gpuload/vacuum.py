@@ -77,7 +77,10 @@ def vacuum_store(
     named = _needed(store, manifest, now, older_than)
     old, recent = [], []
     for rel, size, mtime in candidates:
-        if rel in named:
+        if named is None and rel.startswith("chunks/"):
+            recent.append(rel)
+            continue
+        if named is not None and rel in named:
             continue
         # an unknown age counts as recent unless the caller asked for everything (older_than=0)
         if older_than == 0 or (mtime is not None and now - mtime >= older_than):
@@ -89,7 +92,11 @@ def vacuum_store(
         latest = read_manifest(store)
         if latest.version != manifest.version:
             named = _needed(store, latest, now, older_than)
-            old = [(rel, size) for rel, size in old if rel not in named]
+            old = [
+                (rel, size)
+                for rel, size in old
+                if not (rel.startswith("chunks/") and (named is None or rel in named))
+            ]
         for rel, _ in old:
             store.remove(rel)
     removed = tuple(rel for rel, _ in old)
@@ -104,17 +111,24 @@ def vacuum_store(
     return report
 
 
-def _needed(store: Store, latest: Manifest, now: float, older_than: float) -> set[str]:
+def _needed(store: Store, latest: Manifest, now: float, older_than: float) -> set[str] | None:
     """Chunk files a live snapshot may still read: those of the latest version and of every
-    version replaced less than ``older_than`` seconds ago (a reader may hold one of those)."""
+    version replaced less than ``older_than`` seconds ago (a reader may hold one of those);
+    None when one of those versions cannot be read (then nothing may go)."""
     named = {c.file for c in latest.chunks}
     newer = latest
     for v in range(latest.version - 1, 0, -1):
         if now - newer.updated >= older_than:
             break  # version v was replaced before the grace period: nobody may read it now
         m = read_version(store, v)
-        if m is None:
-            break  # versions older than a missing file cannot be looked up
+        if m is None:  # replaced within the grace period but unreadable: keep every chunk
+            log.warning(
+                "vacuum of %s: version %d is missing, so the chunks a live reader of it may "
+                "need are unknown; no chunk is removed",
+                store.url,
+                v,
+            )
+            return None
         named.update(c.file for c in m.chunks)
         newer = m
     return named

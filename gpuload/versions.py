@@ -15,7 +15,14 @@ from .errors import FetchError, FormatError, GpuloadError, TableNotFoundError
 from .format import MANIFEST, Manifest, version_path
 from .storage import Store
 
-__all__ = ["read_manifest", "try_read_manifest", "publish", "table_exists", "read_version"]
+__all__ = [
+    "read_manifest",
+    "try_read_manifest",
+    "create_version",
+    "point_to",
+    "table_exists",
+    "read_version",
+]
 
 log = logging.getLogger("gpuload.versions")
 
@@ -74,14 +81,17 @@ def table_exists(store: Store) -> bool:
     return store.exists(MANIFEST) or store.exists(version_path(1))
 
 
-def publish(store: Store, manifest: Manifest) -> bool:
-    """Commit ``manifest`` as its version: True when this call published it, False when another
-    writer committed that version first (nothing of this one is visible then)."""
-    raw = manifest.dumps()
-    if not store.create_exclusive(version_path(manifest.version), raw):
-        return False
+def create_version(store: Store, manifest: Manifest) -> bool:
+    """Commit ``manifest`` as its version: True when this call created the version file, False
+    when another writer committed that version first (nothing of this one is visible then)."""
+    return store.create_exclusive(version_path(manifest.version), manifest.dumps())
+
+
+def point_to(store: Store, manifest: Manifest) -> None:
+    """Rewrite manifest.json to a committed version; best effort, since readers move forward
+    from a stale pointer anyway."""
     try:
-        store.write_atomic(MANIFEST, raw)  # the pointer: readers move forward from it anyway
+        store.write_atomic(MANIFEST, manifest.dumps())
     except (GpuloadError, OSError) as e:
         log.warning(
             "committed version %d of %s but could not update %s (%s); readers still find it",
@@ -90,4 +100,3 @@ def publish(store: Store, manifest: Manifest) -> bool:
             MANIFEST,
             e,
         )
-    return True

@@ -21,10 +21,10 @@ import numpy as np
 
 from .checksums import DEFAULT_PAGE_BYTES, PageChecksums, hash_bytes, page_hashes
 from .errors import CommitConflictError, SchemaError, TableExistsError
-from .format import ALIGN, ChunkInfo, Manifest, Section
+from .format import ALIGN, ChunkInfo, Manifest, Section, version_path
 from .schema import Column, Schema
 from .storage import Store
-from .versions import publish, try_read_manifest
+from .versions import create_version, point_to, try_read_manifest
 
 __all__ = ["TableWriter", "DEFAULT_CHUNK_BYTES", "MODES"]
 
@@ -65,6 +65,8 @@ class TableWriter:
             schema = _merge_codecs(self.base.schema, schema)
         self.schema = schema
         self._new_chunks: list[ChunkInfo] = []
+        self._published = False  # a version naming this writer's chunks exists
+        self._keep_chunks = False  # whether one exists is unknown
         self._reset_buffers()
         self.rows_written = 0
         self._closed = False
@@ -182,8 +184,7 @@ class TableWriter:
         base = self.base
         for attempt in range(MAX_COMMIT_TRIES):
             manifest = self._manifest_on(base, metadata)
-            if publish(self.store, manifest):
-                self._closed = True
+            if self._publish(manifest):
                 return manifest
             latest = try_read_manifest(self.store)
             self._check_rebase(base, latest)
@@ -194,6 +195,42 @@ class TableWriter:
             f"table {self.label!r}: lost the commit race {MAX_COMMIT_TRIES} times in a row to "
             "other writers; nothing of this write was committed; retry it"
         )
+
+    def _publish(self, manifest: Manifest) -> bool:
+        """Create the version; from the moment it exists this writer's chunks are the table's
+        and are never removed (not by abort, not by Ctrl-C during the pointer update)."""
+        try:
+            won = create_version(self.store, manifest)
+        except CommitConflictError:
+            raise  # a definite answer: the version is someone else's
+        except BaseException as e:  # noqa: BLE001 - resolved below, then re-raised if unknown
+            won = self._after_unknown(manifest, e)
+        if won:
+            self._published = self._closed = True
+            point_to(self.store, manifest)
+        return won
+
+    def _after_unknown(self, manifest: Manifest, err: BaseException) -> bool:
+        """A create that raised may still have landed (a PUT whose answer was lost): look. Until
+        that is known the chunks are kept (vacuum removes them if nothing names them)."""
+        self._keep_chunks = True
+        if not isinstance(err, Exception):
+            raise err  # Ctrl-C: do not wait on storage now
+        rel = version_path(manifest.version)
+        try:
+            there = self.store.read_bytes(rel)
+        except FileNotFoundError:
+            self._keep_chunks = False  # it did not land: the chunks are ours to remove
+            raise err from None
+        except Exception:  # noqa: BLE001 - still unknown: keep the chunks, report the first error
+            log.warning(
+                "the commit of version %d of %s may or may not have landed; its chunks are kept",
+                manifest.version,
+                self.label,
+            )
+            raise err from None
+        self._keep_chunks = False
+        return there == manifest.dumps()
 
     def _check_chunks_exist(self) -> None:
         """A vacuum with a grace period shorter than this write may have removed chunks that no
@@ -250,7 +287,13 @@ class TableWriter:
         return manifest
 
     def abort(self) -> None:
-        """Delete the chunks this writer wrote; the committed table is untouched."""
+        """Delete the chunks this writer wrote; the committed table is untouched. Chunks of a
+        version this writer published, or may have published, are never deleted."""
+        if self._published or self._keep_chunks:
+            self._new_chunks = []
+            self._reset_buffers()
+            self._closed = True
+            return
         for c in self._new_chunks:
             try:
                 self.store.remove(c.file)

@@ -267,3 +267,51 @@ def test_reader_keeps_its_snapshot_across_an_overwrite_until_vacuum(tmp_path):
     stale = pickle.loads(pickle.dumps(old))  # no descriptors still open on removed files
     with pytest.raises(FetchError, match="table 't', chunk chunks/"):
         stale[0]["payload"]
+
+
+def test_a_commit_whose_answer_was_lost_keeps_its_rows(tmp_path, monkeypatch):
+    """The version file was created but the call raised (an S3 PUT answered too late): the
+    writer looks, finds its own version, and reports success; nothing is deleted."""
+    gpuload.ingest(tmp_path / "t", _cols([1]))
+    real = Store.create_exclusive
+
+    def landed_then_failed(self, rel, data):
+        real(self, rel, data)
+        raise OSError("connection reset after the request was sent")
+
+    monkeypatch.setattr(Store, "create_exclusive", landed_then_failed)
+    t = gpuload.ingest(tmp_path / "t", _cols([2, 3]), mode="append")
+    monkeypatch.setattr(Store, "create_exclusive", real)
+    assert t.version == 2 and _ids(gpuload.open_table(tmp_path / "t")) == [1, 2, 3]
+
+
+def test_interrupt_after_the_commit_point_deletes_nothing(tmp_path, monkeypatch):
+    """Ctrl-C while the pointer is rewritten: the version is committed, so the writer's clean-up
+    must not remove its chunks."""
+    gpuload.ingest(tmp_path / "t", _cols([1]))
+    real = Store.write_atomic
+
+    def interrupted(self, rel, data):
+        if rel == MANIFEST:
+            raise KeyboardInterrupt
+        return real(self, rel, data)
+
+    monkeypatch.setattr(Store, "write_atomic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gpuload.ingest(tmp_path / "t", _cols([2]), mode="append")
+    monkeypatch.setattr(Store, "write_atomic", real)
+    t = gpuload.open_table(tmp_path / "t")
+    assert t.version == 2 and _ids(t) == [1, 2]  # every chunk it names is still there
+
+
+def test_a_create_that_did_not_land_removes_its_chunks(tmp_path, monkeypatch):
+    gpuload.ingest(tmp_path / "t", _cols([1]))
+    before = set((tmp_path / "t" / "chunks").iterdir())
+
+    def failed(self, rel, data):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Store, "create_exclusive", failed)
+    with pytest.raises(OSError, match="disk full"):
+        gpuload.ingest(tmp_path / "t", _cols([2]), mode="append")
+    assert set((tmp_path / "t" / "chunks").iterdir()) == before

@@ -143,3 +143,63 @@ def test_cached_remote_reads_never_store_unverified_bytes(tmp_path):
     again = gpuload.open_table(url, cache=str(tmp_path / "cache"))
     assert again[:].to_dict()["image"] == cols["image"]
     assert again.fetcher.stats["requests"] == 0  # all from the (verified) cache
+
+
+def test_a_damaged_page_inside_a_long_sequential_read_raises(tmp_path):
+    """Sequential runs are read straight into the output buffer; a damaged inner page still
+    fails the read (and nothing is returned from it)."""
+    rng = np.random.default_rng(0)
+    blobs = [rng.bytes(40_000) for _ in range(40)]
+    t = gpuload.ingest(tmp_path / "t", {"blob": blobs}, schema={"blob": "bytes"})
+    c = t.manifest.chunks[0]
+    _flip(Path(t.store.path(c.file)), c.data["blob"].offset + 20 * 40_000 + 7)  # an inner page
+    fresh = gpuload.open_table(t.url)
+    with pytest.raises(IntegrityError, match=r"page \d+ does not match"):
+        fresh.read(np.arange(40), ["blob"])
+    assert fresh.read(np.arange(0, 10), ["blob"])["blob"] == blobs[:10]
+
+
+def test_verify_checks_even_when_local_verification_is_off(tmp_path):
+    t = gpuload.ingest(tmp_path / "t", robot_columns(20))
+    c = t.manifest.chunks[0]
+    _flip(Path(t.store.path(c.file)), c.data["image"].offset + 3)
+    loose = gpuload.open_table(t.url, fetch=FetchOptions(verify_local=False))
+    assert not loose.verify()["ok"]
+
+
+def test_s3_endpoint_that_ignores_conditions_falls_back_to_single_writer(caplog):
+    """An S3-compatible server that ignores If-None-Match would let two writers both 'create'
+    one version: gpuload probes once and commits in single-writer mode instead."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from gpuload.storage import Store
+
+    class IgnoresConditions(MemoryFileSystem):
+        def pipe_file(self, path, value, mode="overwrite", **kw):
+            super().pipe_file(path, value, **kw)  # mode="create" ignored, as such servers do
+
+    store = Store("s3://bucket/t")
+    store._fs, store._pid = IgnoresConditions(), __import__("os").getpid()
+    with caplog.at_level("WARNING", logger="gpuload.storage"):
+        assert store.create_exclusive("versions/v000000000001.json", b"one")
+        assert not store.create_exclusive("versions/v000000000001.json", b"two")
+    assert "does not honour conditional writes" in caplog.text
+    assert store._conditional is False
+
+
+@pytest.mark.timeout(60)
+def test_jobs_started_on_a_fetch_thread_never_wait_behind_the_pool(tmp_path):
+    """A verified group runs on the fetch pool and may itself need several block downloads:
+    those run on the same thread instead of queueing behind jobs that wait on them (with one
+    pool thread that queueing would deadlock at once)."""
+    from gpuload.fetch import Fetcher
+    from gpuload.storage import Store
+
+    f = Fetcher(Store(str(tmp_path)), "t", FetchOptions(max_in_flight=1))
+    done = []
+
+    def outer(name):
+        f._run_all([lambda: done.append(f"{name}.1"), lambda: done.append(f"{name}.2")])
+
+    f._run_all([lambda: outer("a"), lambda: outer("b")])
+    assert sorted(done) == ["a.1", "a.2", "b.1", "b.2"]

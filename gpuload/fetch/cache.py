@@ -5,7 +5,8 @@ goes stale. Blocks are written to a temporary name and renamed, so processes sha
 (DataLoader workers, DDP ranks) never see a partial block. Eviction removes the least recently
 used blocks (by mtime, refreshed on use) once the total passes the bound.
 
-The bound holds for the directory as a whole, across every process sharing it:
+The bound holds for a table's cache directory (``<cache>/blocks/<hash of the table URL>``) as a
+whole, across every process sharing it:
 
 * Publishing a block (rename into place), accounting for it and evicting happen under an
   advisory ``fcntl.flock`` on ``<dir>/.lock``. The lock file is opened anew for each locked

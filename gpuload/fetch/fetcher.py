@@ -13,12 +13,15 @@ fork.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 
@@ -29,11 +32,13 @@ from ..storage import Store
 from ..threads import DaemonThreadPool
 from .cache import BlockCache, CacheOptions
 from .ranges import Groups, Read, ReadPlan, coalesce_plan
-from .verify import PageTables, integrity_error, widen
+from .verify import DirectLayout, PageTables, contiguous, integrity_error, widen
 
 __all__ = ["FetchOptions", "Fetcher", "Read", "ReadPlan"]
 
+T = TypeVar("T")
 _IOV_MAX = 1024
+_POOL_NAME = "gpuload-fetch"
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class Fetcher:
         self._lock = threading.Lock()
         self._pool: DaemonThreadPool | None = None
         self._fds: OrderedDict[str, int] = OrderedDict()
+        # Descriptors evicted from the LRU close only once no read is running: a thread still
+        # reading through one must never see its number reused for another file.
+        self._evicted: list[int] = []
+        self._active = 0
         self._inflight: dict[tuple[str, int], Future] = {}
         self._scratch = threading.local()
         self._pages = PageTables(self.checksums)
@@ -140,7 +149,7 @@ class Fetcher:
             with self._lock:
                 if self._pool is None:
                     self._pool = DaemonThreadPool(
-                        self.options.max_in_flight, thread_name_prefix="gpuload-fetch"
+                        self.options.max_in_flight, thread_name_prefix=_POOL_NAME
                     )
         return self._pool
 
@@ -153,9 +162,10 @@ class Fetcher:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *self._evicted]:
                 os.close(fd)
             self._fds.clear()
+            self._evicted.clear()
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
@@ -179,7 +189,10 @@ class Fetcher:
     def read_into(self, reads: Sequence[Read] | ReadPlan, out) -> None:
         """Fill ``out`` (a writable buffer) from the given reads. Returns when every read landed
         (verified against its chunk's page checksums where the chunk has them)."""
-        self._check_pid()
+        with self._reading():
+            self._read_into(reads, out)
+
+    def _read_into(self, reads: Sequence[Read] | ReadPlan, out) -> None:
         plan = reads if isinstance(reads, ReadPlan) else ReadPlan.from_reads(reads)
         view = memoryview(out).cast("B")
         if len(plan) == 0:
@@ -207,15 +220,19 @@ class Fetcher:
         """``ensure_size`` for several chunks; remote checks run concurrently (one round trip
         each, however many chunks a shuffled batch touches)."""
         todo = [f for f in files if f not in self._sized]
-        if len(todo) > 1 and not self.store.is_local:
-            self._run_all([lambda f=f: self.ensure_size(f) for f in todo])
-            return
-        for f in todo:
-            self.ensure_size(f)
+        with self._reading():
+            if len(todo) > 1 and not self.store.is_local:
+                self._run_all([lambda f=f: self._ensure_size(f) for f in todo])
+                return
+            for f in todo:
+                self._ensure_size(f)
 
     def ensure_size(self, file: str) -> None:
         """Check once per process that a chunk file is as large as its manifest says, before
         anything is allocated from the manifest's sizes (a manifest may lie)."""
+        self.ensure_sizes([file])
+
+    def _ensure_size(self, file: str) -> None:
         if file in self._sized:
             return
         claimed = self.sizes.get(file)
@@ -232,7 +249,10 @@ class Fetcher:
             self._page_table(file)  # reading the hash table reads the chunk's last bytes
             real = claimed
         else:
-            real = self.store.size(file)
+            try:
+                real = self.store.size(file)
+            except FileNotFoundError as e:
+                raise self._fail(file, 0, claimed, e) from e
         if real != claimed:
             raise FormatError(
                 f"table {self.label!r}, chunk {file}: the manifest says {claimed} bytes, the "
@@ -252,13 +272,22 @@ class Fetcher:
         )
 
     def _run_all(self, jobs: list) -> None:
-        """Run callables concurrently (bounded by the pool); wait for all, then raise the first error."""
-        if len(jobs) == 1:
-            jobs[0]()
+        """Run callables concurrently (bounded by the pool); wait for all, then raise the first
+        error. On a fetch thread they run here, one after another: a pool thread waiting on
+        jobs queued behind other waiting jobs would deadlock the pool."""
+        if len(jobs) == 1 or threading.current_thread().name.startswith(_POOL_NAME):
+            first: BaseException | None = None
+            for j in jobs:
+                try:
+                    j()
+                except BaseException as e:  # noqa: BLE001 - collected, re-raised after all ran
+                    first = first or e
+            if first is not None:
+                raise first
             return
         pool = self._executor()
         futures = [pool.submit(j) for j in jobs]
-        first: BaseException | None = None
+        first = None
         for f in futures:
             try:
                 f.result()
@@ -291,8 +320,24 @@ class Fetcher:
             self._fds[file] = fd
             while len(self._fds) > 256:
                 _, victim = self._fds.popitem(last=False)
-                os.close(victim)
+                self._evicted.append(victim)
         return fd
+
+    @contextlib.contextmanager
+    def _reading(self):
+        """Marks a read in progress (descriptors it uses stay open until all reads end)."""
+        self._check_pid()
+        with self._lock:
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._active -= 1
+                if self._active == 0 and self._evicted:
+                    for fd in self._evicted:
+                        os.close(fd)
+                    self._evicted.clear()
 
     def _read_local(self, plan: ReadPlan, view: memoryview) -> None:
         groups = coalesce_plan(plan, self.max_gap, self.max_request)
@@ -487,11 +532,18 @@ class Fetcher:
         while pos < end:
             b = pos // bs
             b_end = min(end, (b + 1) * bs)
-            fd = self._open_block(file, b)
-            try:
-                self._pread_exact(fd, [out[pos - start : b_end - start]], pos - b * bs, file)
-            finally:
-                os.close(fd)
+            part = out[pos - start : b_end - start]
+            for attempt in range(2):
+                fd = self._open_block(file, b)
+                try:
+                    self._pread_exact(fd, [part], pos - b * bs, file)
+                    break
+                except FetchError:  # a cut-short block (a crash while it was written): refetch
+                    if attempt:
+                        raise
+                    self.cache.discard(file, b)
+                finally:
+                    os.close(fd)
             pos = b_end
 
     def _open_block(self, file: str, b: int) -> int:
@@ -539,21 +591,29 @@ class Fetcher:
                         run = []
                     if b is not None:
                         run.append(b)
-        self.stats["cache_misses"] += len(jobs)
-        if jobs:
-            self._run_all([lambda j=j: self._download(*j) for j in jobs])
+        with self._lock:
+            self.stats["cache_misses"] += len(jobs)
+        try:
+            if jobs:
+                self._run_all([lambda j=j: self._download(*j) for j in jobs])
+        finally:  # a download that never ran must not leave waiters hanging on its future
+            for file, run, fut in jobs:
+                if not fut.done():
+                    fut.set_exception(FetchError(f"{self._where(file, 0, 0)}: download not run"))
+                    with self._lock:
+                        for b in run:
+                            self._inflight.pop((file, b), None)
         for fut in waits:
             fut.result()
 
     def _download(self, file: str, blocks: list[int], fut: Future) -> None:
         bs = self.cache_options.block_bytes
         start = blocks[0] * bs
-        end = (blocks[-1] + 1) * bs
-        size = self.sizes.get(file)
-        if size is None:
-            size = self.sizes[file] = self.store.size(file)
-        end = min(end, size)
         try:
+            size = self.sizes.get(file)
+            if size is None:
+                size = self.sizes[file] = self.store.size(file)
+            end = min((blocks[-1] + 1) * bs, size)
             if start >= end:
                 raise FetchError(
                     f"{self._where(file, start, end)} lies past the end of the {size}-byte file"
@@ -583,15 +643,22 @@ class Fetcher:
         hi = end if end >= sums.covers else min(-(-end // sums.page) * sums.page, sums.covers)
         data = self._get(file, lo, hi)
         if self._pages.bad(file, table, lo, data):
-            with self._lock:
-                self.stats["refetches"] += 1
-            data = self._get(file, lo, hi)
-            bad = self._pages.bad(file, table, lo, data)
-            if bad:
-                raise self._page_error(file, bad[0])
+            data = self._once_more(
+                file, lambda: self._get(file, lo, hi), lambda d: self._pages.bad(file, table, lo, d)
+            )
         with self._lock:
             self.stats["verified_bytes"] += len(data)
         return memoryview(data)[start - lo : end - lo]
+
+    def _once_more(self, file: str, fetch: Callable[[], T], bad: Callable[[T], list[int]]) -> T:
+        """Fetch again what failed its checksum; still wrong: IntegrityError naming the page."""
+        with self._lock:
+            self.stats["refetches"] += 1
+        data = fetch()
+        wrong = bad(data)
+        if wrong:
+            raise self._page_error(file, wrong[0])
+        return data
 
     # -- verified reads --------------------------------------------------------------------
     def _page_table(self, file: str) -> np.ndarray:
@@ -673,15 +740,15 @@ class Fetcher:
         """Local verified reads, one preadv per coalesced group. Long groups whose reads are
         contiguous in the file and in ``view`` (sequential runs) read their inner pages straight
         into ``view`` and only their first and last page into scratch; the others (shuffled
-        rows) are read into scratch, hashed in one pass and copied out. No byte reaches ``view``
-        unless its page matched."""
+        rows) are read into scratch, hashed in one pass and copied out. The read returns only
+        once every page matched; when one does not, it raises and ``view`` is unspecified."""
         files = plan.files
         page = np.fromiter(
             (self.checksums[files[f]].page for f in groups.gfile.tolist()), np.int64, len(groups)
         )
         # direct reads pay off once a group's inner pages outweigh its per-group bookkeeping
         long = np.flatnonzero(groups.gend - groups.gstart > 16 * page).tolist()
-        direct = [g for g in long if _contiguous(plan, groups.members(g))]
+        direct = [g for g in long if contiguous(plan, groups.members(g))]
         copied = np.ones(len(groups), dtype=bool)
         copied[direct] = False
         if direct:
@@ -698,7 +765,7 @@ class Fetcher:
         scratch = self._buffer(
             sum(2 * self.checksums[plan.files[groups.gfile[g]]].page for g in direct)
         )
-        lay = _DirectLayout(plan, groups, view, scratch)
+        lay = DirectLayout(plan, groups, view, scratch)
         for g in direct:
             file = plan.files[int(groups.gfile[g])]
             try:
@@ -712,11 +779,8 @@ class Fetcher:
         for k in lay.bad():
             g = lay.groups[k]
             file = plan.files[int(groups.gfile[g])]
-            self.stats["refetches"] += 1
-            self._read_pieces(lay.fds[k], lay.iov[k], lay.gstart[g], file)
-            again = lay.bad_pages(k)
-            if again:
-                raise self._page_error(file, again[0])
+            reread = partial(self._read_pieces, lay.fds[k], lay.iov[k], lay.gstart[g], file)
+            self._once_more(file, reread, lambda _, k=k: lay.bad_pages(k))
         lay.copy_out()
 
     def _verified_copied(self, plan, groups: Groups, sel: np.ndarray, page, view) -> None:
@@ -740,17 +804,18 @@ class Fetcher:
             except OSError as e:
                 raise self._fail(file, gsl[j], int(ge[j]), e) from e
         for j in self._bad_copied(files, gfile, gs, ge, page[gsel], offs, buf):
-            file = files[gfile[j]]
-            self.stats["refetches"] += 1
-            part = buf[boff[j] : boff[j + 1]]
-            self._read_pieces(fds[gfile[j]], [part], gsl[j], file)
-            again = self._pages.bad(file, self._page_table(file), gsl[j], part)
-            if again:
-                raise self._page_error(file, again[0])
+            file, part = files[gfile[j]], buf[boff[j] : boff[j + 1]]
+            reread = partial(self._read_pieces, fds[gfile[j]], [part], gsl[j], file)
+            table = self._page_table(file)
+            self._once_more(
+                file,
+                reread,
+                lambda _, f=file, t=table, a=gsl[j], p=part: self._pages.bad(f, t, a, p),
+            )
         # where each selected read's bytes sit in the scratch buffer, then one copy each
         slot = np.full(len(groups), -1, dtype=np.int64)
         slot[gsel] = np.arange(len(gsel))
-        group_of = np.empty(len(plan), dtype=np.int64)
+        group_of = np.full(len(plan), -1, dtype=np.int64)  # empty reads belong to no group
         group_of[groups.order] = np.repeat(slot, np.diff(groups.bounds))
         mine = group_of >= 0
         j = group_of[mine]
@@ -787,23 +852,7 @@ class Fetcher:
             self._pread_exact(fd, iov, offset, file)
 
     def _source(self) -> Callable[[str, int, int, bool], memoryview]:
-        """Where verified reads come from: (file, start, end, again) -> bytes [start, end)."""
-        if self.store.is_local:
-
-            def local(file: str, start: int, end: int, again: bool) -> memoryview:
-                buf = self._buffer(end - start)
-                try:
-                    self._pread_exact(self._fd(file), [buf], start, file)
-                except GpuloadError:
-                    raise
-                except OSError as e:
-                    raise self._fail(file, start, end, e) from e
-                with self._lock:
-                    self.stats["requests"] += 1
-                    self.stats["bytes"] += end - start
-                return buf
-
-            return local
+        """Where verified remote reads come from: (file, start, end, again) -> bytes."""
         if self.cache is None:
             return lambda file, start, end, again: memoryview(self._get(file, start, end))
 
@@ -824,12 +873,11 @@ class Fetcher:
         table = self._page_table(file)
         data = source(file, gs, ge, False)
         if self._pages.bad(file, table, gs, data):
-            with self._lock:
-                self.stats["refetches"] += 1
-            data = source(file, gs, ge, True)
-            bad = self._pages.bad(file, table, gs, data)
-            if bad:
-                raise self._page_error(file, bad[0])
+            data = self._once_more(
+                file,
+                lambda: source(file, gs, ge, True),
+                lambda d: self._pages.bad(file, table, gs, d),
+            )
         with self._lock:
             self.stats["verified_bytes"] += ge - gs
         return data
@@ -847,77 +895,3 @@ def _scatter(plan: ReadPlan, members, gs: int, src: memoryview, view: memoryview
         plan.start[members].tolist(), plan.length[members].tolist(), plan.dest[members].tolist()
     ):
         view[d : d + ln] = src[s0 - gs : s0 - gs + ln]
-
-
-def _contiguous(plan: ReadPlan, m: np.ndarray) -> bool:
-    """True when reads ``m`` (in file order) follow each other in the file and in the output."""
-    if len(m) < 2:
-        return True
-    s, ln, d = plan.start[m], plan.length[m], plan.dest[m]
-    return bool(np.all(s[1:] == s[:-1] + ln[:-1]) and np.all(d[1:] == d[:-1] + ln[:-1]))
-
-
-class _DirectLayout:
-    """Long contiguous groups of a verified local read: inner pages land in the output, the
-    first and last page in scratch; what is copied out of scratch once verified."""
-
-    def __init__(self, plan: ReadPlan, groups: Groups, view: memoryview, scratch: memoryview):
-        self.plan, self.view, self.scratch = plan, view, scratch
-        self.gstart, self.gend = groups.gstart.tolist(), groups.gend.tolist()
-        self.bounds, self.order = groups.bounds.tolist(), groups.order.tolist()
-        self.used = 0
-        self.groups: list[int] = []
-        self.fds: list[int] = []
-        self.page: list[int] = []
-        self.iov: list[list[memoryview]] = []
-        self.pages: list[list[memoryview]] = []  # per group: the bytes of each page
-        self.want: list[list[int]] = []  # per group: each page's expected hash
-        self.copies: list[tuple[int, memoryview]] = []  # (output offset, verified bytes)
-
-    def _take(self, n: int) -> memoryview:
-        part = self.scratch[self.used : self.used + n]
-        self.used += n
-        return part
-
-    def add(self, g: int, fd: int, table: np.ndarray, sums: PageChecksums) -> int:
-        """Lay out group ``g`` (at least 3 pages); returns its index in this layout."""
-        gs, ge, page = self.gstart[g], self.gend[g], sums.page
-        m = self.order[self.bounds[g] : self.bounds[g + 1]]
-        p0, p1 = gs // page, -(-ge // page)
-        s0, d0 = int(self.plan.start[m[0]]), int(self.plan.dest[m[0]])
-        span = int(self.plan.length[m].sum())
-        first, last = self._take(page), self._take(ge - (p1 - 1) * page)
-        inner = self.view[d0 + gs + page - s0 : d0 + (p1 - 1) * page - s0]
-        self.groups.append(g)
-        self.fds.append(fd)
-        self.page.append(page)
-        self.want.append(table[p0:p1].tolist())
-        self.iov.append([first, inner, last])
-        self.pages.append(
-            [first] + [inner[k * page : (k + 1) * page] for k in range(p1 - p0 - 2)] + [last]
-        )
-        for piece, at in ((first, gs), (last, (p1 - 1) * page)):
-            lo, hi = max(at, s0), min(at + len(piece), s0 + span)
-            if hi > lo:
-                self.copies.append((d0 + lo - s0, piece[lo - at : hi - at]))
-        return len(self.groups) - 1
-
-    def bad_pages(self, k: int) -> list[int]:
-        """Page numbers (in the file) of laid-out group ``k`` whose hash does not match."""
-        h = hash_bytes
-        p0 = self.gstart[self.groups[k]] // self.page[k]
-        return [p0 + i for i, (v, w) in enumerate(zip(self.pages[k], self.want[k])) if h(v) != w]
-
-    def bad(self) -> list[int]:
-        """Laid-out groups with any page whose hash does not match."""
-        h = hash_bytes
-        return [
-            k
-            for k, (ps, want) in enumerate(zip(self.pages, self.want))
-            if [h(v) for v in ps] != want
-        ]
-
-    def copy_out(self) -> None:
-        view = self.view
-        for d, src in self.copies:
-            view[d : d + len(src)] = src
