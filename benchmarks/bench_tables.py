@@ -61,6 +61,13 @@ def main() -> None:
     for name, mode in (("seq", "seq"), ("shuffle", "shuffle")):
         sid = f"stream.local.{mode}.bs{bs}"
         res[f"local_{name}"] = {"rows_s": r.metric(sid), "mb_s": r.metric(sid, "mb_s")}
+    for name, mode in (("seq", "seq"), ("shuffle", "shuffle")):
+        sid = f"stream.local.{mode}.bs{bs}.noverify"  # the same read, checksums not verified
+        if r.ok(sid):
+            res[f"local_{name}_noverify"] = {"rows_s": r.metric(sid)}
+            res[f"verify_cost_{name}"] = (
+                res[f"local_{name}"]["rows_s"]["median"] / r.metric(sid)["median"]
+            )
     for b2 in (64, 256):
         res[f"local_seq_bs{b2}"] = {"rows_s": r.metric(f"stream.local.seq.bs{b2}")}
     res["shuffle_over_seq"] = (

@@ -726,12 +726,22 @@ class Fetcher:
         if self.store.is_local:
             self._verified_local(plan, groups, view)
             return
-        source = self._source()
+        if self.cache is not None:  # blocks fetched (and verified) concurrently, then read here
+            bs = self.cache_options.block_bytes
+            needed: dict[str, set[int]] = {}
+            for f, a, b in zip(groups.gfile.tolist(), groups.gstart.tolist(), groups.gend.tolist()):
+                needed.setdefault(plan.files[f], set()).update(range(a // bs, (b - 1) // bs + 1))
+            self._ensure_blocks(needed)
+            gpage = np.array([self.checksums[plan.files[f]].page for f in groups.gfile.tolist()])
+            self._verified_copied(
+                plan, groups, np.ones(len(groups), bool), gpage, view, self._from_cache
+            )
+            return
 
         def job(g: int) -> None:
             file = plan.files[int(groups.gfile[g])]
             gs, ge = int(groups.gstart[g]), int(groups.gend[g])
-            data = self._verified_group(source, file, gs, ge)
+            data = self._verified_group(file, gs, ge)
             _scatter(plan, groups.members(g), gs, data, view)
 
         self._run_all([lambda g=g: job(g) for g in range(len(groups))])
@@ -754,12 +764,14 @@ class Fetcher:
         if direct:
             self._verified_direct(plan, groups, direct, view)
         if copied.any():
-            self._verified_copied(plan, groups, copied, page, view)
+            self._verified_copied(plan, groups, copied, page, view, self._from_disk)
         total = int((groups.gend - groups.gstart).sum())
         with self._lock:
             self.stats["requests"] += len(groups)
             self.stats["bytes"] += total
-            self.stats["verified_bytes"] += total
+            if direct:
+                sizes = groups.gend[direct] - groups.gstart[direct]
+                self.stats["verified_bytes"] += int(sizes.sum())
 
     def _verified_direct(self, plan: ReadPlan, groups: Groups, direct: list, view) -> None:
         scratch = self._buffer(
@@ -783,9 +795,30 @@ class Fetcher:
             self._once_more(file, reread, lambda _, k=k: lay.bad_pages(k))
         lay.copy_out()
 
-    def _verified_copied(self, plan, groups: Groups, sel: np.ndarray, page, view) -> None:
-        """Selected groups into one scratch buffer, all their pages hashed in one loop, then
-        each read copied out (plain-int loops: a shuffled batch is one group per row)."""
+    def _from_disk(self, file: str, start: int, part: memoryview, again: bool) -> None:
+        """Bytes [start, start + len(part)) of a local chunk file into ``part``."""
+        try:
+            self._read_pieces(self._fd(file), [part], start, file)
+        except GpuloadError:
+            raise
+        except OSError as e:
+            raise self._fail(file, start, start + len(part), e) from e
+
+    def _from_cache(self, file: str, start: int, part: memoryview, again: bool) -> None:
+        """The same out of the block cache; ``again``: the cached copy failed its check, so
+        its blocks are dropped and fetched anew first."""
+        if again:
+            bs = self.cache_options.block_bytes
+            blocks = set(range(start // bs, (start + len(part) - 1) // bs + 1))
+            for b in blocks:
+                self.cache.discard(file, b)
+            self._ensure_blocks({file: blocks})
+        self._read_from_blocks(file, start, part)
+
+    def _verified_copied(self, plan, groups: Groups, sel: np.ndarray, page, view, read) -> None:
+        """Selected groups into one scratch buffer (through ``read(file, start, part, again)``),
+        all their pages hashed in one loop, then each read copied out (plain-int loops: a
+        shuffled batch is one group per row)."""
         files = plan.files
         gsel = np.flatnonzero(sel)
         gs, ge = groups.gstart[gsel], groups.gend[gsel]
@@ -793,24 +826,15 @@ class Fetcher:
         np.cumsum(ge - gs, out=offs[1:])
         buf = self._buffer(int(offs[-1]))
         gfile, gsl, boff = groups.gfile[gsel].tolist(), gs.tolist(), offs.tolist()
-        fds: dict[int, int] = {}
         for j in range(len(gsel)):
-            file = files[gfile[j]]
-            try:
-                fd = fds.get(gfile[j]) or fds.setdefault(gfile[j], self._fd(file))
-                self._read_pieces(fd, [buf[boff[j] : boff[j + 1]]], gsl[j], file)
-            except GpuloadError:
-                raise
-            except OSError as e:
-                raise self._fail(file, gsl[j], int(ge[j]), e) from e
+            read(files[gfile[j]], gsl[j], buf[boff[j] : boff[j + 1]], False)
         for j in self._bad_copied(files, gfile, gs, ge, page[gsel], offs, buf):
-            file, part = files[gfile[j]], buf[boff[j] : boff[j + 1]]
-            reread = partial(self._read_pieces, fds[gfile[j]], [part], gsl[j], file)
+            file, part, at = files[gfile[j]], buf[boff[j] : boff[j + 1]], gsl[j]
             table = self._page_table(file)
             self._once_more(
                 file,
-                reread,
-                lambda _, f=file, t=table, a=gsl[j], p=part: self._pages.bad(f, t, a, p),
+                partial(read, file, at, part, True),
+                lambda _, f=file, t=table, a=at, p=part: self._pages.bad(f, t, a, p),
             )
         # where each selected read's bytes sit in the scratch buffer, then one copy each
         slot = np.full(len(groups), -1, dtype=np.int64)
@@ -822,6 +846,8 @@ class Fetcher:
         src = (offs[:-1][j] + plan.start[mine] - gs[j]).tolist()
         for so, ln, d in zip(src, plan.length[mine].tolist(), plan.dest[mine].tolist()):
             view[d : d + ln] = buf[so : so + ln]
+        with self._lock:
+            self.stats["verified_bytes"] += int(offs[-1])
 
     def _bad_copied(self, files, gfile: list, gs, ge, page, offs, buf) -> list[int]:
         """Groups (read into ``buf`` at ``offs``, page-aligned in their files) holding a page
@@ -851,31 +877,14 @@ class Fetcher:
         if os.preadv(fd, iov, offset) != want:
             self._pread_exact(fd, iov, offset, file)
 
-    def _source(self) -> Callable[[str, int, int, bool], memoryview]:
-        """Where verified remote reads come from: (file, start, end, again) -> bytes."""
-        if self.cache is None:
-            return lambda file, start, end, again: memoryview(self._get(file, start, end))
-
-        def cached(file: str, start: int, end: int, again: bool) -> memoryview:
-            bs = self.cache_options.block_bytes
-            blocks = set(range(start // bs, (end - 1) // bs + 1))
-            if again:  # the cached copy failed its check: drop it and fetch it anew
-                for b in blocks:
-                    self.cache.discard(file, b)
-            self._ensure_blocks({file: blocks})
-            buf = self._buffer(end - start)
-            self._read_from_blocks(file, start, buf)
-            return buf
-
-        return cached
-
-    def _verified_group(self, source, file: str, gs: int, ge: int) -> memoryview:
+    def _verified_group(self, file: str, gs: int, ge: int) -> memoryview:
+        """One uncached remote group, verified (fetched once more on a mismatch)."""
         table = self._page_table(file)
-        data = source(file, gs, ge, False)
+        data = memoryview(self._get(file, gs, ge))
         if self._pages.bad(file, table, gs, data):
             data = self._once_more(
                 file,
-                lambda: source(file, gs, ge, True),
+                lambda: memoryview(self._get(file, gs, ge)),
                 lambda d: self._pages.bad(file, table, gs, d),
             )
         with self._lock:
