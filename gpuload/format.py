@@ -106,6 +106,9 @@ class ChunkInfo:
     data: Mapping[str, Section]
     offsets: Mapping[str, Section] = field(default_factory=dict)
     checksums: PageChecksums | None = None
+    # variable-length columns: each row's xxh3-64 hash (uint64 LE), so a row read alone is
+    # verified without reading the pages around it
+    rowhash: Mapping[str, Section] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         cols: dict[str, Any] = {}
@@ -114,6 +117,9 @@ class ChunkInfo:
             if name in self.offsets:
                 o = self.offsets[name]
                 entry["offsets"] = [o.offset, o.length]
+            if name in self.rowhash:
+                h = self.rowhash[name]
+                entry["rowhash"] = [h.offset, h.length]
             cols[name] = entry
         d: dict[str, Any] = {
             "file": self.file,
@@ -141,14 +147,19 @@ class ChunkInfo:
             raise FormatError(f"{where}: field 'columns' must be an object")
         data: dict[str, Section] = {}
         offsets: dict[str, Section] = {}
+        rowhash: dict[str, Section] = {}
         for name, v in cols.items():
             if not isinstance(v, Mapping):
                 raise FormatError(f"{where}: field 'columns.{name}' must be an object")
             data[name] = Section.from_json(v.get("data"), f"columns.{name}.data", where)
             if "offsets" in v:
                 offsets[name] = Section.from_json(v["offsets"], f"columns.{name}.offsets", where)
+            if "rowhash" in v:
+                rowhash[name] = Section.from_json(v["rowhash"], f"columns.{name}.rowhash", where)
         sums = PageChecksums.from_json(d["checksums"], where) if "checksums" in d else None
-        return cls(file, rows, size, data, offsets, sums)
+        if rowhash and sums is None:
+            raise FormatError(f"{where}: row hashes without page checksums")
+        return cls(file, rows, size, data, offsets, sums, rowhash)
 
 
 @dataclass(frozen=True)
@@ -248,7 +259,7 @@ class Manifest:
                         f"{here}: page hashes end at byte {c.checksums.end}, the chunk has {c.size}"
                     )
                 limit = c.checksums.covers
-            extra = sorted(set(c.data) - set(self.schema.names))
+            extra = sorted((set(c.data) | set(c.rowhash)) - set(self.schema.names))
             if extra:
                 raise FormatError(f"{here}: sections for unknown column(s) {extra}")
             for col in self.schema:
@@ -274,6 +285,12 @@ def _check_column(here: str, c: ChunkInfo, col, limit: int) -> None:
             raise FormatError(
                 f"{here}: column {col.name!r} needs an offsets section of {8 * (c.rows + 1)} "
                 "bytes inside the chunk"
+            )
+        rh = c.rowhash.get(col.name)
+        if rh is not None and (rh.length != 8 * c.rows or rh.end > limit):
+            raise FormatError(
+                f"{here}: column {col.name!r} row hashes must be {8 * c.rows} bytes inside the "
+                "checksummed pages"
             )
     elif sec.length != c.rows * col.row_nbytes:
         raise FormatError(

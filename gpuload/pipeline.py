@@ -249,7 +249,7 @@ class ImageStage:
         plan, dest = table.plan_reads(rows, col)
         total = int(dest[-1])
         buf = self._raw_for(total)[:total]
-        table.fetcher.read_into(plan, buf)
+        table.fetch_rows(rows, plan, dest, col, buf)
         mv = memoryview(buf)
         o = dest.tolist()
         n = len(rows)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from .checksums import hash_bytes
 from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
 from .format import Manifest
@@ -76,6 +77,7 @@ class Table:
         self._mem_bytes = 0
         self._mem_limit = 64 << 20
         self._small: dict[str, bool] = {}
+        self._hashed: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._epochs_served = 0
         self._async_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -309,6 +311,74 @@ class Table:
         self._mem_put(key, buf)
         return buf
 
+    def chunk_rowhashes(self, chunk: int, column: Column) -> np.ndarray:
+        """Per-row hashes of a variable-length column in one chunk (read through the page
+        checks, LRU-cached)."""
+        key = (chunk, column.name, "rowhash")
+        arr = self._mem_get(key)
+        if arr is not None:
+            return arr
+        info = self._manifest.chunks[chunk]
+        sec = info.rowhash[column.name]
+        self._ensure_sizes(np.array([chunk]))
+        buf = np.empty(sec.length // 8, dtype="<u8")
+        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
+        self._mem_put(key, buf)
+        return buf
+
+    def _row_hashed(self, column: Column) -> np.ndarray:
+        """Which chunks carry per-row hashes of ``column``."""
+        mask = self._hashed.get(column.name)
+        if mask is None:
+            mask = np.array([column.name in c.rowhash for c in self._manifest.chunks], bool)
+            self._hashed[column.name] = mask
+        return mask
+
+    def fetch_rows(
+        self, indices: np.ndarray, plan: ReadPlan, dest: np.ndarray, column: Column, view
+    ) -> None:
+        """Read ``plan`` (from ``plan_reads(indices, column)``) into ``view`` and verify it:
+        rows of chunks with per-row hashes are read exactly and checked row by row (fetched once
+        more on a mismatch, then IntegrityError); everything else through the page checks."""
+        hashed = self._row_hashed(column)[plan.fidx] if column.is_var else None
+        if hashed is None or not self._fetcher.verify or not hashed.any():
+            self._fetcher.read_into(plan, view)
+            return
+        if not hashed.all():
+            self._fetcher.read_into(_subplan(plan, ~hashed), view)
+        rows = _subplan(plan, hashed)
+        self._fetcher.read_into(rows, view, rows_checked=True)
+        bad = self._bad_rows(indices[hashed], rows, column, view)
+        if bad.size:
+            again = _subplan(rows, bad)
+            self._fetcher.read_into(again, view, rows_checked=True, fresh=True)
+            still = self._bad_rows(indices[hashed][bad], again, column, view)
+            if still.size:
+                raise self._row_error(indices[hashed][bad][still[0]], again, int(still[0]), column)
+
+    def _bad_rows(self, indices, plan: ReadPlan, column: Column, view) -> np.ndarray:
+        """Positions in ``plan`` whose bytes in ``view`` do not hash to their row's hash."""
+        local = indices - self._chunk_starts[plan.fidx]
+        want = np.empty(len(plan), dtype=np.uint64)
+        for c in np.unique(plan.fidx).tolist():
+            sel = plan.fidx == c
+            want[sel] = self.chunk_rowhashes(c, column)[local[sel]]
+        mv = memoryview(view).cast("B")
+        got = np.fromiter(
+            (hash_bytes(mv[d : d + n]) for d, n in zip(plan.dest.tolist(), plan.length.tolist())),
+            np.uint64,
+            len(plan),
+        )
+        return np.flatnonzero(got != want)
+
+    def _row_error(self, row: int, plan: ReadPlan, k: int, column: Column) -> IntegrityError:
+        a = int(plan.start[k])
+        return IntegrityError(
+            f"table {self.name!r}, chunk {plan.files[int(plan.fidx[k])]}, row {int(row)}, column "
+            f"{column.name!r}, bytes [{a}, {a + int(plan.length[k])}): the row does not match its "
+            "checksum; it was fetched twice and did not match either time"
+        )
+
     def _is_small(self, column: Column) -> bool:
         """Columns averaging at most 512 bytes a row are read a whole chunk section at a time."""
         small = self._small.get(column.name)
@@ -404,7 +474,7 @@ class Table:
         if out is None or out.nbytes < total:
             out = np.empty(total, dtype=np.uint8)
         view = out.reshape(-1).view(np.uint8)[:total]
-        self._fetcher.read_into(reads, view)
+        self.fetch_rows(np.asarray(indices, dtype=np.int64), reads, dest, column, view)
         return view, dest
 
     def read(self, indices, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
@@ -546,6 +616,12 @@ class Table:
         from .adapters.tensorflow import tensorflow
 
         return tensorflow(self, *args, **kwargs)
+
+
+def _subplan(plan: ReadPlan, mask: np.ndarray) -> ReadPlan:
+    return ReadPlan(
+        plan.files, plan.fidx[mask], plan.start[mask], plan.length[mask], plan.dest[mask]
+    )
 
 
 def _read_through(fetcher: Fetcher, file: str, nbytes: int, step: int = 8 << 20) -> None:

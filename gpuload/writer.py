@@ -126,6 +126,7 @@ class TableWriter:
         pos = 0
         data: dict[str, Section] = {}
         offsets: dict[str, Section] = {}
+        rowhash: dict[str, Section] = {}
 
         def add(buf) -> Section:
             nonlocal pos
@@ -148,8 +149,11 @@ class TableWriter:
                 )
                 offs = np.zeros(rows + 1, dtype="<i8")
                 np.cumsum(lens, out=offs[1:])
-                data[col.name] = add(b"".join(self._parts[col.name]))
+                values = self._parts[col.name]
+                data[col.name] = add(b"".join(values))
                 offsets[col.name] = add(offs.tobytes())
+                hashes = np.fromiter(map(hash_bytes, values), dtype="<u8", count=rows)
+                rowhash[col.name] = add(hashes.tobytes())
             else:
                 arr = (
                     np.concatenate(self._parts[col.name])
@@ -165,7 +169,7 @@ class TableWriter:
         parts.append(hashes)
         name = f"chunks/{uuid.uuid4().hex}.chunk"
         size = self.store.write_new(name, parts)
-        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets, sums))
+        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets, sums, rowhash))
         self.rows_written += rows
         self._reset_buffers()
 

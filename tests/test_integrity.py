@@ -45,7 +45,8 @@ def test_a_flipped_byte_is_an_integrity_error_naming_the_range(table):
     img = c.data["image"]
     _flip(Path(t.store.path(c.file)), img.offset + 5)
     fresh = gpuload.open_table(t.url)
-    with pytest.raises(IntegrityError, match=rf"table 't', chunk {c.file}, bytes \[0, 16384\)"):
+    match = rf"table 't', chunk {c.file}, row 0, column 'image', bytes \[\d+, \d+\): the row"
+    with pytest.raises(IntegrityError, match=match):
         fresh[0]["image"]
     # rows outside the damaged page still read, exactly
     last = len(fresh) - 1
@@ -77,6 +78,8 @@ def test_a_table_written_before_checksums_still_opens(table):
         d["format_version"] = 1
         for c in d["chunks"]:
             c.pop("checksums")
+            for col in c["columns"].values():
+                col.pop("rowhash", None)
         path.write_text(json.dumps(d))
     old = gpuload.open_table(t.url)
     assert old.manifest.format_version == 1
@@ -96,6 +99,8 @@ def test_a_manifest_that_lies_about_a_size_is_refused_before_allocating(table):
     d = json.loads(path.read_bytes())
     c = d["chunks"][0]
     c.pop("checksums")  # a format-1 chunk: nothing but the size to go by
+    for col in c["columns"].values():
+        col.pop("rowhash", None)
     c["size"] += 1 << 30
     path.write_text(json.dumps(d))
     for v in (Path(t.url) / "versions").iterdir():
@@ -146,17 +151,38 @@ def test_cached_remote_reads_never_store_unverified_bytes(tmp_path):
 
 
 def test_a_damaged_page_inside_a_long_sequential_read_raises(tmp_path):
-    """Sequential runs are read straight into the output buffer; a damaged inner page still
-    fails the read (and nothing is returned from it)."""
+    """Long sequential runs of a fixed-size column are read straight into the output buffer; a
+    damaged inner page still fails the read (and nothing is returned from it)."""
     rng = np.random.default_rng(0)
-    blobs = [rng.bytes(40_000) for _ in range(40)]
-    t = gpuload.ingest(tmp_path / "t", {"blob": blobs}, schema={"blob": "bytes"})
+    arrays = rng.standard_normal((40, 4096)).astype(np.float32)  # 16 KiB rows, read row by row
+    t = gpuload.ingest(tmp_path / "t", {"a": arrays})
     c = t.manifest.chunks[0]
-    _flip(Path(t.store.path(c.file)), c.data["blob"].offset + 20 * 40_000 + 7)  # an inner page
+    _flip(Path(t.store.path(c.file)), c.data["a"].offset + 20 * 16384 + 7)  # an inner page
     fresh = gpuload.open_table(t.url)
     with pytest.raises(IntegrityError, match=r"page \d+ does not match"):
-        fresh.read(np.arange(40), ["blob"])
-    assert fresh.read(np.arange(0, 10), ["blob"])["blob"] == blobs[:10]
+        fresh.read(np.arange(40), ["a"])
+    np.testing.assert_array_equal(fresh.read(np.arange(0, 10), ["a"])["a"], arrays[:10])
+
+
+def test_rows_of_variable_columns_are_checked_one_by_one(tmp_path):
+    """Shuffled single rows of an image/bytes column are read exactly (no page widening) and
+    checked against their own hash; a damaged row is refetched, then an IntegrityError naming
+    the table, chunk, row, column and byte range."""
+    rng = np.random.default_rng(2)
+    blobs = [rng.bytes(int(n)) for n in rng.integers(1000, 30000, 50)]
+    t = gpuload.ingest(tmp_path / "t", {"blob": blobs}, schema={"blob": "bytes"})
+    c = t.manifest.chunks[0]
+    assert set(c.rowhash) == {"blob"} and c.rowhash["blob"].length == 8 * c.rows
+    offs = t.chunk_offsets(0, t.schema["blob"])
+    _flip(Path(t.store.path(c.file)), c.data["blob"].offset + int(offs[17]) + 5)
+    fresh = gpuload.open_table(t.url)
+    assert fresh.read([0], ["blob"])["blob"] == blobs[:1]  # offsets and row hashes now cached
+    before = fresh.fetcher.stats["bytes"]
+    got = fresh.read([3, 40, 16, 18], ["blob"])["blob"]
+    assert got == [blobs[3], blobs[40], blobs[16], blobs[18]]
+    assert fresh.fetcher.stats["bytes"] - before == sum(len(blobs[i]) for i in (3, 40, 16, 18))
+    with pytest.raises(IntegrityError, match=r"row 17, column 'blob', bytes \["):
+        fresh.read([5, 17], ["blob"])
 
 
 def test_verify_checks_even_when_local_verification_is_off(tmp_path):

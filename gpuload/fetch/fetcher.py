@@ -186,20 +186,37 @@ class Fetcher:
         self.read_into([Read(file, start, length, 0)], out)
         return bytes(out)
 
-    def read_into(self, reads: Sequence[Read] | ReadPlan, out) -> None:
+    def read_into(
+        self, reads: Sequence[Read] | ReadPlan, out, rows_checked: bool = False, fresh: bool = False
+    ) -> None:
         """Fill ``out`` (a writable buffer) from the given reads. Returns when every read landed
-        (verified against its chunk's page checksums where the chunk has them)."""
-        with self._reading():
-            self._read_into(reads, out)
+        (verified against its chunk's page checksums where the chunk has them).
 
-    def _read_into(self, reads: Sequence[Read] | ReadPlan, out) -> None:
-        plan = reads if isinstance(reads, ReadPlan) else ReadPlan.from_reads(reads)
-        view = memoryview(out).cast("B")
-        if len(plan) == 0:
-            return
-        if plan.dest.min() < 0 or int((plan.dest + plan.length).max()) > len(view):
-            raise ValueError(f"reads do not fit the {len(view)}-byte output buffer")
-        if self.verify:
+        ``rows_checked``: the caller checks what it reads against per-row hashes (whole rows of
+        variable-length columns), so the reads are not widened to pages. ``fresh``: the caller's
+        check failed; cached blocks under these reads are dropped and fetched again first."""
+        with self._reading():
+            plan = reads if isinstance(reads, ReadPlan) else ReadPlan.from_reads(reads)
+            view = memoryview(out).cast("B")
+            if len(plan) == 0:
+                return
+            if plan.dest.min() < 0 or int((plan.dest + plan.length).max()) > len(view):
+                raise ValueError(f"reads do not fit the {len(view)}-byte output buffer")
+            if fresh and self.cache is not None:
+                self._drop_blocks(plan)
+            self._read_into(plan, view, rows_checked)
+
+    def _drop_blocks(self, plan: ReadPlan) -> None:
+        bs = self.cache_options.block_bytes
+        keep = plan.length > 0
+        for fi, a, b in zip(
+            plan.fidx[keep].tolist(), plan.start[keep].tolist(), plan.end[keep].tolist()
+        ):
+            for blk in range(a // bs, (b - 1) // bs + 1):
+                self.cache.discard(plan.files[fi], blk)
+
+    def _read_into(self, plan: ReadPlan, view: memoryview, rows_checked: bool) -> None:
+        if self.verify and not rows_checked:
             used = np.unique(plan.fidx)
             has = np.array([plan.files[i] in self.checksums for i in used.tolist()], dtype=bool)
             if has.all():
