@@ -99,7 +99,7 @@ class Fetcher:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._pool: DaemonThreadPool | None = None
-        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._fds: OrderedDict[str | tuple, int] = OrderedDict()  # files and ("block", f, b)
         # Descriptors evicted from the LRU close only once no read is running: a thread still
         # reading through one must never see its number reused for another file.
         self._evicted: list[int] = []
@@ -171,9 +171,8 @@ class Fetcher:
         pool = getattr(self, "_pool", None)
         if pool is not None and getattr(self, "_pid", None) == os.getpid():
             pool.shutdown(wait=False)
-        fds = getattr(self, "_fds", None)
-        if fds and getattr(self, "_pid", None) == os.getpid():
-            for fd in fds.values():
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in [*getattr(self, "_fds", {}).values(), *getattr(self, "_evicted", [])]:
                 try:
                     os.close(fd)
                 except OSError:
@@ -213,7 +212,7 @@ class Fetcher:
             plan.fidx[keep].tolist(), plan.start[keep].tolist(), plan.end[keep].tolist()
         ):
             for blk in range(a // bs, (b - 1) // bs + 1):
-                self.cache.discard(plan.files[fi], blk)
+                self._drop_block(plan.files[fi], blk)
 
     def _read_into(self, plan: ReadPlan, view: memoryview, rows_checked: bool) -> None:
         if self.verify and not rows_checked:
@@ -323,22 +322,34 @@ class Fetcher:
     # -- local files -----------------------------------------------------------------------
     def _fd(self, file: str) -> int:
         """An open descriptor for a table file (LRU of 256, per process)."""
+        return self._cached_fd(file, lambda: self.store.open_local(file))
+
+    def _cached_fd(self, key, opener: Callable[[], int]) -> int:
+        """An open descriptor from the per-process LRU (table files and cached blocks)."""
         with self._lock:
-            fd = self._fds.get(file)
+            fd = self._fds.get(key)
             if fd is not None:
-                self._fds.move_to_end(file)
+                self._fds.move_to_end(key)
                 return fd
-        fd = self.store.open_local(file)
+        fd = opener()
         with self._lock:
-            old = self._fds.get(file)
+            old = self._fds.get(key)
             if old is not None:
                 os.close(fd)
                 return old
-            self._fds[file] = fd
+            self._fds[key] = fd
             while len(self._fds) > 256:
                 _, victim = self._fds.popitem(last=False)
                 self._evicted.append(victim)
         return fd
+
+    def _drop_block(self, file: str, b: int) -> None:
+        """Remove a cached block that failed a check (and forget any descriptor on it)."""
+        with self._lock:
+            fd = self._fds.pop(("block", file, b), None)
+            if fd is not None:
+                self._evicted.append(fd)
+        self.cache.discard(file, b)
 
     @contextlib.contextmanager
     def _reading(self):
@@ -558,19 +569,24 @@ class Fetcher:
                 except FetchError:  # a cut-short block (a crash while it was written): refetch
                     if attempt:
                         raise
-                    self.cache.discard(file, b)
-                finally:
-                    os.close(fd)
+                    self._drop_block(file, b)
             pos = b_end
 
     def _open_block(self, file: str, b: int) -> int:
-        """A descriptor for a cached block; a block evicted (by any process sharing the cache)
-        since it was ensured is fetched again."""
+        """A descriptor for a cached block, kept open in the LRU (blocks are immutable, so one
+        evicted from disk meanwhile still reads its verified bytes); a block gone before it
+        was opened is fetched again."""
+        with self._lock:
+            fd = self._fds.get(("block", file, b))
+        if fd is not None:
+            return fd
         for _ in range(3):
             path = self.cache.lookup(file, b)
             if path is not None:
                 try:
-                    return os.open(path, os.O_RDONLY)
+                    return self._cached_fd(
+                        ("block", file, b), lambda p=path: os.open(p, os.O_RDONLY)
+                    )
                 except FileNotFoundError:
                     pass  # evicted between lookup and open: fetch it again below
             self._ensure_blocks({file: {b}})
@@ -828,7 +844,7 @@ class Fetcher:
             bs = self.cache_options.block_bytes
             blocks = set(range(start // bs, (start + len(part) - 1) // bs + 1))
             for b in blocks:
-                self.cache.discard(file, b)
+                self._drop_block(file, b)
             self._ensure_blocks({file: blocks})
         self._read_from_blocks(file, start, part)
 
