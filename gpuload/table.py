@@ -351,6 +351,7 @@ class Table:
         bad = self._bad_rows(indices[hashed], rows, column, view)
         if bad.size:
             again = _subplan(rows, bad)
+            self._fetcher.stats["refetches"] += int(bad.size)
             self._fetcher.read_into(again, view, rows_checked=True, fresh=True)
             still = self._bad_rows(indices[hashed][bad], again, column, view)
             if still.size:

@@ -183,6 +183,7 @@ def test_rows_of_variable_columns_are_checked_one_by_one(tmp_path):
     assert fresh.fetcher.stats["bytes"] - before == sum(len(blobs[i]) for i in (3, 40, 16, 18))
     with pytest.raises(IntegrityError, match=r"row 17, column 'blob', bytes \["):
         fresh.read([5, 17], ["blob"])
+    assert fresh.fetcher.stats["refetches"] == 1  # the damaged row was fetched once more
 
 
 def test_verify_checks_even_when_local_verification_is_off(tmp_path):
