@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Client, ingest
+from .client import Client, ingest, pytorch, tensorflow
 from .errors import (
     CommitConflictError,
     DecodeError,
@@ -21,8 +21,10 @@ from .errors import (
     UnsupportedOpError,
 )
 from .fetch import CacheOptions, FetchOptions, RetryPolicy
-from .pipeline import DecodeOptions
+from .reader import TableReader
+from .sampling import Shuffle, Tail
 from .schema import Column, Schema
+from .spec import DecodeOptions, LoaderSpec, OnError
 from .table import Row, Rows, Table, open_table
 
 __version__ = "0.1.0"
@@ -37,13 +39,18 @@ __all__ = [
     "FetchError",
     "FetchOptions",
     "FormatError",
+    "LoaderSpec",
+    "OnError",
     "GpuloadError",
     "RetryPolicy",
     "Row",
     "Rows",
     "Schema",
     "SchemaError",
+    "Shuffle",
+    "Tail",
     "Table",
+    "TableReader",
     "TableExistsError",
     "TableNotFoundError",
     "UnsupportedOpError",
@@ -53,20 +60,6 @@ __all__ = [
     "pytorch",
     "tensorflow",
 ]
-
-
-def pytorch(table: Any, *args: Any, **kwargs: Any):
-    """A PyTorch dataset over a table (or the batched fast path when ``batch_size`` is given)."""
-    from .adapters.torch import pytorch as _pytorch
-
-    return _pytorch(table, *args, **kwargs)
-
-
-def tensorflow(table: Any, *args: Any, **kwargs: Any):
-    """A tf.data.Dataset over a table."""
-    from .adapters.tensorflow import tensorflow as _tensorflow
-
-    return _tensorflow(table, *args, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

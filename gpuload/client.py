@@ -1,22 +1,25 @@
-"""Client: a root (local folder or fsspec URL) holding named tables, Deeplake-style."""
+"""Where names are resolved: ``Client`` (a root, local folder or fsspec URL, holding named tables,
+Deeplake-style), ``ingest``, and the framework front doors ``pytorch`` / ``tensorflow`` that
+accept a Table, a table name, a path or a URL."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import TableNotFoundError
 from .fetch import CacheOptions, FetchOptions
 from .ingest import ingest_into
 from .schema import Schema, validate_name
+from .spec import with_spec_options
 from .storage import Store, join_url
-from .table import Table
+from .table import Table, open_table
 from .vacuum import DEFAULT_GRACE_S, VacuumReport, vacuum_store
 from .versions import table_exists
 from .writer import DEFAULT_CHUNK_BYTES
 
-__all__ = ["Client", "default_root", "ingest"]
+__all__ = ["Client", "default_root", "ingest", "pytorch", "resolve_table", "tensorflow"]
 
 
 def default_root() -> str:
@@ -142,3 +145,48 @@ def ingest(
     label = os.path.basename(os.fspath(url).rstrip("/")) or os.fspath(url)
     manifest = ingest_into(store, label, data, mode, schema, chunk_bytes, progress)
     return Table(store, manifest, cache=cache, fetch=fetch)
+
+
+def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) -> Table:
+    """A Table from a Table, a table name (under the default Client root), a path or a URL."""
+    if isinstance(table, Table):
+        if storage_options:
+            raise ValueError("storage_options= applies when a table is opened by name or URL")
+        return table
+    if isinstance(table, os.PathLike):
+        table = os.fspath(table)
+    if not isinstance(table, str):
+        raise TypeError(
+            f"expected a gpuload Table, a table name, a path or a URL, not {type(table).__name__}"
+        )
+    if "://" in table or os.sep in table or os.path.isdir(table):
+        return open_table(table, storage_options=storage_options)
+    return Client(storage_options=storage_options).open_table(table)
+
+
+@with_spec_options()
+def pytorch(
+    table: Any,
+    transform: Callable | None = None,
+    *,
+    iterable: bool = False,
+    storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
+):
+    """PyTorch access to a table (a Table, a name, a path or a URL): a map-style Dataset without
+    ``batch_size`` (for torch's DataLoader), an IterableDataset with ``iterable=True`` (shuffles
+    and shards itself), else gpuload's batched fast path (threads, prefetch, fused image ops)."""
+    return resolve_table(table, storage_options).pytorch(transform, iterable=iterable, **options)
+
+
+@with_spec_options()
+def tensorflow(
+    table: Any,
+    *,
+    input_context: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
+):
+    """A ``tf.data.Dataset`` over a table (a Table, a name, a path or a URL): rows without
+    ``batch_size`` (chain ``.batch()``), whole batches from the fast path with it."""
+    return resolve_table(table, storage_options).tensorflow(input_context=input_context, **options)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import SchemaError, TableNotFoundError
 from .format import Manifest
+from .reader import TableReader
 from .schema import Column, Schema, detect_codec
 from .storage import Store
 from .versions import read_manifest
@@ -40,11 +41,9 @@ class Source:
 # -- sources ---------------------------------------------------------------------------------
 def as_source(data: Any, batch_rows: int = BATCH_ROWS) -> Source:
     """Recognise the kind of ``data`` and stream it as raw column batches."""
-    from .table import Table
-
-    if isinstance(data, Table):
+    if isinstance(data, TableReader):
         return Source(
-            ((b, _batch_len(b)) for b in data.batches(batch_rows)),
+            _table_batches(data, batch_rows),
             len(data),
             dict(data.schema.metadata),
             data.schema,
@@ -242,14 +241,19 @@ def _arrow_nested(arr, name: str, row0: int) -> np.ndarray:
         raise SchemaError(f"column {name!r}: cannot reshape nested lists to {shape}") from None
 
 
+def _table_batches(table: TableReader, batch_rows: int):
+    """A gpuload table's rows in order, as raw column batches (read and verified)."""
+    for lo in range(0, len(table), batch_rows):
+        batch = table.read(np.arange(lo, min(len(table), lo + batch_rows), dtype=np.int64))
+        yield batch, _batch_len(batch)
+
+
 def _path_source(path: str, batch_rows: int) -> Source:
     if "://" not in path and not os.path.exists(path):
         raise SchemaError(f"ingest source {path!r} does not exist")
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "manifest.json")):
-            from .table import open_table
-
-            return as_source(open_table(path), batch_rows)
+            return as_source(TableReader.open(path), batch_rows)
         files = sorted(os.listdir(path))
         if any(f.endswith(".parquet") for f in files):
             return _parquet_source(path, batch_rows)

@@ -1,10 +1,11 @@
-"""The batched fast path: whole batches assembled by a pool of threads, in order, with bounded
+"""The batched loader: whole batches assembled by a pool of threads, in order, with bounded
 prefetch, seeded shuffling, rank sharding and exact mid-epoch resume.
 
-    fetch (coalesced reads) -> decode + fused kernel (image ops) -> transform -> collate
+    read (coalesced, verified) -> image stage (decode + fused kernel) -> transform -> collate
     -> export (DLPack, by the framework adapter)
 
 Framework-free: the adapters pass an ``export`` function that turns a numpy batch into tensors.
+``make_loader(reader, spec, ...)`` is the one place a Loader and its image stage are built.
 """
 
 from __future__ import annotations
@@ -12,83 +13,76 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from .collate import collate_rows
+from .device import resolve_device
+from .distributed import resolve_rank_world
 from .errors import TransformError
-from .sampling import Shard, shard_for
-from .schema import Column
-from .table import Table
+from .image_stage import ImageStageFactory, image_stage_factory
+from .reader import TableReader
+from .sampling import Shard, Shuffle, shard_for
+from .spec import LoaderSpec, OnError
+from .stats import LoaderStats, StageClock
 from .threads import DaemonThreadPool
 
-__all__ = ["LoaderOptions", "Loader", "LoadedRow", "resolve_table"]
+__all__ = ["Loader", "LoadedRow", "make_loader", "draw_seed"]
 
 log = logging.getLogger("gpuload.loader")
 
+STATE_VERSION = 2
 
-def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) -> Table:
-    """A Table from a Table, a table name (under the default Client root), a path or a URL."""
-    if isinstance(table, Table):
-        return table
-    if isinstance(table, os.PathLike):
-        table = os.fspath(table)
-    if not isinstance(table, str):
-        raise TypeError(
-            f"expected a gpuload Table, a table name, a path or a URL, not {type(table).__name__}"
+
+def draw_seed() -> int:
+    """A random 63-bit seed (for ``seed=None``): recorded in the loader's state, so a resume
+    needs no seed."""
+    return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def make_loader(
+    reader: TableReader,
+    spec: LoaderSpec,
+    *,
+    transform: Callable | None = None,
+    export: Callable[[Any], Any] | None = None,
+) -> Loader:
+    """Build the batched loader a spec asks for: rank and world resolved, the seed drawn when
+    none was given, the image stage prepared (it is built in the loader's process on first use).
+    ``spec.batch_size`` is required; ``decoder``/``decode_options`` need ``image`` ops."""
+    if spec.batch_size is None:
+        raise ValueError("a batched loader needs batch_size=")
+    if spec.image is None:
+        unused = [n for n in ("decoder", "decode_options") if n in spec.given()]
+        if unused:
+            raise ValueError(f"{', '.join(unused)} only apply to image= ops, and none were given")
+    rank, world = resolve_rank_world(spec.rank, spec.world_size)
+    factory, image_columns = None, ()
+    if spec.image is not None:
+        image_columns, factory = image_stage_factory(
+            reader,
+            spec.image,
+            spec.decoder,
+            resolve_device(spec.device),
+            spec.columns,
+            options=spec.decode_options,
         )
-    from .client import Client
-    from .table import open_table
-
-    if "://" in table or os.sep in table or os.path.isdir(table):
-        return open_table(table, storage_options=storage_options)
-    return Client(storage_options=storage_options).open_table(table)
-
-
-@dataclass(frozen=True)
-class LoaderOptions:
-    """How batches are cut and produced (grouped so constructors stay small)."""
-
-    batch_size: int = 128
-    shuffle: bool | str = False
-    seed: int | None = None
-    drop_last: bool = False
-    columns: tuple[str, ...] | None = None
-    prefetch: int = 2
-    num_threads: int | None = None
-    uneven: str = "pad"
-    on_error: str = "raise"
-
-    def __post_init__(self) -> None:
-        if (
-            not isinstance(self.batch_size, (int, np.integer))
-            or isinstance(self.batch_size, bool)
-            or self.batch_size <= 0
-        ):
-            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch must be >= 0, got {self.prefetch}")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"num_threads must be >= 1, got {self.num_threads}")
-        if self.uneven not in ("pad", "drop"):
-            raise ValueError(f"uneven must be 'pad' or 'drop', got {self.uneven!r}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {self.on_error!r}")
-        if self.shuffle not in (True, False, "full", "block", "none"):
-            raise ValueError(
-                f"shuffle must be True, False, 'full' or 'block', got {self.shuffle!r}"
-            )
-        if self.columns is not None:
-            object.__setattr__(
-                self,
-                "columns",
-                tuple([self.columns] if isinstance(self.columns, str) else self.columns),
-            )
+    return Loader(
+        reader,
+        spec,
+        transform=transform,
+        image_stage=factory,
+        image_columns=image_columns,
+        rank=rank,
+        world_size=world,
+        export=export,
+    )
 
 
 class LoadedRow:
@@ -97,7 +91,7 @@ class LoadedRow:
 
     __slots__ = ("table", "index", "_values")
 
-    def __init__(self, table: Table, index: int, values: dict[str, Any]) -> None:
+    def __init__(self, table: TableReader, index: int, values: dict[str, Any]) -> None:
         self.table = table
         self.index = index
         self._values = values
@@ -128,7 +122,7 @@ class LoadedRow:
         return f"LoadedRow({self.table.name!r}, {self.index})"
 
 
-def split_rows(table: Table, rows: np.ndarray, data: Mapping[str, Any]) -> list[LoadedRow]:
+def split_rows(table: TableReader, rows: np.ndarray, data: Mapping[str, Any]) -> list[LoadedRow]:
     """Per-row views of a column batch (numpy scalars for scalar columns)."""
     out = []
     cols = list(data.items())
@@ -138,22 +132,22 @@ def split_rows(table: Table, rows: np.ndarray, data: Mapping[str, Any]) -> list[
 
 
 def apply_transform(
-    table: Table,
+    table: TableReader,
     transform: Callable,
     rows: np.ndarray,
     data: Mapping[str, Any],
-    on_error: str,
-    stats: dict,
+    on_error: OnError,
+    skipped: list[int],
 ) -> list[Any]:
     """Run a per-row transform; an error names the table and row (or drops the row with
-    on_error="skip", counted in stats["skipped"])."""
+    on_error="skip", counted in ``skipped[0]``)."""
     out = []
     for row in split_rows(table, rows, data):
         try:
             out.append(transform(row))
         except Exception as e:
-            if on_error == "skip":
-                stats["skipped"] = stats.get("skipped", 0) + 1
+            if on_error is OnError.SKIP:
+                skipped[0] += 1
                 log.debug("transform failed on row %d of %s, skipped: %r", row.index, table.name, e)
                 continue
             raise TransformError(
@@ -188,44 +182,35 @@ class _Epoch:
     nbatches: int
 
 
-@dataclass
-class LoaderStats:
-    """Counters a user can read while training (loader-bound vs compute-bound)."""
-
-    batches: int = 0
-    rows: int = 0
-    skipped: int = 0
-    wait_s: float = 0.0
-    extra: dict = field(default_factory=dict)
-
-
 class Loader:
-    """Batches of a table, assembled ahead by threads. ``export`` turns a numpy batch (dict of
-    arrays / byte lists) into framework tensors; ``image_stage`` (built per loader) decodes and
-    transforms image columns in one fused kernel per batch."""
+    """Batches of a table, assembled ahead by threads. Each pass over one loader is the next
+    epoch (as with torch's DataLoader); ``set_epoch`` picks one; ``state_dict`` resumes exactly.
+    Built by ``make_loader``."""
 
     def __init__(
         self,
-        table: Table,
-        options: LoaderOptions,
+        reader: TableReader,
+        spec: LoaderSpec,
         *,
         transform: Callable | None = None,
-        image_stage_factory: Callable[[Table, Sequence[Column], int, int], Any] | None = None,
+        image_stage: ImageStageFactory | None = None,
         image_columns: Sequence[str] = (),
         rank: int = 0,
         world_size: int = 1,
         export: Callable[[Any], Any] | None = None,
     ) -> None:
-        self.table = table
-        self.options = options
+        if spec.batch_size is None:
+            raise ValueError("a batched loader needs batch_size=")
+        self.table = reader
+        self.spec = spec
+        self.batch_size: int = spec.batch_size
         self.transform = transform
         self.rank, self.world_size = rank, world_size
         self.export = export or (lambda b: b)
-        cols = table.schema.select(
-            list(options.columns) if options.columns is not None else None, table.name
-        )
+        self.seed = spec.seed if spec.seed is not None else draw_seed()
+        cols = reader.schema.select(list(spec.columns) if spec.columns else None, reader.name)
         self.columns = [c.name for c in cols]
-        self.image_columns = [c for c in image_columns]
+        self.image_columns = list(image_columns)
         for c in self.image_columns:
             if c not in self.columns:
                 raise ValueError(
@@ -238,34 +223,46 @@ class Loader:
         # are Python-bound: one assembling thread (a second one contends for the GIL and made
         # shuffled reads slower); remote reads still run concurrently inside the fetcher.
         cores = os.cpu_count() or 1
-        default = min(cores + 1, 16) if image_stage_factory is not None else 1
-        threads = options.num_threads or default
-        self.num_threads = threads
-        self.window = max(options.prefetch, threads) + 1  # batches submitted ahead of the consumer
-        self.slots = self.window + 2  # buffer sets: in flight + the one the user holds + one spare
-        self._image_stage_factory = image_stage_factory
-        self._image_stage = None
-        self._epoch = 0
+        default = min(cores + 1, 16) if image_stage is not None else 1
+        self.num_threads = spec.num_threads or default
+        # batches submitted ahead of the consumer, and the output buffer sets they cycle
+        # through: those in flight + the one the user holds + one spare
+        self.prefetch_depth = max(spec.prefetch, self.num_threads) + 1
+        self.ring_size = self.prefetch_depth + 2
+        self._stage_factory = image_stage
+        self._stage = None
+        self._epoch = spec.epoch or 0
         self._start = 0  # shard-local position to start the next iteration at
         self._position = 0
         self._current: int | None = None  # the epoch being iterated
-        self._stopped: tuple[int, int] | None = (
-            None  # (epoch, position) where a consumer stopped early
-        )
+        self._stopped: tuple[int, int] | None = None  # (epoch, position) of an early stop
         self._pool: DaemonThreadPool | None = None
         self._draining: list[Future] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
-        self.stats = LoaderStats()
+        self._clock = StageClock()
+        self._counts = {"batches": 0, "rows": 0, "skipped": 0}
+        self._first_batch_s: float | None = None
 
     # -- sizes -----------------------------------------------------------------------------
-    def _shard(self) -> Shard:
-        return shard_for(len(self.table), self.rank, self.world_size, self.options.uneven)
+    def shard(self) -> Shard:
+        """This rank's share of an epoch."""
+        return shard_for(len(self.table), self.rank, self.world_size, self.spec.uneven)
+
+    @property
+    def num_rows(self) -> int:
+        """Rows this rank reads per epoch (with ``uneven="pad"``, padded rows included)."""
+        return self.shard().count
 
     def __len__(self) -> int:
-        n = self._shard().count
-        bs = self.options.batch_size
-        return n // bs if self.options.drop_last else -(-n // bs)
+        n = self.num_rows
+        bs = self.batch_size
+        return n // bs if self.spec.drop_last else -(-n // bs)
+
+    @property
+    def image_plan(self) -> Any:
+        """The compiled image ops (output shape and dtype), or None without image ops."""
+        return self._stage_factory.plan if self._stage_factory is not None else None
 
     @property
     def epoch(self) -> int:
@@ -278,9 +275,22 @@ class Loader:
         self._start = 0
         self._stopped = None
 
+    def stats(self) -> LoaderStats:
+        """Counters and per-stage seconds so far (see ``LoaderStats``)."""
+        stage = self._stage
+        stages = self._clock.snapshot()
+        return LoaderStats(
+            **self._counts,
+            wait_s=stages["wait"],
+            time_to_first_batch_s=self._first_batch_s,
+            stages=stages,
+            images=dict(stage.stats) if stage is not None else {},
+        )
+
     # -- resume ----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the loader stands: the next iteration resumes with exactly the rows not yet seen."""
+        """Where the loader stands, as plain JSON: the next iteration resumes with exactly the
+        rows not yet seen. The seed is included (also a drawn one), so a resume needs none."""
         if self._current is not None:
             epoch, position = self._current, self._position
         elif self._stopped is not None:
@@ -288,12 +298,12 @@ class Loader:
         else:
             epoch, position = self._epoch, self._start
         return {
-            "version": 1,
+            "version": STATE_VERSION,
             "epoch": epoch,
             "position": position,
-            "seed": self.options.seed,
-            "shuffle": self.options.shuffle,
-            "batch_size": self.options.batch_size,
+            "seed": self.seed,
+            "shuffle": self.spec.shuffle.value,
+            "batch_size": self.batch_size,
             "rank": self.rank,
             "world_size": self.world_size,
             "num_rows": len(self.table),
@@ -301,23 +311,32 @@ class Loader:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume from ``state_dict()``: the same table, seed, shuffle and sharding are required."""
-        for key, mine in (
-            ("seed", self.options.seed),
-            ("shuffle", self.options.shuffle),
-            ("num_rows", len(self.table)),
-            ("world_size", self.world_size),
-            ("rank", self.rank),
-        ):
-            if state.get(key) != mine:
+        """Resume from ``state_dict()``: the same table, shuffle and sharding are required, and
+        the same seed unless this loader was built without one (it then takes the saved one)."""
+        if not isinstance(state, Mapping) or "position" not in state or "epoch" not in state:
+            raise ValueError("cannot resume: not a gpuload loader state (no epoch/position)")
+        checks = [
+            ("shuffle", Shuffle.coerce(state.get("shuffle")), self.spec.shuffle),
+            ("num_rows", state.get("num_rows"), len(self.table)),
+            ("world_size", state.get("world_size"), self.world_size),
+            ("rank", state.get("rank"), self.rank),
+        ]
+        if self.spec.seed is not None:
+            checks.append(("seed", state.get("seed"), self.seed))
+        for key, saved, mine in checks:
+            if saved != mine:
+                shown = saved.value if isinstance(saved, Shuffle) else saved
+                mine = mine.value if isinstance(mine, Shuffle) else mine
                 raise ValueError(
-                    f"cannot resume: the saved loader had {key}={state.get(key)!r}, this one has {mine!r}"
+                    f"cannot resume: the saved loader had {key}={shown!r}, this one has {mine!r}"
                 )
         pos = int(state["position"])
-        if pos < 0 or pos > self._shard().count:
+        if pos < 0 or pos > self.num_rows:
             raise ValueError(
-                f"cannot resume: position {pos} outside this rank's {self._shard().count} rows"
+                f"cannot resume: position {pos} outside this rank's {self.num_rows} rows"
             )
+        if state.get("seed") is not None:
+            self.seed = int(state["seed"])
         self._epoch = int(state["epoch"])
         self._start = pos
         self._current = None
@@ -326,7 +345,7 @@ class Loader:
     # -- threads ---------------------------------------------------------------------------
     def _executor(self) -> DaemonThreadPool:
         if self._pid != os.getpid():  # after fork: the parent's threads do not exist here
-            self._pool, self._image_stage, self._pid = None, None, os.getpid()
+            self._pool, self._stage, self._pid = None, None, os.getpid()
         if self._pool is None:
             self._pool = DaemonThreadPool(self.num_threads, thread_name_prefix="gpuload-loader")
         return self._pool
@@ -342,49 +361,53 @@ class Loader:
         if pool is not None and getattr(self, "_pid", None) == os.getpid():
             pool.shutdown(wait=False, cancel_futures=True)
 
-    def _stage(self):
+    def image_stage(self):
         """The image stage, built once (on first use, in this process) by whichever thread
-        gets here first."""
-        if self._image_stage is None and self._image_stage_factory is not None:
+        gets here first; None without image ops."""
+        if self._stage is None and self._stage_factory is not None:
             with self._lock:
-                if self._image_stage is None:
+                if self._stage is None:
                     cols = [self.table.schema[c] for c in self.image_columns]
-                    self._image_stage = self._image_stage_factory(
-                        self.table, cols, self.options.batch_size, self.slots, self.num_threads
+                    self._stage = self._stage_factory(
+                        self.table, cols, self.batch_size, self.ring_size, self.num_threads
                     )
-        return self._image_stage
+        return self._stage
 
     # -- one batch -------------------------------------------------------------------------
     def _assemble(self, ep: _Epoch, b: int) -> tuple[Any, int]:
-        bs = self.options.batch_size
+        bs, clock = self.batch_size, self._clock
         lo = ep.start + b * bs
         hi = min(lo + bs, ep.shard.count)
         rows = ep.order.at(ep.shard.positions(lo, hi))
-        data = self.table.read(rows, self.plain_columns) if self.plain_columns else {}
-        keep = None
-        images = {}
-        stage = self._stage()
+        with clock.time("read"):
+            data = self.table.read(rows, self.plain_columns) if self.plain_columns else {}
+        images: dict = {}
+        stage = self.image_stage()
         if stage is not None:
             images, keep = stage.run(
                 self.table,
                 rows,
-                slot=b % self.slots,
+                slot=b % self.ring_size,
+                seed=self.seed,
                 epoch=ep.epoch,
-                on_error=self.options.on_error,
+                on_error=self.spec.on_error,
+                clock=clock,
             )
             if keep is not None:  # rows dropped by on_error="skip"
-                self.stats.skipped += int(len(rows) - keep.sum())
+                self._count("skipped", int(len(rows) - keep.sum()))
                 rows = rows[keep]
                 data = {k: _take(v, keep) for k, v in data.items()}
         if self.transform is not None:
-            extra: dict = {}
-            outs = apply_transform(
-                self.table, self.transform, rows, data, self.options.on_error, extra
-            )
-            self.stats.skipped += extra.get("skipped", 0)
-            batch = collate_outputs(outs)
-            if isinstance(batch, dict):
-                batch.update(images)
+            with clock.time("transform"):
+                skipped = [0]
+                outs = apply_transform(
+                    self.table, self.transform, rows, data, self.spec.on_error, skipped
+                )
+                self._count("skipped", skipped[0])
+            with clock.time("collate"):
+                batch = collate_outputs(outs)
+                if isinstance(batch, dict):
+                    batch.update(images)
         else:
             batch = dict(data)
             batch.update(images)
@@ -394,21 +417,25 @@ class Loader:
             }
         return batch, hi - lo
 
+    def _count(self, key: str, n: int) -> None:
+        if n:
+            with self._lock:
+                self._counts[key] += n
+
     # -- iteration -------------------------------------------------------------------------
     def _begin(self) -> _Epoch:
         epoch = self._epoch
-        shard = self._shard()
-        order = self.table.epoch_order(self.options.shuffle, self.options.seed, epoch)
+        shard = self.shard()
+        order = self.table.epoch_order(self.spec.shuffle, self.seed, epoch)
         start = self._start
         rest = shard.count - start
-        bs = self.options.batch_size
-        nb = rest // bs if self.options.drop_last else -(-rest // bs)
+        bs = self.batch_size
+        nb = rest // bs if self.spec.drop_last else -(-rest // bs)
         self._start = 0
         return _Epoch(epoch, shard, order, start, max(0, nb))
 
     def __iter__(self) -> Iterator[Any]:
-        import time
-
+        started = time.perf_counter()
         self._drain()
         ep = self._begin()
         self._current, self._position, self._stopped = ep.epoch, ep.start, None
@@ -417,19 +444,25 @@ class Loader:
         next_b = 0
         try:
             while True:
-                while next_b < ep.nbatches and len(pending) < self.window:
+                while next_b < ep.nbatches and len(pending) < self.prefetch_depth:
                     pending.append((next_b, pool.submit(self._assemble, ep, next_b)))
                     next_b += 1
                 if not pending:
                     break
-                b, fut = pending.popleft()
+                _, fut = pending.popleft()
                 t0 = time.perf_counter()
                 batch, consumed = fut.result()
+                t1 = time.perf_counter()
                 out = self.export(batch)
-                self.stats.wait_s += time.perf_counter() - t0
+                t2 = time.perf_counter()
+                self._clock.add("wait", t1 - t0)
+                self._clock.add("export", t2 - t1)
+                if self._first_batch_s is None:
+                    self._first_batch_s = t2 - started
                 self._position += consumed
-                self.stats.batches += 1
-                self.stats.rows += consumed
+                with self._lock:
+                    self._counts["batches"] += 1
+                    self._counts["rows"] += consumed
                 yield out
             # the epoch is complete: the next iteration is the next epoch, from its start
             self._epoch = ep.epoch + 1

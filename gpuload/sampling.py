@@ -10,6 +10,8 @@ stay within a bounded set of chunks at a time.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypeVar
 
 import numba
 import numpy as np
@@ -21,10 +23,68 @@ __all__ = [
     "Shard",
     "shard_for",
     "SHUFFLE_MODES",
+    "Shuffle",
+    "Tail",
+    "coerce_enum",
 ]
 
 SHUFFLE_MODES = ("none", "full", "block")
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def coerce_enum(cls: type[E], value: Any, name: str) -> E:
+    """``value`` as a member of ``cls`` (a member or its string value), else ValueError."""
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        allowed = " or ".join(repr(m.value) for m in cls)
+        raise ValueError(f"{name} must be {allowed}, got {value!r}") from None
+
+
+class Shuffle(Enum):
+    """Row order of an epoch. ``AUTO`` (``shuffle=True``) is a full shuffle where reads are local
+    or cached, a block shuffle (chunks in random order, rows shuffled within a window) for remote
+    tables read without a cache."""
+
+    NONE = "none"
+    AUTO = "auto"
+    FULL = "full"
+    BLOCK = "block"
+
+    @classmethod
+    def coerce(cls, value: Any) -> Shuffle:
+        if isinstance(value, cls):
+            return value
+        if value is True:
+            return cls.AUTO
+        if value is False or value is None:
+            return cls.NONE
+        if isinstance(value, str) and value in {m.value for m in cls}:
+            return cls(value)
+        raise ValueError(f"shuffle must be True, False, 'full' or 'block', got {value!r}")
+
+    def resolve(self, cached: bool) -> str:
+        """The concrete order ("none", "full" or "block") for a table read locally or not."""
+        if self is Shuffle.AUTO:
+            return "full" if cached else "block"
+        return self.value
+
+
+class Tail(Enum):
+    """How ranks whose shares differ by a row are evened out: ``PAD`` repeats rows from the
+    start (equal batch counts on every rank, as DistributedSampler), ``DROP`` drops the extra."""
+
+    PAD = "pad"
+    DROP = "drop"
+
+    @classmethod
+    def coerce(cls, value: Any) -> Tail:
+        return coerce_enum(cls, value, "uneven")
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:
@@ -192,16 +252,15 @@ class Shard:
         return p % self.total if self.total else p
 
 
-def shard_for(total: int, rank: int = 0, world: int = 1, uneven: str = "pad") -> Shard:
+def shard_for(total: int, rank: int = 0, world: int = 1, uneven: Tail | str = Tail.PAD) -> Shard:
     """Rank ``rank`` of ``world``'s share of an epoch of ``total`` rows: contiguous, equal counts.
 
     ``uneven="pad"`` repeats rows from the start so every rank has ceil(total/world) rows;
     ``"drop"`` drops the tail so every rank has floor(total/world)."""
     if world < 1 or not (0 <= rank < world):
         raise ValueError(f"invalid rank {rank} for world size {world}")
-    if uneven not in ("pad", "drop"):
-        raise ValueError(f"uneven must be 'pad' or 'drop', got {uneven!r}")
-    per = -(-total // world) if uneven == "pad" else total // world
-    if uneven == "pad" and total == 0:
+    pad = Tail.coerce(uneven) is Tail.PAD
+    per = -(-total // world) if pad else total // world
+    if pad and total == 0:
         per = 0
     return Shard(start=rank * per, count=per, total=total)

@@ -1,31 +1,22 @@
-"""Tables: one consistent snapshot of a manifest, random access to rows, and batch streams."""
+"""The public table: a read-only snapshot with rows (``t[i]``, ``t[a:b]``) and batch streams
+(``t.batches``, ``t.pytorch``, ``t.tensorflow``), over the reader at the bottom of the read path.
+Framework adapters are imported only when a framework front door is used."""
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
-import posixpath
-import threading
-import weakref
-from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from .checksums import hash_bytes
-from .errors import FetchError, FormatError, IntegrityError
-from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
-from .format import Manifest
-from .sampling import EpochOrder
-from .schema import Column, Schema
-from .storage import Store
-from .versions import read_manifest
+from .fetch import CacheOptions, FetchOptions
+from .loader import Loader, make_loader
+from .reader import ColumnValues, TableReader
+from .schema import Column
+from .spec import LoaderSpec, with_spec_options
 
 __all__ = ["Table", "Row", "Rows", "open_table"]
-
-ColumnValues = Any  # list[bytes] | list[str] | np.ndarray
 
 
 def open_table(
@@ -38,215 +29,13 @@ def open_table(
     return Table.open(os.fspath(url), storage_options=storage_options, cache=cache, fetch=fetch)
 
 
-def _table_label(url: str) -> str:
-    return posixpath.basename(url.rstrip("/").replace(os.sep, "/")) or url
-
-
-class Table:
-    """A read-only snapshot of a table. Picklable (handles are recreated lazily per process)."""
-
-    def __init__(
-        self,
-        store: Store,
-        manifest: Manifest,
-        cache: CacheOptions | bool | str | None = None,
-        fetch: FetchOptions | None = None,
-    ) -> None:
-        self._store = store
-        self._manifest = manifest
-        self._cache_opts = CacheOptions.coerce(cache)
-        self._fetch_opts = fetch or FetchOptions()
-        self.name = _table_label(store.url)
-        rows = np.array([c.rows for c in manifest.chunks], dtype=np.int64)
-        self._chunk_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        self._fetcher = Fetcher(
-            store,
-            self.name,
-            self._fetch_opts,
-            self._cache_opts,
-            sizes={c.file: c.size for c in manifest.chunks},
-            checksums={c.file: c.checksums for c in manifest.chunks if c.checksums is not None},
-        )
-        self._sized = np.zeros(len(manifest.chunks), dtype=bool)
-        self._chunk_files = [c.file for c in manifest.chunks]
-        self._sec_offsets: dict[str, np.ndarray] = {}
-        # Bounded in-memory LRU of small per-chunk arrays: offsets indexes and whole sections of
-        # small columns (labels, states, short text), so random access does not issue a request
-        # per tiny cell.
-        self._mem: OrderedDict[tuple[int, str, str], np.ndarray] = OrderedDict()
-        self._mem_bytes = 0
-        self._mem_limit = 64 << 20
-        self._small: dict[str, bool] = {}
-        self._hashed: dict[str, np.ndarray] = {}
-        self._lock = threading.Lock()
-        self._epochs_served = 0
-        self._async_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    # -- construction ----------------------------------------------------------------------
-    @classmethod
-    def open(
-        cls,
-        url: str,
-        storage_options: Mapping[str, Any] | None = None,
-        cache: CacheOptions | bool | str | None = None,
-        fetch: FetchOptions | None = None,
-    ) -> Table:
-        store = Store(url, storage_options, (fetch or FetchOptions()).retry)
-        return cls(store, read_manifest(store), cache=cache, fetch=fetch)
-
-    def refresh(self) -> Table:
-        """A new Table on the latest committed snapshot."""
-        return Table(self._store, read_manifest(self._store), self._cache_opts, self._fetch_opts)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {
-            "store": self._store,
-            "manifest": self._manifest.dumps(),
-            "cache": self._cache_opts,
-            "fetch": self._fetch_opts,
-            "epochs": self._epochs_served,
-        }
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        manifest = Manifest.loads(state["manifest"], f"pickled table {state['store'].url}")
-        self.__init__(state["store"], manifest, state["cache"], state["fetch"])
-        self._epochs_served = state.get("epochs", 0)
-
-    # -- metadata --------------------------------------------------------------------------
-    @property
-    def url(self) -> str:
-        return self._store.url
-
-    @property
-    def store(self) -> Store:
-        return self._store
-
-    @property
-    def manifest(self) -> Manifest:
-        return self._manifest
-
-    @property
-    def fetcher(self) -> Fetcher:
-        return self._fetcher
-
-    @property
-    def schema(self) -> Schema:
-        return self._manifest.schema
-
-    @property
-    def columns(self) -> list[str]:
-        return self._manifest.schema.names
-
-    @property
-    def version(self) -> int:
-        return self._manifest.version
-
-    @property
-    def num_chunks(self) -> int:
-        return len(self._manifest.chunks)
-
-    @property
-    def chunk_rows(self) -> tuple[int, ...]:
-        return tuple(c.rows for c in self._manifest.chunks)
-
-    @property
-    def nbytes(self) -> int:
-        return self._manifest.nbytes
-
-    @property
-    def is_local(self) -> bool:
-        return self._store.is_local
-
-    @property
-    def is_cached(self) -> bool:
-        """True when reads are served from local disk (a local table or a cached remote one)."""
-        return self._store.is_local or self._fetcher.cache is not None
-
-    def __len__(self) -> int:
-        return int(self._chunk_starts[-1])
-
-    def __repr__(self) -> str:
-        return f"Table({self.url!r}, rows={len(self)}, columns=[{self.schema.describe()}])"
-
-    def info(self) -> dict[str, Any]:
-        """Schema, rows, size and chunks, as ``gpuload info`` prints them."""
-        col_bytes: dict[str, int] = {c: 0 for c in self.columns}
-        for ch in self._manifest.chunks:
-            for name, sec in ch.data.items():
-                col_bytes[name] = col_bytes.get(name, 0) + sec.length
-        return {
-            "name": self.name,
-            "url": self.url,
-            "version": self.version,
-            "rows": len(self),
-            "bytes": self.nbytes,
-            "chunks": self.num_chunks,
-            "schema": {c.name: c.type_string() for c in self.schema},
-            "column_bytes": col_bytes,
-            "checksums": self.checksum_status(),
-            "metadata": dict(self.schema.metadata),
-        }
-
-    def checksum_status(self) -> str:
-        """Whether reads can be verified: every chunk, some (appended to a table written before
-        format 2), or none (the table predates checksums: rewrite it to get them)."""
-        have = sum(c.checksums is not None for c in self._manifest.chunks)
-        if have == len(self._manifest.chunks):
-            return "xxh3-64 pages, every chunk"
-        if have == 0:
-            return (
-                "none: written before gpuload format 2, reads are not verified "
-                "(copy it with `gpuload ingest OLD NEW` to add checksums)"
-            )
-        return (
-            f"{have} of {self.num_chunks} chunks (the others predate format 2 and are not verified)"
-        )
-
-    def verify(self) -> dict[str, Any]:
-        """Read and check every byte of every chunk against its checksums, and every offsets
-        index; returns a report. Chunks without checksums are listed as unverified."""
-        report: dict[str, Any] = {"table": self.name, "version": self.version, "chunks": 0}
-        report.update(verified=0, unverified=[], bad=[], bytes=0)
-        checker = Fetcher(  # verifies local reads too, whatever this table was opened with
-            self._store,
-            self.name,
-            dataclasses.replace(self._fetch_opts, verify_local=True),
-            self._cache_opts,
-            sizes=self._fetcher.sizes,
-            checksums=self._fetcher.checksums,
-        )
-        for i, info in enumerate(self._manifest.chunks):
-            report["chunks"] += 1
-            try:
-                self._ensure_sizes(np.array([i]))
-                if info.checksums is None:
-                    report["unverified"].append(info.file)
-                else:
-                    _read_through(checker, info.file, info.checksums.covers)
-                    report["verified"] += 1
-                    report["bytes"] += info.size
-                for col in self.schema:
-                    if col.is_var:
-                        self._mem.pop((i, col.name, "offsets"), None)
-                        self.chunk_offsets(i, col)
-            except (IntegrityError, FormatError, FetchError) as e:
-                report["bad"].append({"chunk": info.file, "error": str(e)})
-        report["ok"] = not report["bad"]
-        return report
-
-    # -- row access ------------------------------------------------------------------------
-    def _normalize_index(self, i: int) -> int:
-        n = len(self)
-        j = int(i)
-        if j < 0:
-            j += n
-        if not 0 <= j < n:
-            raise IndexError(f"row {i} out of range for table {self.name!r} with {n} rows")
-        return j
+class Table(TableReader):
+    """A read-only snapshot of a table: ``t[i]`` is a Row, ``t[a:b]`` / ``t[[...]]`` / a boolean
+    mask are Rows; ``batches``, ``pytorch`` and ``tensorflow`` stream it. Picklable."""
 
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
-            return Row(self, self._normalize_index(key))
+            return Row(self, self.row_index(key))
         if isinstance(key, slice):
             return Rows(self, np.arange(*key.indices(len(self)), dtype=np.int64))
         if isinstance(key, str):
@@ -263,384 +52,41 @@ class Table:
             return Rows(self, np.flatnonzero(idx).astype(np.int64))
         if idx.dtype.kind not in "iu":
             raise TypeError(f"cannot index table {self.name!r} with {type(key).__name__}")
-        return Rows(self, np.array([self._normalize_index(i) for i in idx.ravel()], dtype=np.int64))
+        return Rows(self, np.array([self.row_index(i) for i in idx.ravel()], dtype=np.int64))
 
     def __iter__(self) -> Iterator[Row]:
         for i in range(len(self)):
             yield Row(self, i)
 
-    # -- the core batch read ---------------------------------------------------------------
-    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        chunk = np.searchsorted(self._chunk_starts, indices, side="right") - 1
-        return chunk, indices - self._chunk_starts[chunk]
-
-    def _mem_get(self, key: tuple[int, str, str]) -> np.ndarray | None:
-        with self._lock:
-            arr = self._mem.get(key)
-            if arr is not None:
-                self._mem.move_to_end(key)
-            return arr
-
-    def _mem_put(self, key: tuple[int, str, str], arr: np.ndarray) -> None:
-        with self._lock:
-            if key in self._mem:
-                return
-            self._mem[key] = arr
-            self._mem_bytes += arr.nbytes
-            while self._mem_bytes > self._mem_limit and len(self._mem) > 1:
-                _, old = self._mem.popitem(last=False)
-                self._mem_bytes -= old.nbytes
-
-    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
-        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
-        key = (chunk, column.name, "offsets")
-        arr = self._mem_get(key)
-        if arr is not None:
-            return arr
-        info = self._manifest.chunks[chunk]
-        sec = info.offsets[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length // 8, dtype="<i8")
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        data_len = info.data[column.name].length
-        if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
-            raise FormatError(
-                f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
-                f"(bytes [{sec.offset}, {sec.end})) are corrupt"
-            )
-        self._mem_put(key, buf)
-        return buf
-
-    def chunk_rowhashes(self, chunk: int, column: Column) -> np.ndarray:
-        """Per-row hashes of a variable-length column in one chunk (read through the page
-        checks, LRU-cached)."""
-        key = (chunk, column.name, "rowhash")
-        arr = self._mem_get(key)
-        if arr is not None:
-            return arr
-        info = self._manifest.chunks[chunk]
-        sec = info.rowhash[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length // 8, dtype="<u8")
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        self._mem_put(key, buf)
-        return buf
-
-    def _row_hashed(self, column: Column) -> np.ndarray:
-        """Which chunks carry per-row hashes of ``column``."""
-        mask = self._hashed.get(column.name)
-        if mask is None:
-            mask = np.array([column.name in c.rowhash for c in self._manifest.chunks], bool)
-            self._hashed[column.name] = mask
-        return mask
-
-    def fetch_rows(
-        self, indices: np.ndarray, plan: ReadPlan, dest: np.ndarray, column: Column, view
-    ) -> None:
-        """Read ``plan`` (from ``plan_reads(indices, column)``) into ``view`` and verify it:
-        rows of chunks with per-row hashes are read exactly and checked row by row (fetched once
-        more on a mismatch, then IntegrityError); everything else through the page checks."""
-        hashed = self._row_hashed(column)[plan.fidx] if column.is_var else None
-        if hashed is None or not self._fetcher.verify or not hashed.any():
-            self._fetcher.read_into(plan, view)
-            return
-        if not hashed.all():
-            self._fetcher.read_into(_subplan(plan, ~hashed), view)
-        rows = _subplan(plan, hashed)
-        self._fetcher.read_into(rows, view, rows_checked=True)
-        bad = self._bad_rows(indices[hashed], rows, column, view)
-        if bad.size:
-            again = _subplan(rows, bad)
-            self._fetcher.stats["refetches"] += int(bad.size)
-            self._fetcher.read_into(again, view, rows_checked=True, fresh=True)
-            still = self._bad_rows(indices[hashed][bad], again, column, view)
-            if still.size:
-                raise self._row_error(indices[hashed][bad][still[0]], again, int(still[0]), column)
-
-    def _bad_rows(self, indices, plan: ReadPlan, column: Column, view) -> np.ndarray:
-        """Positions in ``plan`` whose bytes in ``view`` do not hash to their row's hash."""
-        local = indices - self._chunk_starts[plan.fidx]
-        want = np.empty(len(plan), dtype=np.uint64)
-        for c in np.unique(plan.fidx).tolist():
-            sel = plan.fidx == c
-            want[sel] = self.chunk_rowhashes(c, column)[local[sel]]
-        mv = memoryview(view).cast("B")
-        got = np.fromiter(
-            (hash_bytes(mv[d : d + n]) for d, n in zip(plan.dest.tolist(), plan.length.tolist())),
-            np.uint64,
-            len(plan),
-        )
-        return np.flatnonzero(got != want)
-
-    def _row_error(self, row: int, plan: ReadPlan, k: int, column: Column) -> IntegrityError:
-        a = int(plan.start[k])
-        return IntegrityError(
-            f"table {self.name!r}, chunk {plan.files[int(plan.fidx[k])]}, row {int(row)}, column "
-            f"{column.name!r}, bytes [{a}, {a + int(plan.length[k])}): the row does not match its "
-            "checksum; it was fetched twice and did not match either time"
-        )
-
-    def _is_small(self, column: Column) -> bool:
-        """Columns averaging at most 512 bytes a row are read a whole chunk section at a time."""
-        small = self._small.get(column.name)
-        if small is None:
-            total = sum(c.data[column.name].length for c in self._manifest.chunks)
-            small = len(self) > 0 and total / len(self) <= 512
-            self._small[column.name] = small
-        return small
-
-    def chunk_section(self, chunk: int, column: Column) -> np.ndarray:
-        """A column's whole data section in one chunk, as uint8 (LRU-cached)."""
-        key = (chunk, column.name, "data")
-        arr = self._mem_get(key)
-        if arr is not None:
-            return arr
-        info = self._manifest.chunks[chunk]
-        sec = info.data[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length, dtype=np.uint8)
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        self._mem_put(key, buf)
-        return buf
-
-    def _ensure_sizes(self, chunks: np.ndarray) -> None:
-        """Check (once per chunk) that chunk files are as large as the manifest says before
-        anything is allocated from the manifest's sizes: a manifest may lie."""
-        todo = np.unique(chunks[~self._sized[chunks]]).tolist()
-        if todo:
-            self._fetcher.ensure_sizes([self._chunk_files[c] for c in todo])
-            self._sized[todo] = True
-
-    def _read_small(self, idx: np.ndarray, col: Column) -> ColumnValues:
-        chunks, local = self._locate(idx)
-        self._ensure_sizes(chunks)
-        if not col.is_var:
-            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
-            for c in np.unique(chunks):
-                sel = chunks == c
-                rows = self.chunk_section(int(c), col).view(col.np_dtype).reshape(-1, *col.shape)
-                out[sel] = rows[local[sel]]
-            return out
-        values: list = [None] * len(idx)
-        for c in np.unique(chunks):
-            sel = np.flatnonzero(chunks == c)
-            data = memoryview(self.chunk_section(int(c), col))
-            offs = self.chunk_offsets(int(c), col)
-            lo = offs[local[sel]].tolist()
-            hi = offs[local[sel] + 1].tolist()
-            for k, a, b in zip(sel.tolist(), lo, hi):
-                values[k] = data[a:b].tobytes()
-        return values
-
-    def plan_reads(self, indices: np.ndarray, column: Column) -> tuple[ReadPlan, np.ndarray]:
-        """The byte-range reads that gather ``column`` for ``indices`` into one packed buffer,
-        and the (len+1) offsets of each row within that buffer."""
-        chunks, local = self._locate(indices)
-        self._ensure_sizes(chunks)
-        n = len(indices)
-        sec_off = self._section_offsets(column.name)[chunks]
-        if not column.is_var:
-            rb = column.row_nbytes
-            dest = np.arange(n + 1, dtype=np.int64) * rb
-            plan = ReadPlan(
-                self._chunk_files, chunks, sec_off + local * rb, np.full(n, rb, np.int64), dest[:-1]
-            )
-            return plan, dest
-        starts = np.empty(n, dtype=np.int64)
-        lens = np.empty(n, dtype=np.int64)
-        for c in np.unique(chunks):
-            sel = chunks == c
-            offs = self.chunk_offsets(int(c), column)
-            li = local[sel]
-            starts[sel] = offs[li]
-            lens[sel] = offs[li + 1] - offs[li]
-        dest = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(lens, out=dest[1:])
-        return ReadPlan(self._chunk_files, chunks, sec_off + starts, lens, dest[:-1]), dest
-
-    def _section_offsets(self, name: str) -> np.ndarray:
-        arr = self._sec_offsets.get(name)
-        if arr is None:
-            arr = np.array([c.data[name].offset for c in self._manifest.chunks], dtype=np.int64)
-            self._sec_offsets[name] = arr
-        return arr
-
-    def read_column_into(
-        self, indices: np.ndarray, column: Column, out=None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Gather one column's raw bytes for ``indices`` into ``out`` (allocated if None or too
-        small). Returns (buffer view, per-row offsets into it)."""
-        reads, dest = self.plan_reads(indices, column)
-        total = int(dest[-1])
-        if out is None or out.nbytes < total:
-            out = np.empty(total, dtype=np.uint8)
-        view = out.reshape(-1).view(np.uint8)[:total]
-        self.fetch_rows(np.asarray(indices, dtype=np.int64), reads, dest, column, view)
-        return view, dest
-
-    def read(self, indices, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
-        """Rows ``indices`` as a dict of columns: bytes/str lists, stacked numpy arrays."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(
-                f"row indices out of range for table {self.name!r} with {len(self)} rows"
-            )
-        cols = self.schema.select(columns, self.name)
-        return {c.name: self._read_column(idx, c) for c in cols}
-
-    def _read_column(self, idx: np.ndarray, col: Column) -> ColumnValues:
-        if self._is_small(col):
-            values = self._read_small(idx, col)
-            if col.kind == "text":
-                values = self._decode_text(values, col)
-            return values
-        if not col.is_var:
-            plan, _ = self.plan_reads(idx, col)  # checks the chunks' sizes before allocating
-            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
-            self._fetcher.read_into(plan, out.reshape(-1).view(np.uint8))
-            return out
-        buf, dest = self.read_column_into(idx, col)
-        mv = memoryview(buf)
-        d = dest.tolist()
-        values: list = [mv[d[i] : d[i + 1]].tobytes() for i in range(len(idx))]
-        if col.kind == "text":
-            values = self._decode_text(values, col)
-        return values
-
-    def _decode_text(self, values: list, col: Column) -> list[str]:
-        try:
-            return [v.decode("utf-8") for v in values]
-        except UnicodeDecodeError as e:
-            raise FormatError(
-                f"table {self.name!r}, column {col.name!r}: text is not UTF-8 ({e})"
-            ) from None
-
-    # -- async -----------------------------------------------------------------------------
-    def _async_reader(self) -> _AsyncReader:
-        loop = asyncio.get_running_loop()
-        r = self._async_readers.get(loop)
-        if r is None:
-            r = _AsyncReader(self, loop)
-            self._async_readers[loop] = r
-        return r
-
-    async def get_async(self, index: int, column: str) -> Any:
-        """One cell, fetched without blocking the event loop; concurrent calls are batched."""
-        col = self.schema.column(column, self.name)
-        return await self._async_reader().get(self._normalize_index(index), col)
-
-    # -- streams ---------------------------------------------------------------------------
-    def next_epoch(self) -> int:
-        """The epoch number for the next stream that does not name one (advances per call)."""
-        with self._lock:
-            e = self._epochs_served
-            self._epochs_served += 1
-            return e
-
-    def epoch_order(
-        self, shuffle: bool | str = False, seed: int | None = None, epoch: int = 0
-    ) -> EpochOrder:
-        """The row order of one epoch. shuffle=True means "full" where reads are local or cached,
-        "block" for remote tables read without a cache."""
-        mode = resolve_shuffle(shuffle, self.is_cached)
-        if seed is None:
-            seed = 0
-        return EpochOrder(len(self), mode, int(seed), int(epoch), self.chunk_rows)
-
-    def batches(
-        self,
-        batch_size: int,
-        shuffle: bool | str = False,
-        seed: int | None = None,
-        columns: Sequence[str] | None = None,
-        drop_last: bool = False,
-        epoch: int | None = None,
-        prefetch: int = 2,
-        image: Sequence[Any] | None = None,
-        decoder: str = "auto",
-        decode_options: Any = None,
-        device: Any = "cpu",
-        num_threads: int | None = None,
-        on_error: str = "raise",
-    ):
+    # -- streams (the same options as every front door: gpuload.LoaderSpec) -------------------
+    @with_spec_options(exclude=("batch_size",))
+    def batches(self, batch_size: int, **options: Any) -> Loader:
         """Iterate over the table in batches: dicts of column -> list of bytes/str or stacked
-        numpy array (framework-free).
-
-        ``shuffle``: False, True, "full" or "block"; seeded by ``seed`` and ``epoch``: successive
-        calls without ``epoch`` advance it, so each epoch has a new order. ``seed=None`` with
-        shuffle draws a random seed. ``image=[ops...]`` decodes and transforms image columns in
-        one fused kernel per batch, as ``gpuload.pytorch(..., image=...)`` does. Returns the
-        batched loader (``len()``, ``state_dict()``...), already set to this call's epoch."""
-        from .loader import Loader, LoaderOptions
-
-        opts = LoaderOptions(
-            batch_size,
-            shuffle,
-            seed,
-            drop_last,
-            tuple(columns) if columns is not None else None,
-            prefetch,
-            num_threads,
-            "pad",
-            on_error,
-        )
-        if shuffle and seed is None:
-            seed = int.from_bytes(os.urandom(8), "little") >> 1
-            opts = dataclasses.replace(opts, seed=seed)
-        factory, image_columns = None, ()
-        if image is not None:
-            from .device import resolve_device
-            from .pipeline import image_stage_factory
-
-            image_columns, factory = image_stage_factory(
-                self,
-                image,
-                decoder,
-                resolve_device(device),
-                columns,
-                options=decode_options,
-                seed=seed,
+        numpy array (framework-free). Returns the loader: each pass over it is the next epoch;
+        ``len()``, ``set_epoch``, ``state_dict()``/``load_state_dict()``, ``stats()``."""
+        spec = LoaderSpec(batch_size=batch_size, **options)
+        if spec.image is None and "device" in spec.given():
+            raise ValueError(
+                f"device={spec.device!r}: t.batches() returns host numpy arrays; device= picks "
+                "where image= ops run, and none were given"
             )
-        loader = Loader(self, opts, image_stage_factory=factory, image_columns=image_columns)
-        loader.set_epoch(self.next_epoch() if epoch is None else int(epoch))
-        return loader
+        return make_loader(self, spec)
 
-    # -- framework front doors (adapters import frameworks lazily) ---------------------------
-    def pytorch(self, *args, **kwargs):
-        """``gpuload.pytorch(self, ...)``: a torch Dataset (or the batched fast path)."""
-        from .adapters.torch import pytorch
+    @with_spec_options()
+    def pytorch(self, transform: Callable | None = None, *, iterable: bool = False, **options: Any):
+        """PyTorch access (``gpuload.pytorch(self, ...)``): a map-style Dataset without
+        ``batch_size``, an IterableDataset with ``iterable=True``, else the batched fast path."""
+        from .adapters.torch import torch_front_door
 
-        return pytorch(self, *args, **kwargs)
+        return torch_front_door(self, LoaderSpec(**options), transform, iterable=iterable)
 
-    def tensorflow(self, *args, **kwargs):
-        """``gpuload.tensorflow(self, ...)``: a tf.data.Dataset."""
-        from .adapters.tensorflow import tensorflow
+    @with_spec_options()
+    def tensorflow(self, *, input_context: Any = None, **options: Any):
+        """A ``tf.data.Dataset`` (``gpuload.tensorflow(self, ...)``): rows without ``batch_size``,
+        whole batches from the fast path with it."""
+        from .adapters.tensorflow import tf_front_door
 
-        return tensorflow(self, *args, **kwargs)
-
-
-def _subplan(plan: ReadPlan, mask: np.ndarray) -> ReadPlan:
-    return ReadPlan(
-        plan.files, plan.fidx[mask], plan.start[mask], plan.length[mask], plan.dest[mask]
-    )
-
-
-def _read_through(fetcher: Fetcher, file: str, nbytes: int, step: int = 8 << 20) -> None:
-    """Read bytes [0, nbytes) of a chunk file through ``fetcher`` (which checks them)."""
-    buf = np.empty(min(step, max(nbytes, 1)), dtype=np.uint8)
-    for lo in range(0, nbytes, step):
-        n = min(step, nbytes - lo)
-        fetcher.read_into([Read(file, lo, n, 0)], buf[:n])
-
-
-def resolve_shuffle(shuffle: bool | str, cached: bool) -> str:
-    if shuffle is False or shuffle is None or shuffle == "none":
-        return "none"
-    if shuffle is True:
-        return "full" if cached else "block"
-    if shuffle in ("full", "block"):
-        return shuffle
-    raise ValueError(f"shuffle must be True, False, 'full' or 'block', got {shuffle!r}")
+        return tf_front_door(self, LoaderSpec(**options), input_context=input_context)
 
 
 class Row:
@@ -654,7 +100,7 @@ class Row:
 
     def __getitem__(self, column: str) -> Any:
         col = self.table.schema.column(column, self.table.name)
-        return _cell(self.table._read_column(np.array([self.index], dtype=np.int64), col), col)
+        return _cell(self.table.read_column(np.array([self.index], dtype=np.int64), col), col)
 
     def to_dict(self, columns: Sequence[str] | None = None) -> dict[str, Any]:
         """A new mutable dict of all (or the named) columns of this row."""
@@ -715,47 +161,3 @@ class Rows:
 
     def __repr__(self) -> str:
         return f"Rows({self.table.name!r}, {len(self)} rows)"
-
-
-class _AsyncReader:
-    """Batches get_async calls made in the same event-loop tick into one coalesced read."""
-
-    def __init__(self, table: Table, loop: asyncio.AbstractEventLoop) -> None:
-        self.table = table
-        self.loop = loop
-        self.pending: dict[str, list[tuple[int, asyncio.Future]]] = {}
-        self.scheduled = False
-
-    def get(self, index: int, col: Column) -> asyncio.Future:
-        fut = self.loop.create_future()
-        self.pending.setdefault(col.name, []).append((index, fut))
-        if not self.scheduled:
-            self.scheduled = True
-            self.loop.call_soon(self._flush)
-        return fut
-
-    def _flush(self) -> None:
-        self.scheduled = False
-        pending, self.pending = self.pending, {}
-        for name, items in pending.items():
-            col = self.table.schema[name]
-            idx = np.array([i for i, _ in items], dtype=np.int64)
-            task = self.loop.run_in_executor(None, self.table._read_column, idx, col)
-            task.add_done_callback(lambda t, items=items, col=col: self._resolve(t, items, col))
-
-    @staticmethod
-    def _resolve(task: asyncio.Future, items, col: Column) -> None:
-        if task.cancelled():
-            for _, f in items:
-                if not f.done():
-                    f.cancel()
-            return
-        exc = task.exception()
-        for k, (_, f) in enumerate(items):
-            if f.done():
-                continue
-            if exc is not None:
-                f.set_exception(exc)
-            else:
-                v = task.result()[k]
-                f.set_result(np.array(v) if col.kind == "array" else v)

@@ -106,6 +106,9 @@ __all__ = [
     "get_cuda_kernels",
     "launch_cuda",
     "check_inputs",
+    "INPUTS_OK",
+    "TOO_FEW_PARAMS",
+    "SHAPES_DISAGREE",
     "python_lib",
     "module_source",
     "kernel_cache_dir",
@@ -162,18 +165,25 @@ class KernelSpec:
 # --------------------------------------------------------------------------------------------
 
 
+#: What ``check_inputs`` returns besides the index (>= 0) of the first unusable sample.
+INPUTS_OK = -1
+TOO_FEW_PARAMS = -2
+SHAPES_DISAGREE = -3
+
+
 @numba.njit(nogil=True, cache=True)
 def check_inputs(src_size, meta, windows, params, nparams):
-    """Index of the first sample whose meta/window is unusable, or -1 when all are fine.
+    """Index of the first sample whose meta/window is unusable, or INPUTS_OK when all are fine.
 
     Checks: offset >= 0, H, W > 0, C in {1, 3, 4}, the image lies inside ``src``; window finite
-    with h, w > 0; params has at least ``nparams`` columns (else returns -2); shapes agree (-3).
+    with h, w > 0; params has at least ``nparams`` columns (else TOO_FEW_PARAMS); the shapes of
+    meta, windows and params agree (else SHAPES_DISAGREE).
     """
     B = meta.shape[0]
     if meta.shape[1] != 4 or windows.shape[0] != B or windows.shape[1] != 4 or params.shape[0] != B:
-        return -3
+        return SHAPES_DISAGREE
     if params.shape[1] < nparams:
-        return -2
+        return TOO_FEW_PARAMS
     for b in range(B):
         off = meta[b, 0]
         H = meta[b, 1]
@@ -191,7 +201,7 @@ def check_inputs(src_size, meta, windows, params, nparams):
             return b
         if not (abs(y0) < 1e30 and abs(x0) < 1e30):
             return b
-    return -1
+    return INPUTS_OK
 
 
 # --------------------------------------------------------------------------------------------

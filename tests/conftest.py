@@ -1,5 +1,10 @@
-"""Shared fixtures. GPU-only tests carry @pytest.mark.gpu and are reported as skipped (not run)
-with a reason wherever no CUDA GPU exists; they never pass silently."""
+"""Shared fixtures (every fixture used by more than one folder lives here) and the skip policy:
+GPU-only tests carry @pytest.mark.gpu and are reported as skipped (not run) with a reason
+wherever no CUDA GPU exists; they never pass silently.
+
+Tests are grouped by stage of the data flow: tables/ (format, commits, ingest, vacuum, CLI),
+fetch/ (stores, remote reads, faults), decode/, ops/ (kernels), loader/ (sampling, the image
+stage, the invariants every front door keeps), adapters/ (torch, TF, DDP), bench/."""
 
 from __future__ import annotations
 
@@ -7,7 +12,10 @@ import os
 
 import pytest
 
+import gpuload
 from gpuload.device import cuda_available
+
+from .helpers import robot_columns
 
 
 def pytest_collection_modifyitems(config, items):
@@ -74,3 +82,27 @@ def s3():
     server = LoopbackS3()
     yield server
     server.close()
+
+
+@pytest.fixture
+def client(tmp_path):
+    """A Client on an empty root of this test's own."""
+    return gpuload.Client(tmp_path / "root")
+
+
+@pytest.fixture(scope="session")
+def robot_table(tmp_path_factory):
+    """Robot-like tables (image, state[14], label, text), made once per session per shape:
+    ``robot_table(rows, seed, chunk_bytes)`` returns (table, columns). Read-only: a test that
+    writes makes its own."""
+    made: dict = {}
+
+    def make(n: int, seed: int = 0, chunk_bytes: int = 64 << 10):
+        key = (n, seed, chunk_bytes)
+        if key not in made:
+            cols = robot_columns(n, seed=seed)
+            root = tmp_path_factory.mktemp(f"robot-{n}-{seed}")
+            made[key] = (gpuload.ingest(root / "robot", cols, chunk_bytes=chunk_bytes), cols)
+        return made[key]
+
+    return make

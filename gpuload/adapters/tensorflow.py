@@ -4,24 +4,39 @@ with a proper ``element_spec``. Bytes, image and text columns arrive as ``tf.str
 Without ``batch_size`` it yields rows (chain ``.batch()``); with ``batch_size`` it yields whole
 batches from gpuload's fast path (threads, prefetch, decode and fused image ops). Shuffling and
 sharding (``input_context`` from ``tf.distribute``, or rank/world) happen inside gpuload, seeded
-and different every epoch (each pass over the dataset is the next epoch).
+and different every epoch (each pass over the dataset is the next epoch). The dataset carries
+``state_dict()``, ``load_state_dict()``, ``set_epoch()`` and ``stats()`` of its loader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from ..device import resolve_device
-from ..distributed import resolve_rank_world
-from ..loader import Loader, LoaderOptions, resolve_table
+from ..loader import Loader, make_loader
+from ..reader import TableReader
 from ..schema import Column
-from ..table import Table
+from ..spec import LoaderSpec, refuse_unused
 
-__all__ = ["tensorflow", "column_spec"]
+__all__ = ["tf_front_door", "column_spec"]
+
+ROWS = "a dataset of rows (no batch_size)"
+ROW_OPTIONS = (
+    "columns",
+    "shuffle",
+    "seed",
+    "epoch",
+    "uneven",
+    "on_error",
+    "prefetch",
+    "num_threads",
+    "rank",
+    "world_size",
+)
+ROW_READ = 256  # rows per internal batch when the dataset yields rows
 
 _TF_DTYPES = {
     "bool": tf.bool,
@@ -54,83 +69,109 @@ def _to_tf_ready(v: Any) -> Any:
     return v
 
 
-def tensorflow(
-    table: Any,
-    *,
-    batch_size: int | None = None,
-    shuffle: bool | str = False,
-    seed: int | None = None,
-    drop_last: bool = False,
-    columns: Sequence[str] | None = None,
-    device: Any = "auto",
-    image: Sequence[Any] | None = None,
-    decoder: str = "auto",
-    decode_options: Any = None,
-    input_context: Any = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    uneven: str = "pad",
-    prefetch: int = 2,
-    num_threads: int | None = None,
-    on_error: str = "raise",
-    storage_options: Mapping[str, Any] | None = None,
+def tf_front_door(
+    table: TableReader, spec: LoaderSpec, *, input_context: Any = None
 ) -> tf.data.Dataset:
-    """A tf.data.Dataset over a table (a Table, a name, a path or a URL)."""
-    t: Table = resolve_table(table, storage_options)
+    """A tf.data.Dataset over a table, as the spec asks (see the module docstring)."""
     if input_context is not None:
-        rank, world_size = input_context.input_pipeline_id, input_context.num_input_pipelines
-    r, w = resolve_rank_world(rank, world_size)
-    cols = t.schema.select(list(columns) if columns is not None else None, t.name)
-    batched = batch_size is not None
-    opts = LoaderOptions(
-        batch_size if batched else 256,
-        shuffle,
-        seed,
-        drop_last if batched else False,
-        tuple(c.name for c in cols),
-        prefetch,
-        num_threads,
-        uneven,
-        on_error,
-    )
-    image_columns, factory, image_specs = (), None, {}
-    if image is not None:
-        if not batched:
-            raise ValueError("image= runs one fused kernel per batch: pass batch_size= to use it")
-        from ..pipeline import image_stage_factory
-
-        dev = resolve_device(device)
-        image_columns, factory = image_stage_factory(
-            t, image, decoder, dev, columns, options=decode_options, seed=seed
+        if spec.rank is not None or spec.world_size is not None:
+            raise ValueError("pass input_context= or rank=/world_size=, not both")
+        spec = spec.replace(
+            rank=input_context.input_pipeline_id, world_size=input_context.num_input_pipelines
         )
-        shape = factory.plan.out_shape(1)[1:]
-        batch = batch_size if drop_last else None
-        image_specs = {
-            c: tf.TensorSpec((batch, *shape), _TF_DTYPES[factory.plan.out_dtype], name=c)
-            for c in image_columns
-        }
-    loader = Loader(
-        t, opts, image_stage_factory=factory, image_columns=image_columns, rank=r, world_size=w
-    )
-    fixed = batch_size if (batched and drop_last) else None
-    spec = {c.name: image_specs.get(c.name) or column_spec(c, fixed, batched) for c in cols}
+    batched = spec.batch_size is not None
+    if not batched:
+        refuse_unused(
+            spec, ROWS, ROW_OPTIONS, "pass batch_size= for whole batches (and image= ops)"
+        )
+        spec = spec.replace(batch_size=ROW_READ)
+    elif spec.image is None and "device" in spec.given():
+        raise ValueError(
+            f"device={spec.device!r}: tf.data places its tensors itself; device= picks where "
+            "image= ops run, and none were given"
+        )
+    loader = make_loader(table, spec)
+    return _Cursor(loader, batched).dataset(sized=True)
 
-    def gen():
-        for batch in loader:  # each pass over the dataset is the loader's next epoch
-            if batched:
+
+def _signature(loader: Loader, batched: bool) -> dict[str, tf.TensorSpec]:
+    spec = loader.spec
+    cols = [loader.table.schema[c] for c in loader.columns]
+    fixed = spec.batch_size if (batched and spec.drop_last) else None
+    out = {c.name: column_spec(c, fixed, batched) for c in cols}
+    plan = loader.image_plan
+    if plan is not None:
+        shape = plan.out_shape(1)[1:]
+        for c in loader.image_columns:
+            out[c] = tf.TensorSpec((fixed, *shape), _TF_DTYPES[plan.out_dtype], name=c)
+    return out
+
+
+class _Cursor:
+    """Feeds tf.data from a loader and knows, row by row, how far the consumer got: the state
+    of a dataset of rows points at the next row, not the next internal batch."""
+
+    def __init__(self, loader: Loader, batched: bool) -> None:
+        self.loader = loader
+        self.batched = batched
+        self.pending = 0  # rows of the current internal batch not yet handed to tf.data
+        self.resumed = False
+
+    def dataset(self, sized: bool) -> tf.data.Dataset:
+        """The tf.data.Dataset, with the loader's methods. ``sized``: its cardinality is
+        asserted (one full epoch per pass); a resumed dataset's first pass is shorter, so it has
+        none."""
+        ds = tf.data.Dataset.from_generator(
+            lambda: self.generate(sized), output_signature=_signature(self.loader, self.batched)
+        )
+        if sized:
+            count = len(self.loader) if self.batched else self.loader.num_rows
+            ds = ds.apply(tf.data.experimental.assert_cardinality(count))
+        # tf.data would otherwise pull an element ahead of the consumer (an injected prefetch):
+        # state_dict() counts what the generator handed over, so it must be what was consumed.
+        # (gpuload prefetches batches itself, on its own threads.)
+        options = tf.data.Options()
+        options.experimental_optimization.inject_prefetch = False
+        ds = ds.with_options(options)
+        ds.state_dict = self.state_dict
+        ds.load_state_dict = self.load_state_dict
+        ds.set_epoch = self.loader.set_epoch
+        ds.stats = self.loader.stats
+        ds.loader = self.loader
+        return ds
+
+    def generate(self, sized: bool):
+        if sized and self.resumed:
+            raise RuntimeError(
+                "this gpuload dataset was resumed with load_state_dict(): iterate the dataset "
+                "load_state_dict() returned (tf.data fixes a dataset's length when it is built, "
+                "and a resumed pass is shorter)"
+            )
+        for batch in self.loader:  # each pass over the dataset is the loader's next epoch
+            if self.batched:
                 yield {k: _to_tf_ready(_host(v)) for k, v in batch.items()}
                 continue
-            n = len(next(iter(batch.values()))) if batch else 0
+            host = {k: _host(v) for k, v in batch.items()}
+            n = len(next(iter(host.values()))) if host else 0
             for i in range(n):
-                yield {k: _host(v)[i] for k, v in batch.items()}
+                self.pending = n - i
+                yield {k: v[i] for k, v in host.items()}
+            self.pending = 0
 
-    ds = tf.data.Dataset.from_generator(gen, output_signature=spec)
-    if batched:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(len(loader)))
-    else:
-        ds = ds.apply(tf.data.experimental.assert_cardinality(loader._shard().count))
-    ds._gpuload_loader = loader  # for set_epoch / state_dict / stats
-    return ds
+    def state_dict(self) -> dict[str, Any]:
+        state = self.loader.state_dict()
+        state["position"] -= self.pending if self.pending else 0
+        if self.pending:
+            state["position"] += 1  # the row just handed over counts as seen
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> tf.data.Dataset:
+        """Resume from ``state_dict()``; returns the dataset to iterate (its first pass is the
+        rest of the saved epoch, then whole epochs; its cardinality is unknown)."""
+        self.pending = 0
+        self.loader.load_state_dict(state)
+        self.resumed = True
+        return self.dataset(sized=False)
 
 
 def _host(v: Any) -> Any:

@@ -691,7 +691,7 @@ def t_train(a: dict) -> dict:
                 w0 = time.time()
                 c0 = tree.cpu_times()
                 waited, n_img = 0.0, 0
-                gpu_wait0 = loader_obj.stats.wait_s if loader_obj is not None else 0.0
+                gpu_wait0 = loader_obj.stats().wait_s if loader_obj is not None else 0.0
             tw = time.perf_counter()
             batch = next(gen)
             waited += time.perf_counter() - tw
@@ -729,7 +729,7 @@ def t_train(a: dict) -> dict:
         "steps_s": steps / wall,
         # time the loop spent waiting for batches: gpuload's own counter where it has one
         "wait_fraction": (
-            (loader_obj.stats.wait_s - gpu_wait0) / wall
+            (loader_obj.stats().wait_s - gpu_wait0) / wall
             if loader_obj is not None
             else waited / wall
         ),

@@ -545,7 +545,7 @@ loader = t.batches(8, image=[ops.Resize((8, 8))], num_threads=2, on_error="skip"
 labels = [int(x) for b in loader for x in b["label"]]
 with open("/proc/self/status") as f:
     hwm = int(next(line.split()[1] for line in f if line.startswith("VmHWM:"))) * 1024
-print(json.dumps({"labels": labels, "skipped": loader.stats.skipped, "peak_rss": hwm}))
+print(json.dumps({"labels": labels, "skipped": loader.stats().skipped, "peak_rss": hwm}))
 """
 
 

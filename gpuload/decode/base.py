@@ -45,7 +45,7 @@ __all__ = [
     "DecodeRequest",
     "DecodedBatch",
     "Decoder",
-    "Plan",
+    "DecodePlan",
     "StagingTooSmallError",
     "staging_nbytes",
     "staging_nbytes_for",
@@ -96,7 +96,7 @@ FULL = DecodeRequest()
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class DecodePlan:
     """How one image will be decoded: output shape, mapping, and a backend-specific method."""
 
     height: int
@@ -253,11 +253,11 @@ def full_plan(
     scalable: bool = False,
     channels: int | None = None,
     method: str = "",
-) -> Plan:
+) -> DecodePlan:
     """Plan a full-image decode, at 1/s for a JPEG when the backend can DCT-scale."""
     c = output_channels(header) if channels is None else channels
     s = req.scale if (scalable and req is not None and header.codec == "jpeg") else 1
-    return Plan(-(-header.height // s), -(-header.width // s), c, 0, 0, s, method)
+    return DecodePlan(-(-header.height // s), -(-header.width // s), c, 0, 0, s, method)
 
 
 def staging_nbytes(
@@ -323,10 +323,10 @@ class Decoder:
         self._max_pixels = validate_max_pixels(value)
 
     # ----- planning -------------------------------------------------------------------------
-    def _plan(self, i: int, header: ImageHeader, req: DecodeRequest) -> Plan:
+    def _plan(self, i: int, header: ImageHeader, req: DecodeRequest) -> DecodePlan:
         raise NotImplementedError
 
-    def plan_batch(self, headers: Sequence[ImageHeader], requests=None) -> list[Plan]:
+    def plan_batch(self, headers: Sequence[ImageHeader], requests=None) -> list[DecodePlan]:
         """One plan per image; DecodeError (naming the index) for an image over the limit."""
         check_headers(headers, self.max_pixels)
         reqs = normalize_requests(requests, len(headers))
@@ -424,7 +424,7 @@ class Decoder:
         return f"<{type(self).__name__} {self.name!r} device={self.device} threads={self.threads}>"
 
 
-def host_views(staging: np.ndarray, plans: Sequence[Plan], offsets) -> list[np.ndarray]:
+def host_views(staging: np.ndarray, plans: Sequence[DecodePlan], offsets) -> list[np.ndarray]:
     flat = staging.reshape(-1)
     out = []
     for p, off in zip(plans, offsets, strict=True):

@@ -36,9 +36,9 @@ from gpuload.device import Device
 from ._host import decode_other_into
 from ._pool import ForkSafeLocal, WorkerPool, run_chunks
 from .base import (
+    DecodePlan,
     Decoder,
     DecodeRequest,
-    Plan,
     as_batch_error,
     batch_error,
     ceil_div,
@@ -100,9 +100,9 @@ class CpuDecoder(Decoder):
         self._pool = WorkerPool(self.threads, "gpuload-decode")
 
     # ----- planning -------------------------------------------------------------------------
-    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> Plan:
+    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
         if h.codec != "jpeg" or h.channels == 4 or h.precision != 8:
-            return Plan(h.height, h.width, output_channels(h), method="other")
+            return DecodePlan(h.height, h.width, output_channels(h), method="other")
         s = r.scale
         c = 1 if h.channels == 1 else 3
         w = ceil_div(h.width, s)
@@ -115,7 +115,7 @@ class CpuDecoder(Decoder):
         ):
             y0, x0, y1, x1 = r.roi
             if (y1 - y0) * (x1 - x0) < REGION_MAX_AREA * h.height * h.width:
-                return Plan(y1 - y0, x1 - x0, 3, y0, x0, 1, "region", r.roi)
+                return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, "region", r.roi)
         # Restart markers are excluded: with DRI, libjpeg's "extraneous bytes" warning can also
         # come from a damaged restart interval mid-image, so it would no longer prove completion.
         if (
@@ -127,8 +127,8 @@ class CpuDecoder(Decoder):
             mcu_h = h.mcu[0]
             rows = ceil_div(r.roi[2], mcu_h) * mcu_h + 1
             if rows <= h.height - mcu_h:  # saves at least one MCU row
-                return Plan(ceil_div(rows, s), w, c, 0, 0, s, "rows", rows)
-        return Plan(ceil_div(h.height, s), w, c, 0, 0, s, "jpeg")
+                return DecodePlan(ceil_div(rows, s), w, c, 0, 0, s, "rows", rows)
+        return DecodePlan(ceil_div(h.height, s), w, c, 0, 0, s, "jpeg")
 
     # ----- decoding -------------------------------------------------------------------------
     def _decode(self, datas, headers, plans, offsets, staging, stream) -> None:
@@ -138,7 +138,7 @@ class CpuDecoder(Decoder):
         strict = self.strict
         limit = self.max_pixels
 
-        def jpeg(data, h: ImageHeader, p: Plan, out, height: int):
+        def jpeg(data, h: ImageHeader, p: DecodePlan, out, height: int):
             cs = "GRAY" if p.channels == 1 else "RGB"
             if p.scale == 1:
                 mh = mw = 0

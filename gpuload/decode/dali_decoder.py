@@ -25,7 +25,7 @@ from gpuload.device import Device
 from gpuload.errors import DecodeError, MissingDependencyError
 
 from ._pool import orphan
-from .base import Decoder, DecodeRequest, Plan, as_batch_error, batch_error, host_views
+from .base import DecodePlan, Decoder, DecodeRequest, as_batch_error, batch_error, host_views
 from .header import ImageHeader
 from .nvimgcodec_decoder import host_decode_rgb
 
@@ -135,13 +135,13 @@ class DaliDecoder(Decoder):
         return pipe
 
     # ----- planning / staging -----------------------------------------------------------------
-    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> Plan:
+    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
         method = "dali" if h.codec in _DALI_CODECS else "host"
         if r.roi is not None and method == "dali":
             y0, x0, y1, x1 = r.roi
             if (y0, x0, y1, x1) != (0, 0, h.height, h.width):
-                return Plan(y1 - y0, x1 - x0, 3, y0, x0, 1, method, r.roi)
-        return Plan(h.height, h.width, 3, 0, 0, 1, method)
+                return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, method, r.roi)
+        return DecodePlan(h.height, h.width, 3, 0, 0, 1, method)
 
     def _staging_capacity(self, staging) -> int:
         if not self.device.is_cuda:

@@ -30,7 +30,7 @@ from gpuload.errors import DecodeError, MissingDependencyError
 
 from ._host import decode_other
 from ._pool import ForkSafeLocal, WorkerPool
-from .base import Decoder, DecodeRequest, Plan, as_batch_error, host_views
+from .base import DecodePlan, Decoder, DecodeRequest, as_batch_error, host_views
 from .header import DEFAULT_MAX_PIXELS, ImageHeader, check_size
 
 __all__ = ["NvImgCodecDecoder"]
@@ -68,7 +68,7 @@ def _as_u8(data):
 
 
 def host_decode_rgb(
-    data, header: ImageHeader, plan: Plan, max_pixels: int | None = DEFAULT_MAX_PIXELS
+    data, header: ImageHeader, plan: DecodePlan, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """Strict host decode of one image to the plan's (region of the) RGB output."""
     import simplejpeg
@@ -155,12 +155,12 @@ class NvImgCodecDecoder(Decoder):
         )
 
     # ----- planning / staging -----------------------------------------------------------------
-    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> Plan:
+    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
         if r.roi is not None:
             y0, x0, y1, x1 = r.roi
             if (y0, x0, y1, x1) != (0, 0, h.height, h.width):
-                return Plan(y1 - y0, x1 - x0, 3, y0, x0, 1, "roi", r.roi)
-        return Plan(h.height, h.width, 3, 0, 0, 1, "full")
+                return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, "roi", r.roi)
+        return DecodePlan(h.height, h.width, 3, 0, 0, 1, "full")
 
     def _staging_capacity(self, staging) -> int:
         if not self.device.is_cuda:

@@ -15,7 +15,15 @@ from gpuload.errors import DecodeError
 
 from ._host import open_pil, pil_to_array
 from ._pool import WorkerPool, run_chunks
-from .base import Decoder, DecodeRequest, Plan, batch_error, ceil_div, host_views, raise_first_error
+from .base import (
+    DecodePlan,
+    Decoder,
+    DecodeRequest,
+    batch_error,
+    ceil_div,
+    host_views,
+    raise_first_error,
+)
 from .header import ImageHeader, output_channels
 
 __all__ = ["PilDecoder"]
@@ -30,7 +38,7 @@ class PilDecoder(Decoder):
         super().__init__(Device("cpu"), threads)  # host memory, whatever the loader's device
         self._pool = WorkerPool(self.threads, "gpuload-pil")
 
-    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> Plan:
+    def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
         c = output_channels(h)
         # PIL's draft picks the scale from floor divisions; it lands on exactly 1/s when the
         # image is at least 2s pixels on each side (smaller images decode at full size).
@@ -41,8 +49,8 @@ class PilDecoder(Decoder):
             and min(h.height, h.width) >= 2 * r.scale
         ):
             s = r.scale
-            return Plan(ceil_div(h.height, s), ceil_div(h.width, s), c, 0, 0, s, "draft")
-        return Plan(h.height, h.width, c, method="full")
+            return DecodePlan(ceil_div(h.height, s), ceil_div(h.width, s), c, 0, 0, s, "draft")
+        return DecodePlan(h.height, h.width, c, method="full")
 
     def _decode(self, datas, headers, plans, offsets, staging, stream) -> None:
         views = host_views(staging, plans, offsets)

@@ -24,13 +24,13 @@ __all__ = ["FusedImageStage", "aligned_empty"]
 
 
 def _check_status(status: int, B: int, what: str = "") -> None:
-    if status == -1:
+    if status == _fused.INPUTS_OK:
         return
-    if status == -3:
+    if status == _fused.SHAPES_DISAGREE:
         raise ValueError(
             f"{what}meta must be (B, 4), windows (B, 4) and params (B, P) with the same B"
         )
-    if status == -2:
+    if status == _fused.TOO_FEW_PARAMS:
         raise ValueError(f"{what}params must have at least {_fused.NUM_PARAMS} columns")
     raise ValueError(
         f"{what}sample {status} of {B}: meta (offset, H, W, C) must describe an image inside src "

@@ -7,7 +7,7 @@ import pytest
 
 import gpuload
 
-from .helpers import jpeg
+from ..helpers import jpeg
 
 
 def run(*args, root, check=True):

@@ -29,7 +29,7 @@ def _fast(case):
 
 
 @pytest.fixture(scope="module")
-def http_table(tmp_path_factory):
+def fault_http_table(tmp_path_factory):
     root = tmp_path_factory.mktemp("faults-http")
     faults.make_fault_table(str(root / "t"), 200, chunk_bytes=128 << 10)
     with RangeHTTPServer(str(root)) as server:
@@ -39,8 +39,8 @@ def http_table(tmp_path_factory):
 @pytest.mark.parametrize(
     "case", faults.HTTP_CASES, ids=lambda c: f"{c.kind}-{c.schedule}-{c.target}-cached{c.cached}"
 )
-def test_http_fault(http_table, case):
-    server, url = http_table
+def test_http_fault(fault_http_table, case):
+    server, url = fault_http_table
     r = faults.run_case(_fast(case), "http", url, server, seed=3, policy=POLICY)
     assert r.rows_wrong == 0, r
     assert r.ok, r
@@ -71,10 +71,10 @@ def test_s3_fault_through_proxy(s3, tmp_path_factory, case):
         assert r.rows_delivered == 120 * (2 if r.cached else 1)
 
 
-def test_permanent_fault_surfaces_within_30s_with_the_default_policy(http_table):
+def test_permanent_fault_surfaces_within_30s_with_the_default_policy(fault_http_table):
     """Retries never multiply across layers: a server that always answers 503 gives one
     FetchError naming the table and object after gpuload's default deadline, not minutes."""
-    server, url = http_table
+    server, url = fault_http_table
     t = gpuload.open_table(url, cache=False)
     server.plan = FaultPlan(kind="status", status=503, probability=1.0, path="/chunks/")
     t0 = time.perf_counter()
@@ -87,8 +87,8 @@ def test_permanent_fault_surfaces_within_30s_with_the_default_policy(http_table)
     server.plan = FaultPlan()
 
 
-def test_open_retries_and_names_the_table(http_table):
-    server, url = http_table
+def test_open_retries_and_names_the_table(fault_http_table):
+    server, url = fault_http_table
     server.plan = FaultPlan(kind="status", status=503, probability=1.0, path="manifest.json")
     with pytest.raises(FetchError, match=r"manifest\.json failed after \d+ tries"):
         gpuload.open_table(url, fetch=gpuload.FetchOptions(retry=POLICY))

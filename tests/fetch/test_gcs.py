@@ -17,7 +17,7 @@ from gpuload.errors import TableNotFoundError
 from gpuload.storage import Store
 from gpuload.vacuum import vacuum_store
 
-from .helpers import robot_columns
+from ..helpers import robot_columns
 
 pytestmark = pytest.mark.gcs
 

@@ -12,9 +12,9 @@ pytest.importorskip("torch")
 
 import gpuload  # noqa: E402
 
-from .helpers import robot_columns  # noqa: E402
+from ..helpers import robot_columns  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _free_port() -> int:
@@ -37,7 +37,7 @@ def test_torchrun_gloo_two_ranks(tmp_path, rows, uneven):
         "--nnodes=1",
         "--master_addr=127.0.0.1",
         f"--master_port={_free_port()}",
-        os.path.join(ROOT, "tests", "_ddp_child.py"),
+        os.path.join(ROOT, "tests", "adapters", "_ddp_child.py"),
         t.url,
         str(out),
         uneven,

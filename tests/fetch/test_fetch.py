@@ -18,7 +18,7 @@ from gpuload.fetch import (
 )
 from gpuload.storage import Store
 
-from .helpers import robot_columns
+from ..helpers import robot_columns
 
 
 def test_coalesce_merges_adjacent_and_small_gaps():

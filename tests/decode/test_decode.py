@@ -642,10 +642,10 @@ def test_device_packing_under_cuda_simulator():
         from numba import cuda
         from gpuload.decode._cuda import (copy_device_to_device, copy_host_to_device,
                                           device_capacity, device_views, stream_handle)
-        from gpuload.decode.base import Plan
+        from gpuload.decode.base import DecodePlan
         staging = cuda.device_array(4096, np.uint8)
         assert device_capacity(staging) == 4096
-        plans = [Plan(6, 5, 3), Plan(4, 3, 1)]
+        plans = [DecodePlan(6, 5, 3), DecodePlan(4, 3, 1)]
         views = device_views(staging, plans, [0, 128])
         host = np.arange(6 * 8 * 3, dtype=np.uint8).reshape(6, 8, 3)
         src = cuda.to_device(host)[:, 1:6, :]  # not contiguous

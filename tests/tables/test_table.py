@@ -6,12 +6,7 @@ import pytest
 import gpuload
 from gpuload.errors import SchemaError, TableExistsError, TableNotFoundError
 
-from .helpers import jpeg, png, robot_columns
-
-
-@pytest.fixture
-def client(tmp_path):
-    return gpuload.Client(tmp_path / "root")
+from ..helpers import jpeg, png, robot_columns
 
 
 @pytest.fixture
@@ -143,11 +138,14 @@ def test_batches_shuffle_seeded_per_epoch(robot):
     assert sorted(texts) == sorted(cols["text"]) and texts != cols["text"]
 
 
-def test_batches_successive_calls_advance_epoch(client):
+def test_batches_with_a_seed_reproduce_and_each_pass_is_the_next_epoch(client):
     t = client.ingest("n", {"i": np.arange(200)})
-    a = np.concatenate([b["i"] for b in t.batches(200, shuffle=True, seed=3)])
-    b = np.concatenate([b["i"] for b in t.batches(200, shuffle=True, seed=3)])
-    assert not np.array_equal(a, b)
+    loader = t.batches(200, shuffle=True, seed=3)
+    a = np.concatenate([b["i"] for b in loader])
+    b = np.concatenate([b["i"] for b in loader])
+    assert not np.array_equal(a, b)  # the second pass is epoch 1
+    again = np.concatenate([b["i"] for b in t.batches(200, shuffle=True, seed=3)])
+    np.testing.assert_array_equal(a, again)  # a new loader with the same seed starts at epoch 0
     fresh = gpuload.open_table(t.url)
     a2 = np.concatenate([b["i"] for b in fresh.batches(200, shuffle=True, seed=3)])
     np.testing.assert_array_equal(a, a2)

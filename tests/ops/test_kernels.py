@@ -8,7 +8,7 @@ reference batch):
   bfloat16  |err| <= 1e-3 * range + 2**-7 * |ref|    (one bfloat16 ulp)
   uint8     |err| <= 1 (of 255)
 
-Run as a script (``python tests/test_kernels.py --cudasim-worker IN OUT``) it is the worker the
+Run as a script (``python tests/ops/test_kernels.py --cudasim-worker IN OUT``) it is the worker the
 simulator tests start in a subprocess with NUMBA_ENABLE_CUDASIM=1.
 """
 

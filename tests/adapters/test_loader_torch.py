@@ -16,22 +16,18 @@ torch = pytest.importorskip("torch")
 import gpuload  # noqa: E402
 from gpuload.errors import SchemaError, TableNotFoundError, TransformError  # noqa: E402
 
-from .helpers import robot_columns  # noqa: E402
-
 TIMEOUT = 180
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
-def robot(tmp_path_factory):
-    cols = robot_columns(203, seed=4)
-    t = gpuload.ingest(tmp_path_factory.mktemp("t") / "robot", cols, chunk_bytes=48 << 10)
-    return t, cols
+def robot(robot_table):
+    return robot_table(203, seed=4, chunk_bytes=48 << 10)
 
 
 def child(cfg):
     p = subprocess.run(
-        [sys.executable, "-m", "tests._torch_child", json.dumps(cfg)],
+        [sys.executable, "-m", "tests.adapters._torch_child", json.dumps(cfg)],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
@@ -55,7 +51,7 @@ def test_fast_path_batches_are_tensors(robot):
     assert sum((x["image"] for x in got), []) == cols["image"]
     np.testing.assert_array_equal(torch.cat([x["state"] for x in got]).numpy(), cols["state"])
     assert len(gpuload.pytorch(t, batch_size=32, drop_last=True)) == 6
-    assert t.pytorch(batch_size=32).loader.options.batch_size == 32  # Table method == function
+    assert t.pytorch(batch_size=32).loader.spec.batch_size == 32  # Table method == function
 
 
 def test_fast_path_shuffle_seeded_and_per_epoch(robot):
@@ -154,7 +150,7 @@ def test_transform_receives_row_and_errors_name_the_row(robot):
             pass
     loader = gpuload.pytorch(t, bad, batch_size=8, on_error="skip")
     n = sum(len(b["label"]) for b in loader)
-    assert n == len(t) - 1 and loader.stats.skipped == 1
+    assert n == len(t) - 1 and loader.stats().skipped == 1
 
 
 def test_construction_errors(robot, tmp_path):
@@ -196,7 +192,7 @@ def test_bounded_prefetch_does_not_run_ahead(robot):
     next(it)
     time.sleep(0.3)
     # at most window batches assembled beyond the one consumed
-    assert loader.loader.stats.batches == 1
+    assert loader.stats().batches == 1
     it.close()
 
 

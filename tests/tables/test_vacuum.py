@@ -13,7 +13,7 @@ from gpuload.errors import CommitConflictError, TableNotFoundError
 from gpuload.storage import Store
 from gpuload.vacuum import vacuum_store
 
-from .helpers import kill_writer_midway, robot_columns
+from ..helpers import kill_writer_midway, robot_columns
 
 
 def _same(t, cols):

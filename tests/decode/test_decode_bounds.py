@@ -25,9 +25,9 @@ from gpuload.decode import get_decoder, read_header, staging_nbytes
 from gpuload.decode.header import DEFAULT_MAX_PIXELS
 from gpuload.errors import DecodeError
 
-from .helpers import encode, textured_image
+from ..helpers import encode, textured_image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKENDS = ["cpu", "pil", "nvimgcodec", "dali"]
 HUGE = 65535  # 65535 x 65535 x 3 bytes: a 12 GiB image, 15 GiB of staging with headroom
 LIMIT_RE = r"too many pixels.*over the limit of 89478485 \(DecodeOptions.max_pixels\)"
@@ -370,7 +370,7 @@ def test_loader_skip_delivers_the_other_rows_intact(tmp_path, decoder):
     got = _by_label(loader)
     want = _by_label(clean.batches(4, image=RESIZE, decoder=decoder))
     assert sorted(got) == good_rows
-    assert loader.stats.skipped == len(HOSTILE_ROWS)
+    assert loader.stats().skipped == len(HOSTILE_ROWS)
     for r in good_rows:
         np.testing.assert_array_equal(got[r], want[r])
 
@@ -379,7 +379,7 @@ def test_loader_maps_a_decoder_index_to_the_row(tmp_path, monkeypatch):
     """The decoder's own check (second line of defence, batch_error indexes) reaches the user
     as table/row/column too, and skip drops exactly those rows: the stage's header check is
     bypassed here so that the decoder sees the hostile headers."""
-    from gpuload.pipeline import ImageStage
+    from gpuload.image_stage import ImageStage
 
     monkeypatch.setattr(ImageStage, "_header", lambda self, data: read_header(data, None))
     t, _ = _hostile_table(tmp_path, rows={1: "png", 2: "jpeg", 6: "png"})
@@ -388,7 +388,7 @@ def test_loader_maps_a_decoder_index_to_the_row(tmp_path, monkeypatch):
             pass
     loader = t.batches(4, image=RESIZE, on_error="skip")
     got = _by_label(loader)
-    assert sorted(got) == [0, 3, 4, 5, *range(7, 14)] and loader.stats.skipped == 3
+    assert sorted(got) == [0, 3, 4, 5, *range(7, 14)] and loader.stats().skipped == 3
 
 
 def test_loader_custom_limit_both_ways(tmp_path):
@@ -401,7 +401,7 @@ def test_loader_custom_limit_both_ways(tmp_path):
         for _ in t.batches(4, image=RESIZE, decode_options=strict):
             pass
     loader = t.batches(4, image=RESIZE, decode_options=strict, on_error="skip")
-    assert sorted(_by_label(loader)) == [0, 2] and loader.stats.skipped == 2
+    assert sorted(_by_label(loader)) == [0, 2] and loader.stats().skipped == 2
     free = t.batches(4, image=RESIZE, decode_options=gpuload.DecodeOptions(max_pixels=None))
     default = t.batches(4, image=RESIZE)
     a, b = _by_label(free), _by_label(default)
@@ -425,7 +425,7 @@ opts = gpuload.DecodeOptions(threads=1)
 loader = t.batches(8, image=[ops.Resize((8, 8))], decode_options=opts, num_threads=2,
                    on_error="skip")
 labels = [int(x) for b in loader for x in b["label"]]
-print("labels", labels, "skipped", loader.stats.skipped)
+print("labels", labels, "skipped", loader.stats().skipped)
 # this process's own peak resident memory (ru_maxrss would carry the parent's over exec)
 with open("/proc/self/status") as f:
     print("hwm_kib", next(line.split()[1] for line in f if line.startswith("VmHWM:")))
@@ -471,7 +471,7 @@ def test_gpu_loader_skips_hostile_headers(tmp_path):
     )
     labels = sorted(int(x) for b in loader for x in b["label"])
     assert labels == [r for r in range(len(imgs)) if r not in HOSTILE_ROWS]
-    assert loader.stats.skipped == len(HOSTILE_ROWS)
+    assert loader.stats().skipped == len(HOSTILE_ROWS)
     with pytest.raises(DecodeError, match=r"table 'hostile', row 2, column 'image'"):
         for _ in gpuload.pytorch(t, batch_size=4, image=RESIZE, device="cuda"):
             pass

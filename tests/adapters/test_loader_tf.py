@@ -9,14 +9,10 @@ import gpuload  # noqa: E402
 from gpuload.collate import aligned_empty  # noqa: E402
 from gpuload.export import to_tensorflow  # noqa: E402
 
-from .helpers import robot_columns  # noqa: E402
-
 
 @pytest.fixture(scope="module")
-def robot(tmp_path_factory):
-    cols = robot_columns(90, seed=6)
-    t = gpuload.ingest(tmp_path_factory.mktemp("tf") / "robot", cols, chunk_bytes=32 << 10)
-    return t, cols
+def robot(robot_table):
+    return robot_table(90, seed=6, chunk_bytes=32 << 10)
 
 
 def test_element_spec_and_rows(robot):

@@ -8,7 +8,7 @@ import pytest
 
 import gpuload
 
-from .helpers import robot_columns
+from ..helpers import robot_columns
 
 TIMEOUT = 120
 

@@ -6,12 +6,7 @@ import pytest
 import gpuload
 from gpuload.errors import SchemaError
 
-from .helpers import jpeg, kill_writer_midway, png, robot_columns
-
-
-@pytest.fixture
-def client(tmp_path):
-    return gpuload.Client(tmp_path / "root")
+from ..helpers import jpeg, kill_writer_midway, png, robot_columns
 
 
 def _rows(cols):

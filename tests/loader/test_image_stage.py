@@ -14,12 +14,12 @@ import gpuload
 from gpuload import ops
 from gpuload.errors import DecodeError, SchemaError, UnsupportedOpError
 
-from ._reference_ops import reference_image
-from .helpers import encode, jpeg, png, textured_image
+from ..helpers import encode, jpeg, png, textured_image
+from ..ops._reference_ops import reference_image
 
 torch = pytest.importorskip("torch")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -120,7 +120,7 @@ def test_dct_downscale_close_to_full_decode(tmp_path):
     scaled = gpuload.pytorch(t, batch_size=12, image=image, device="cpu")
     a = next(iter(full))["image"].numpy()
     b = next(iter(scaled))["image"].numpy()
-    assert scaled.loader._image_stage.stats["dct_scaled"] == 12
+    assert scaled.stats().images["dct_scaled"] == 12
     assert np.abs(a - b).mean() < 0.02 and np.abs(a - b).max() < 0.2  # 0..1 scale
 
 
@@ -198,7 +198,7 @@ def test_corrupt_image_skip_counts(tmp_path):
     labels = sum((b["label"].tolist() for b in batches), [])
     assert labels == [0, 1, 2, 4, 5, 7, 8, 9]
     assert [b["image"].shape[0] for b in batches] == [4, 4]
-    assert loader.stats.skipped == 2
+    assert loader.stats().skipped == 2
 
 
 def test_image_op_errors(tmp_path):
@@ -240,17 +240,15 @@ def test_cuda_pipeline_under_simulator(tmp_path):
     code = f"""
 import numpy as np, gpuload
 from gpuload import ops
-from gpuload.loader import Loader, LoaderOptions
-from gpuload.pipeline import image_stage_factory
-from gpuload.device import resolve_device
+from gpuload.loader import make_loader
+from gpuload.spec import LoaderSpec
 t = gpuload.open_table({t.url!r})
 image = [ops.RandomResizedCrop(6, scale=(0.3, 1.0)), ops.RandomHorizontalFlip(), ops.Normalize({MEAN!r}, {STD!r})]
 outs = []
 for dev in ("cpu", "cuda"):
-    d = resolve_device(dev)
-    cols, f = image_stage_factory(t, image, "cpu", d, None, seed=1)
     # the simulator runs kernels in Python threads and is not thread-safe: one loader thread
-    L = Loader(t, LoaderOptions(batch_size=3, shuffle=True, seed=1, num_threads=1), image_stage_factory=f, image_columns=cols)
+    spec = LoaderSpec(batch_size=3, shuffle=True, seed=1, num_threads=1, image=image, decoder="cpu", device=dev)
+    L = make_loader(t, spec)
     imgs = []
     for b in L:
         x = b["image"]

@@ -8,7 +8,7 @@ from gpuload.errors import FormatError, SchemaError, TableNotFoundError
 from gpuload.format import Manifest
 from gpuload.schema import Column, Schema, detect_codec, parse_type
 
-from .helpers import jpeg, png
+from ..helpers import jpeg, png
 
 
 def test_parse_type_strings():

@@ -15,69 +15,47 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .collate import BFloat16Bits, aligned_empty
-from .decode.header import DEFAULT_MAX_PIXELS, ImageHeader, read_header, validate_max_pixels
+from .decode.header import ImageHeader, read_header
 from .device import Device
 from .errors import DecodeError, SchemaError
+from .reader import TableReader
 from .schema import Column
-from .table import Table
+from .spec import DecodeOptions, OnError
+from .stats import StageClock
 
-__all__ = [
-    "DEFAULT_MAX_PIXELS",
-    "ImageStage",
-    "ImageStageFactory",
-    "image_stage_factory",
-    "DecodeOptions",
-]
+if TYPE_CHECKING:
+    from .ops import ImagePlan
 
-log = logging.getLogger("gpuload.pipeline")
+__all__ = ["ImageStage", "ImageStageFactory", "image_stage_factory"]
 
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """Decode choices: DCT-domain downscale when lossless for the output, ROI decode, fast IDCT.
-
-    ``max_pixels``: most pixels (height x width) an image's header may claim, checked before
-    any buffer is sized from it; a larger image is a DecodeError for its row (skipped by
-    ``on_error="skip"``). Default 89,478,485 (Pillow's default ``MAX_IMAGE_PIXELS``, about
-    256 MiB of RGB per image); None means no limit of gpuload's own (formats decoded through
-    Pillow remain subject to Pillow's ``Image.MAX_IMAGE_PIXELS``).
-    """
-
-    dct: bool = True
-    roi: bool | str = True  # True = the decoder's default ("rows" on the CPU), "region", False
-    fast: bool = False
-    threads: int | None = None
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "max_pixels", validate_max_pixels(self.max_pixels))
+log = logging.getLogger("gpuload.image_stage")
 
 
 class ImageStageFactory:
     """Builds the ImageStage of a loader (in the loader's process, on first use)."""
 
     def __init__(
-        self, plan, decoder: str, device: Device, options: DecodeOptions, seed: int | None
+        self, plan: ImagePlan, decoder: str, device: Device, options: DecodeOptions
     ) -> None:
         self.plan = plan
         self.decoder = decoder
         self.device = device
         self.options = options
-        self.seed = seed
 
     def __call__(
         self,
-        table: Table,
+        table: TableReader,
         columns: Sequence[Column],
         batch_size: int,
-        slots: int,
+        ring_size: int,
         loader_threads: int = 1,
     ) -> ImageStage:
         return ImageStage(
@@ -87,21 +65,19 @@ class ImageStageFactory:
             self.decoder,
             self.device,
             batch_size,
-            slots,
+            ring_size,
             self.options,
-            self.seed,
             loader_threads,
         )
 
 
 def image_stage_factory(
-    table: Table,
+    table: TableReader,
     image_ops: Sequence[Any],
     decoder: str,
     device: Device,
     columns: Sequence[str] | None,
     options: DecodeOptions | None = None,
-    seed: int | None = None,
 ) -> tuple[list[str], ImageStageFactory]:
     """(image columns, factory) for ``image=`` ops on a table: the ops apply to every image
     column among the loaded columns."""
@@ -116,7 +92,20 @@ def image_stage_factory(
             f"image= ops need an image column; the loaded columns of table {table.name!r} are "
             f"{[f'{c.name}: {c.type_string()}' for c in cols]}"
         )
-    return image_cols, ImageStageFactory(plan, decoder, device, options or DecodeOptions(), seed)
+    return image_cols, ImageStageFactory(plan, decoder, device, options or DecodeOptions())
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """The batch an image stage is working on (what every column of it shares)."""
+
+    table: TableReader
+    rows: np.ndarray
+    slot: int
+    seed: int
+    epoch: int
+    skip: bool
+    clock: StageClock
 
 
 class ImageStage:
@@ -124,15 +113,14 @@ class ImageStage:
 
     def __init__(
         self,
-        table: Table,
+        table: TableReader,
         columns: Sequence[Column],
-        plan,
+        plan: ImagePlan,
         decoder: str,
         device: Device,
         batch_size: int,
-        slots: int,
+        ring_size: int,
         options: DecodeOptions,
-        seed: int | None,
         loader_threads: int = 1,
     ) -> None:
         from .decode import get_decoder
@@ -143,7 +131,6 @@ class ImageStage:
         self.plan = plan
         self.device = device
         self.options = options
-        self.seed = 0 if seed is None else int(seed)
         # Parallelism lives at the batch level (the loader's threads): each batch decodes and
         # runs its kernel on the thread that assembles it, so decoder and kernel get
         # cores // loader_threads threads each instead of oversubscribing the cores.
@@ -156,13 +143,13 @@ class ImageStage:
             decoder, device, threads=self.inner_threads, max_pixels=options.max_pixels, **kw
         )
         self.kernels = {
-            c.name: FusedImageStage(plan, batch_size, device, depth=slots) for c in self.columns
+            c.name: FusedImageStage(plan, batch_size, device, depth=ring_size) for c in self.columns
         }
         for k in self.kernels.values():
             for out in getattr(k, "outputs", []):
                 if isinstance(out, np.ndarray):
                     out.view(np.uint8).fill(0)  # fault the pages in now, not in the hot loop
-        self.slots = slots
+        self.ring_size = ring_size
         # Raw bytes and decoded staging are only needed while a batch is assembled: one set per
         # assembling thread (thread-local), not one per output slot.
         self._local = threading.local()
@@ -216,15 +203,24 @@ class ImageStage:
 
     # -- one batch -------------------------------------------------------------------------
     def run(
-        self, table: Table, rows: np.ndarray, slot: int, epoch: int, on_error: str
+        self,
+        table: TableReader,
+        rows: np.ndarray,
+        *,
+        slot: int,
+        seed: int,
+        epoch: int,
+        on_error: OnError,
+        clock: StageClock,
     ) -> tuple[dict, np.ndarray | None]:
         """Images of the batch's rows for each image column, and a keep-mask when rows were
-        dropped (on_error="skip"), else None."""
+        dropped (on_error="skip"), else None. Random ops draw from (seed, epoch, row)."""
         keep = np.ones(len(rows), dtype=bool)
         outs: dict[str, Any] = {}
         produced: dict[str, np.ndarray] = {}
+        batch = _Batch(table, rows, slot, seed, epoch, on_error is OnError.SKIP, clock)
         for col in self.columns:
-            out, bad = self._column(table, rows, col, slot, epoch, on_error, keep)
+            out, bad = self._column(batch, col, keep)
             outs[col.name], produced[col.name] = out, ~bad
             keep &= ~bad
         if keep.all():
@@ -236,33 +232,25 @@ class ImageStage:
                 outs[name] = out[sel]
         return outs, keep
 
-    def _column(
-        self,
-        table: Table,
-        rows: np.ndarray,
-        col: Column,
-        slot: int,
-        epoch: int,
-        on_error: str,
-        keep: np.ndarray,
-    ):
-        plan, dest = table.plan_reads(rows, col)
-        total = int(dest[-1])
-        buf = self._raw_for(total)[:total]
-        table.fetch_rows(rows, plan, dest, col, buf)
+    def _column(self, batch: _Batch, col: Column, keep: np.ndarray):
+        rows = batch.rows
+        with batch.clock.time("read"):
+            plan, dest = batch.table.read_plan(rows, col)
+            total = int(dest[-1])
+            buf = self._raw_for(total)[:total]
+            batch.table.fetch_rows(rows, plan, dest, col, buf)
         mv = memoryview(buf)
         o = dest.tolist()
-        n = len(rows)
         bad = ~keep
         datas, heads, idx = [], [], []
-        for i in range(n):
+        for i in range(len(rows)):
             if bad[i]:
                 continue
             data = mv[o[i] : o[i + 1]]
             try:
                 heads.append(self._header(data))
             except DecodeError as e:
-                if on_error == "skip":
+                if batch.skip:
                     bad[i] = True
                     continue
                 raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
@@ -270,14 +258,14 @@ class ImageStage:
             idx.append(i)
         while True:
             try:
-                out = self._decode_and_run(datas, heads, rows[idx], col, slot, epoch)
+                out = self._decode_and_run(batch, datas, heads, rows[idx], col)
                 break
             except DecodeError as e:
                 j = getattr(e, "index", None)
                 if j is None or not 0 <= j < len(idx):
                     raise
                 i = idx[j]
-                if on_error != "skip":
+                if not batch.skip:
                     raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
                 bad[i] = True
                 del datas[j], heads[j], idx[j]
@@ -301,14 +289,15 @@ class ImageStage:
             f"table {self.table.name!r}, row {int(row)}, column {col.name!r} ({b - a} bytes): cannot decode: {msg}"
         )
 
-    def _decode_and_run(self, datas, heads, rows: np.ndarray, col: Column, slot: int, epoch: int):
+    def _decode_and_run(self, batch: _Batch, datas, heads, rows: np.ndarray, col: Column):
         from .decode import DecodeRequest
 
         plan = self.plan
         n = len(datas)
+        t0 = time.perf_counter()
         H = np.fromiter((h.height for h in heads), np.int64, n)
         W = np.fromiter((h.width for h in heads), np.int64, n)
-        params = plan.sample_params(H, W, rows, self.seed, epoch)
+        params = plan.sample_params(H, W, rows, batch.seed, batch.epoch)
         scales = plan.max_dct_scale(params) if self.options.dct else np.ones(n, np.int32)
         if self.options.roi and n:
             dec_win = plan.scale_window(params, H, W, dct_scale=scales)
@@ -336,6 +325,8 @@ class ImageStage:
         # are ordered without a device-wide sync.
         stream = kernel.stream if self.device.is_cuda else None
         dec = self.decoder.decode_batch(datas, requests, staging, headers=heads, stream=stream)
+        t1 = time.perf_counter()
+        batch.clock.add("decode", t1 - t0)
         windows = np.empty((n, 4), np.float32)
         windows[:, 0] = (params[:, 0] - dec.origin[:, 0]) / dec.scale[:, 0]
         windows[:, 1] = (params[:, 1] - dec.origin[:, 1]) / dec.scale[:, 1]
@@ -349,9 +340,11 @@ class ImageStage:
 
             # thread-local: this batch's kernel gets this thread's share of the cores
             numba.set_num_threads(min(self.inner_threads, numba.config.NUMBA_NUM_THREADS))
+        slot = batch.slot
         out = kernel.run(flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot)
         if self.device.is_cuda:
             # Wait (on this assembling thread) for the batch's own event, not for the device:
             # the consumer then reads a finished batch on whatever stream it uses.
             kernel.events[slot].synchronize()
+        batch.clock.add("kernel", time.perf_counter() - t1)
         return BFloat16Bits(out) if plan.out_dtype == "bfloat16" else out

@@ -14,7 +14,7 @@ from gpuload.cli import main as cli_main
 from gpuload.errors import FormatError, IntegrityError, SchemaError
 from gpuload.fetch import FetchOptions
 
-from .helpers import robot_columns
+from ..helpers import robot_columns
 
 
 def _flip(path, offset):

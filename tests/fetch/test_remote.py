@@ -10,7 +10,7 @@ from gpuload.bench.servers import RangeHTTPServer
 from gpuload.errors import FetchError, TableNotFoundError
 from gpuload.fetch import FetchOptions, RetryPolicy
 
-from .helpers import robot_columns
+from ..helpers import robot_columns
 
 pytestmark = pytest.mark.s3
 
@@ -41,9 +41,10 @@ def test_s3_shuffled_batches_from_cache(s3, tmp_path):
     cols = robot_columns(200)
     gpuload.ingest(url, cols, storage_options=s3.storage_options, chunk_bytes=64 << 10)
     t = gpuload.open_table(url, storage_options=s3.storage_options, cache=str(tmp_path / "c"))
-    e1 = sum((b["text"] for b in t.batches(25, shuffle=True, seed=0)), [])
+    loader = t.batches(25, shuffle=True, seed=0)
+    e1 = sum((b["text"] for b in loader), [])
     fetched = t.fetcher.stats["requests"]
-    e2 = sum((b["text"] for b in t.batches(25, shuffle=True, seed=0)), [])
+    e2 = sum((b["text"] for b in loader), [])  # the loader's next epoch
     assert sorted(e1) == sorted(cols["text"]) == sorted(e2) and e1 != e2
     assert t.fetcher.stats["requests"] == fetched  # the second epoch read only the local cache
     # coalescing: whole-block requests, far fewer than rows x columns
@@ -58,7 +59,7 @@ def test_s3_uncached_block_shuffle_and_coalescing(s3):
     assert not t.is_cached
     it = t.batches(50, shuffle=True, seed=1)
     assert (
-        t.epoch_order(True).mode == "block"
+        t.epoch_order(True, 0, 0).mode == "block"
     )  # remote without a cache: bounded-memory block shuffle
     got = sum((b["text"] for b in it), [])
     assert sorted(got) == sorted(cols["text"]) and got != cols["text"]
