@@ -22,10 +22,10 @@ import uuid
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import fmt, machine, run_suites, write_json  # noqa: E402
 
-from gpuload.bench import faults  # noqa: E402
-from gpuload.bench.servers import FaultPlan, LoopbackS3, RangeHTTPServer, S3FaultProxy  # noqa: E402
-from gpuload.bench.writers import concurrent_append_trials  # noqa: E402
 from gpuload.retry import RetryPolicy  # noqa: E402
+from gpuload.testing import faults  # noqa: E402
+from gpuload.testing.servers import FaultPlan, LoopbackS3, RangeHTTPServer, S3FaultProxy  # noqa: E402
+from gpuload.testing.writers import concurrent_append_trials  # noqa: E402
 
 
 def storage_cases(work: str, rows: int, seeds: int) -> list[dict]:

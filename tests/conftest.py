@@ -77,7 +77,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def s3():
     """A real S3 endpoint (moto server) on 127.0.0.1, in a child process, for the whole session."""
     pytest.importorskip("s3fs", reason="the s3 extra is part of the test environment")
-    from gpuload.bench.servers import LoopbackS3
+    from gpuload.testing.servers import LoopbackS3
 
     server = LoopbackS3()
     yield server

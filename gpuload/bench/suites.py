@@ -880,7 +880,7 @@ class Resources:
     def _make_s3(self) -> dict:
         import gpuload
 
-        from .servers import LoopbackS3
+        from ..testing.servers import LoopbackS3
 
         self.log("starting a loopback S3 endpoint (moto) and copying the table to it ...")
         self._s3 = LoopbackS3()

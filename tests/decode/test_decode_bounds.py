@@ -20,10 +20,10 @@ from PIL import Image
 
 import gpuload
 from gpuload import ops
-from gpuload.bench.faults import hostile_image
 from gpuload.decode import get_decoder, read_header, staging_nbytes
 from gpuload.decode.header import DEFAULT_MAX_PIXELS
 from gpuload.errors import DecodeError
+from gpuload.testing.faults import hostile_image
 
 from ..helpers import encode, textured_image
 

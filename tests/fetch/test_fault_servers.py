@@ -1,4 +1,4 @@
-"""The fault-injection servers themselves (gpuload.bench.servers), checked with raw clients: each
+"""The fault-injection servers themselves (gpuload.testing.servers), checked with raw clients: each
 fault kind does exactly what it promises, schedules are reproducible, counters add up, and the
 S3 proxy relays byte-exact when it injects nothing."""
 
@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from gpuload.bench.servers import FaultPlan, FaultRule, LoopbackS3, RangeHTTPServer, S3FaultProxy
+from gpuload.testing.servers import FaultPlan, FaultRule, LoopbackS3, RangeHTTPServer, S3FaultProxy
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -1,4 +1,4 @@
-"""The fault-injection suite (gpuload.bench.faults), small: every storage fault either delivers
+"""The fault-injection suite (gpuload.testing.faults), small: every storage fault either delivers
 every row exactly or raises one clear gpuload error within its bound; corrupt chunks and hostile
 manifests never deliver a wrong byte or allocate what a file claims; Ctrl-C exits a stalled read.
 benchmarks/bench_faults.py runs the same cases larger and records the counters."""
@@ -13,10 +13,10 @@ from dataclasses import replace
 import pytest
 
 import gpuload
-from gpuload.bench import faults
-from gpuload.bench.servers import FaultPlan, RangeHTTPServer, S3FaultProxy
 from gpuload.errors import FetchError
 from gpuload.retry import RetryPolicy
+from gpuload.testing import faults
+from gpuload.testing.servers import FaultPlan, RangeHTTPServer, S3FaultProxy
 
 pytestmark = pytest.mark.timeout(300)
 

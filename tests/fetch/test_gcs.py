@@ -150,7 +150,7 @@ def test_gcs_uncached_loader_and_vacuum(gcs):
 def test_gcs_versions_are_created_only_if_absent_and_appends_race(gcs):
     """A version file is an upload with ifGenerationMatch=0: of two writers racing for one
     version, one wins; real processes appending at once lose nothing."""
-    from gpuload.bench.writers import concurrent_append_trials
+    from gpuload.testing.writers import concurrent_append_trials
 
     store = Store(f"gs://gpuload/v-{uuid.uuid4().hex[:8]}", gcs)
     assert store.create_exclusive("versions/v000000000001.json", b"one")

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import gpuload
-from gpuload.bench.servers import RangeHTTPServer
 from gpuload.errors import FetchError, TableNotFoundError
 from gpuload.fetch import FetchOptions, RetryPolicy
+from gpuload.testing.servers import RangeHTTPServer
 
 from ..helpers import robot_columns
 

@@ -15,11 +15,11 @@ import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
 import gpuload
-from gpuload.bench.writers import concurrent_append_trials
 from gpuload.errors import CommitConflictError, FetchError, TableExistsError
 from gpuload.format import MANIFEST, version_path
 from gpuload.schema import Schema
 from gpuload.storage import Store
+from gpuload.testing.writers import concurrent_append_trials
 from gpuload.vacuum import vacuum_store
 from gpuload.versions import read_manifest
 from gpuload.writer import TableWriter

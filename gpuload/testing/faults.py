@@ -2,7 +2,7 @@
 
 Every case reads a table whose every row is known (``fault_row``) and sorts the outcome into
 rows delivered, rows wrong (must be 0) and one clear gpuload error (where the fault is
-permanent). Servers inject faults by schedule and seeded rates (gpuload.bench.servers): an HTTP
+permanent). Servers inject faults by schedule and seeded rates (gpuload.testing.servers): an HTTP
 server with Range support, and a proxy in front of moto's S3. The tests run small cases; the
 benchmark (benchmarks/bench_faults.py) runs them all and records the counters.
 """
@@ -83,7 +83,7 @@ class FaultCase:
     """One fault scenario and what came of it."""
 
     store: str  # "http", "s3", "local"
-    kind: str  # the fault kind (see gpuload.bench.servers.FAULT_KINDS), or a corruption
+    kind: str  # the fault kind (see gpuload.testing.servers.FAULT_KINDS), or a corruption
     schedule: str  # e.g. "p=0.2", "next 3", "always"
     target: str = "chunks"  # what the faults hit: "chunks" or "manifest"
     cached: bool = False  # through the on-disk block cache (and a second epoch from it)
