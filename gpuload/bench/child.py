@@ -115,31 +115,48 @@ def meter_for(a: dict, sync=None) -> Meter:
     )
 
 
-def run_timed(a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes, sync=None) -> dict:
+def stage_record(stats, before=None) -> dict:
+    """Time to first batch and seconds per stage since ``before`` (a snapshot), read from a
+    gpuload loader's own ``stats()`` rather than measured again here."""
+    if stats is None:
+        return {}
+    s = stats()
+    base = before.stages if before is not None else {}
+    stages = {k: max(0.0, v - base.get(k, 0.0)) for k, v in s.stages.items()}
+    return {"first_batch_s": s.time_to_first_batch_s, "stages": stages}
+
+
+def run_timed(
+    a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes, sync=None, stats=None
+) -> dict:
     """Warm-up excluded, then at least min_time seconds of batches over as many epochs as it
-    takes. One phase, named ""."""
+    takes. One phase, named "". ``stats``: a gpuload loader's ``stats`` (stage times)."""
     m = meter_for(a, sync)
     gen = forever(make_epoch)
+    before = None
     try:
         for b in gen:
             if not m.tick(rows(b), nbytes(b)):
                 break
+            if before is None and stats is not None and m.timing:
+                before = stats()
     finally:
         gen.close()
     if m.rows == 0:
         raise RuntimeError("no batch was timed: the table is smaller than the warm-up")
-    return {"": m.result()}
+    return {"": m.result(**stage_record(stats, before))}
 
 
-def run_epochs(a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes) -> dict:
+def run_epochs(a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes, stats=None) -> dict:
     """Whole epochs, each its own phase ("epoch1", "epoch2", ...), nothing excluded (for cold
     versus cached reads of a remote table)."""
     out = {}
     for e in range(a["epochs"]):
+        before = stats() if stats is not None else None
         m = Meter(warmup=0, min_time=None)
         for b in make_epoch(e):
             m.tick(rows(b), nbytes(b))
-        out[f"epoch{e + 1}"] = m.result()
+        out[f"epoch{e + 1}"] = m.result(**stage_record(stats, before))
     return out
 
 
@@ -263,14 +280,15 @@ def t_deeplake_ingest(a: dict) -> dict:
 def t_stream(a: dict) -> dict:
     """``table.batches(bs, shuffle=...)``: raw bytes + numeric arrays, no decode."""
     t = open_src(a)
-    bs, shuffle, cols = a["batch_size"], a["shuffle"], a.get("columns")
+    loader = t.batches(a["batch_size"], shuffle=a["shuffle"], seed=0, columns=a.get("columns"))
 
     def epoch(e):
-        return t.batches(bs, shuffle=shuffle, seed=0, epoch=e, columns=cols)
+        loader.set_epoch(e)
+        return iter(loader)
 
     if a.get("epochs"):
-        return run_epochs(a, epoch)
-    return run_timed(a, epoch)
+        return run_epochs(a, epoch, stats=loader.stats)
+    return run_timed(a, epoch, stats=loader.stats)
 
 
 @task
@@ -303,8 +321,8 @@ def t_fast(a: dict) -> dict:
         return iter(loader)
 
     if a.get("epochs"):
-        return run_epochs(a, epoch)
-    return run_timed(a, epoch)
+        return run_epochs(a, epoch, stats=loader.stats)
+    return run_timed(a, epoch, stats=loader.stats)
 
 
 @task
@@ -524,7 +542,7 @@ def e2e_loader(a: dict):
 
     if kind == "gpuload_tf":
         ds = gpuload.tensorflow(a["url"], **kw)
-        return (lambda e: iter(ds)), None, None
+        return (lambda e: iter(ds)), None, ds  # the dataset carries its loader's stats()
 
     import torch
     from torch.utils.data import DataLoader
@@ -630,13 +648,14 @@ def e2e_loader(a: dict):
 @task
 def t_e2e(a: dict) -> dict:
     """Images/s of augmented float32 NCHW batches (batch 128) delivered as tensors."""
-    epoch, sync, _ = e2e_loader(a)
+    epoch, sync, loader = e2e_loader(a)
     return run_timed(
         a,
         epoch,
         rows=lambda b: batch_rows(_image_of(b)),
         nbytes=lambda b: value_nbytes(_image_of(b)),
         sync=sync,
+        stats=loader.stats if loader is not None else None,
     )
 
 
@@ -656,7 +675,7 @@ def t_train(a: dict) -> dict:
     dev = torch.device(device if str(device).startswith("cuda") else "cpu")
     kind = a["loader"]
     bs = a["batch_size"]
-    loader_obj = None
+    loader_obj = before = None
     if kind == "synthetic":
         x = torch.randn(bs, 3, 224, 224, device=dev)
         y = torch.randint(0, 10, (bs,), device=dev)
@@ -691,7 +710,8 @@ def t_train(a: dict) -> dict:
                 w0 = time.time()
                 c0 = tree.cpu_times()
                 waited, n_img = 0.0, 0
-                gpu_wait0 = loader_obj.stats().wait_s if loader_obj is not None else 0.0
+                before = loader_obj.stats() if loader_obj is not None else None
+                gpu_wait0 = before.wait_s if before is not None else 0.0
             tw = time.perf_counter()
             batch = next(gen)
             waited += time.perf_counter() - tw
@@ -738,6 +758,8 @@ def t_train(a: dict) -> dict:
     }
     if str(device).startswith("cuda"):
         rec["gpu_mem_peak"] = int(torch.cuda.max_memory_allocated())
+    if loader_obj is not None:
+        rec.update(stage_record(loader_obj.stats, before))
     return {"": rec}
 
 

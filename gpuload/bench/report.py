@@ -7,6 +7,8 @@ import math
 import os
 from typing import Any
 
+from ..stats import STAGES
+
 __all__ = ["terminal", "markdown", "write", "plots"]
 
 SUITE_TITLES = {
@@ -197,6 +199,30 @@ def _rows(doc: dict, suite: str, entries: list[dict]) -> tuple[list[str], list[l
     return head, rows
 
 
+STAGE_NOTE = (
+    "Read from each gpuload loader's own `stats()`: time to its first batch (building the image "
+    "stage, compiling the kernel, first reads), then each stage's share of the stage time "
+    "summed over the loader's threads in the timed window (wait = the consumer blocked on the "
+    "next batch)."
+)
+
+
+def stage_table(doc: dict) -> tuple[list[str], list[list[str]]]:
+    """Where each gpuload loader's time goes: time to first batch and per-stage shares."""
+    head = ["method", "first batch s"] + [f"{s} %" for s in STAGES]
+    rows = []
+    for e in doc["results"]:
+        m = e.get("metrics") or {}
+        if e["status"] != "ok" or "stage_read_pct" not in m:
+            continue
+        first = m.get("first_batch_s")
+        rows.append(
+            [e["label"], _num(first["median"]) if first else "-"]
+            + [f"{m[f'stage_{s}_pct']['median']:.0f}" for s in STAGES]
+        )
+    return head, rows
+
+
 def _machine_line(doc: dict) -> str:
     m = doc["machine"]
     gpu = m.get("gpu", "none")
@@ -234,6 +260,13 @@ def terminal(doc: dict) -> str:
                 lines.append(_fmt_row(r, widths))
             else:
                 lines.append(r[0][: widths[0]].ljust(widths[0]) + "  " + r[1])
+    for w in doc.get("warnings", []):
+        lines += ["", f"WARNING {w}"]
+    head, rows = stage_table(doc)
+    if rows:
+        lines += ["", "== Where gpuload's loaders spend their time"]
+        widths = [min(max(len(h), *(len(r[i]) for r in rows)), 84) for i, h in enumerate(head)]
+        lines += [_fmt_row(head, widths)] + [_fmt_row(r, widths) for r in rows]
     if doc["config"].get("device") == "cpu" and any(e["suite"] == "train" for e in doc["results"]):
         lines += ["", "note (training): " + NOTES["train"]]
     missing = sorted({e["system"] for e in doc["results"] if e["status"] == "missing"})
@@ -270,6 +303,8 @@ def markdown(doc: dict, images: dict[str, str]) -> str:
         doc["method"],
         "",
     ]
+    for w in doc.get("warnings", []):
+        out += [f"> **Warning**: {w}", ""]
     groups = _groups(doc)
     last_of = {g[0]: i for i, g in enumerate(groups)}  # plots go after a suite's last table
     for gi, (suite, title, entries) in enumerate(groups):
@@ -286,6 +321,11 @@ def markdown(doc: dict, images: dict[str, str]) -> str:
             out += [f"![{suite}]({images[suite]})", ""]
             if suite == "stream" and "stream_batch_sizes" in images:
                 out += [f"![stream per batch size]({images['stream_batch_sizes']})", ""]
+    head, rows = stage_table(doc)
+    if rows:
+        out += ["## Where gpuload's loaders spend their time", "", STAGE_NOTE, ""]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(r) + " |" for r in rows] + [""]
     if "latency" in images:
         out += ["## Batch latency", "", f"![latency]({images['latency']})", ""]
     failed = [e for e in doc["results"] if e["status"] == "failed"]
@@ -301,43 +341,61 @@ GPULOAD_COLOR = "#1f77b4"
 PEER_COLOR = "#9a9a9a"
 
 
-def _bar_chart(entries: list[dict], title: str, unit: str, path: str) -> None:
+def run_context(doc: dict) -> str:
+    """The run in one line, stamped on every plot (a plot is often shared alone)."""
+    m, t = doc["machine"], doc["table"]
+    gpu = m.get("gpu") or "none"
+    return (
+        f"gpuload {doc['versions'].get('gpuload', '?')} · {m['cpu']}, {m['cores']} cores · "
+        f"GPU: {gpu} · {t['rows']:,} rows · {doc['config']['repeats']} process(es) per bar · "
+        f"{doc['started'][:10]}"
+    )
+
+
+def _save(fig, path: str, context: str) -> None:
+    """Stamp the run context and save without clipping titles, labels or whiskers."""
+    import matplotlib.pyplot as plt
+
+    fig.text(0.01, 0.005, context, fontsize=6, color="#555", ha="left", va="bottom")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.15)
+    plt.close(fig)
+
+
+def _bar_chart(entries: list[dict], title: str, unit: str, path: str, context: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = len(entries)
-    fig, ax = plt.subplots(figsize=(10, 0.45 * n + 1.2 + 0.18 * title.count("\n")))
+    fig, ax = plt.subplots(figsize=(10, 0.45 * n + 1.4 + 0.18 * title.count("\n")))
     labels, vals, lo, hi, colors = [], [], [], [], []
     for e in entries:
         lab = e["label"]
-        if len(lab) > 70:
-            lab = lab[:67] + "..."
-        labels.append(lab)
-        if e["status"] == "ok":
-            s = e["metrics"]["rows_s"]
-            vals.append(s["median"])
-            lo.append(s["median"] - s["min"])
-            hi.append(s["max"] - s["median"])
-        else:
-            vals.append(0)
-            lo.append(0)
-            hi.append(0)
+        labels.append(lab if len(lab) <= 70 else lab[:67] + "...")
+        s = e["metrics"]["rows_s"] if e["status"] == "ok" else None
+        vals.append(s["median"] if s else 0)
+        lo.append(s["median"] - s["min"] if s else 0)
+        hi.append(s["max"] - s["median"] if s else 0)
         colors.append(GPULOAD_COLOR if e["system"] == "gpuload" else PEER_COLOR)
     y = list(range(n))[::-1]
     ax.barh(y, vals, xerr=[lo, hi], color=colors, capsize=3)
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
-    top = max(vals) if any(vals) else 1
-    for yi, e, v in zip(y, entries, vals):
+    ends = [v + h for v, h in zip(vals, hi)]  # where each whisker ends
+    top = max(ends) if any(ends) else 1
+    for yi, e, v, end in zip(y, entries, vals, ends):
         if e["status"] != "ok":
             ax.text(top * 0.01, yi, e["status"].upper(), va="center", fontsize=8, color="#b00")
-        else:
-            ax.text(v, yi, f" {v:,.0f}", va="center", fontsize=7)
+            continue
+        note = "  (above its ceiling: machine busy)" if e.get("above_ceiling") else ""
+        color = "#b00" if note else "black"
+        # the value goes past the whisker, never over it
+        ax.text(end + top * 0.01, yi, f"{v:,.0f}{note}", va="center", fontsize=7, color=color)
     ax.set_xlabel(f"{unit}/s (median; whiskers min-max)")
     ax.set_title(title, fontsize=9)
-    ax.set_xlim(0, top * 1.18)
+    ax.set_xlim(0, top * 1.3)
     from matplotlib.patches import Patch
 
     ax.legend(
@@ -348,12 +406,10 @@ def _bar_chart(entries: list[dict], title: str, unit: str, path: str) -> None:
         fontsize=7,
         loc="lower right",
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, context)
 
 
-def _latency_chart(entries: list[dict], path: str) -> bool:
+def _latency_chart(entries: list[dict], path: str, context: str) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -367,12 +423,18 @@ def _latency_chart(entries: list[dict], path: str) -> bool:
     if not data:
         return False
     fig, ax = plt.subplots(figsize=(10, 0.42 * len(data) + 1.4))
+    # matplotlib 3.10 names the orientation; 3.11 deprecates the older vert=False
+    horizontal = (
+        {"orientation": "horizontal"}
+        if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+        else {"vert": False}
+    )
     bp = ax.boxplot(
         [d[1] for d in data][::-1],
-        vert=False,
         whis=(1, 99),
         showfliers=False,
         patch_artist=True,
+        **horizontal,
     )
     for patch, d in zip(bp["boxes"], data[::-1]):
         patch.set_facecolor(GPULOAD_COLOR if d[2] == "gpuload" else PEER_COLOR)
@@ -381,13 +443,11 @@ def _latency_chart(entries: list[dict], path: str) -> bool:
     ax.set_xscale("log")
     ax.set_xlabel("time between batches at the consumer, ms (box: quartiles; whiskers: p1-p99)")
     ax.set_title("Batch latency distribution", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, context)
     return True
 
 
-def _batch_size_chart(entries: list[dict], path: str) -> bool:
+def _batch_size_chart(entries: list[dict], path: str, context: str) -> bool:
     """Raw stream rows/s per batch size: gpuload sequential, shuffled, Deeplake side by side
     (the reference's streaming table as bars)."""
     import matplotlib
@@ -438,15 +498,14 @@ def _batch_size_chart(entries: list[dict], path: str) -> bool:
     ax.set_ylabel("rows/s (median; whiskers min-max)")
     ax.set_title("Raw stream, local, no decode: rows/s per batch size", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path, context)
     return True
 
 
 def plots(doc: dict, out: str) -> dict[str, str]:
     """One throughput chart per suite and a latency chart; returns {suite: file name}."""
     images = {}
+    context = run_context(doc)
     for suite in ("ingest", "stream", "memory", "decode", "e2e", "train"):
         entries = [e for e in doc["results"] if e["suite"] == suite]
         if not entries:
@@ -456,13 +515,13 @@ def plots(doc: dict, out: str) -> dict[str, str]:
         import textwrap
 
         title = "\n".join(textwrap.fill(g, 110) for g in dict.fromkeys(e["group"] for e in entries))
-        _bar_chart(entries, title, unit, os.path.join(out, name))
+        _bar_chart(entries, title, unit, os.path.join(out, name), context)
         images[suite] = name
     stream = [e for e in doc["results"] if e["suite"] == "stream"]
-    if stream and _batch_size_chart(stream, os.path.join(out, "stream_batch_sizes.png")):
+    if stream and _batch_size_chart(stream, os.path.join(out, "stream_batch_sizes.png"), context):
         images["stream_batch_sizes"] = "stream_batch_sizes.png"
     lat = [e for e in doc["results"] if e["suite"] in ("stream", "e2e") and e.get("latency_ms")]
-    if lat and _latency_chart(lat, os.path.join(out, "latency.png")):
+    if lat and _latency_chart(lat, os.path.join(out, "latency.png"), context):
         images["latency"] = "latency.png"
     return images
 

@@ -25,6 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..stats import STAGES
 from . import suites as S
 from .measure import ChildError, percentile, run_child, summarize
 
@@ -93,7 +94,9 @@ class Log:
 # Metrics that are >= 0 by definition and may measure exactly 0: memory growth while streaming
 # (a loader that allocates nothing more) and time spent waiting on data. Every other number in a
 # result is a rate, a duration, a size or a ratio, and must be > 0.
-ZERO_ALLOWED = frozenset({"rss_growth_mb", "wait_pct"})
+# A loader stage's share of the time may be 0 too (no decode without image ops).
+STAGE_NAMES = STAGES
+ZERO_ALLOWED = frozenset({"rss_growth_mb", "wait_pct", *(f"stage_{s}_pct" for s in STAGE_NAMES)})
 
 
 def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
@@ -120,6 +123,12 @@ def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
         m["wait_pct"] = 100.0 * rec["wait_fraction"]
     if "gpu_mem_peak" in rec:
         m["gpu_mem_alloc_mb"] = rec["gpu_mem_peak"] / 1e6
+    if rec.get("first_batch_s") is not None:
+        m["first_batch_s"] = rec["first_batch_s"]
+    total = sum((rec.get("stages") or {}).values())
+    if total > 0:
+        for k in STAGE_NAMES:
+            m[f"stage_{k}_pct"] = 100.0 * rec["stages"].get(k, 0.0) / total
     for k in ("gpu_util_pct", "gpu_mem_mb"):
         if k in rec:
             m[k] = rec[k]
@@ -283,6 +292,29 @@ def run_measurements(
 
 
 # -- ratios ----------------------------------------------------------------------------------
+# Ratios that cannot exceed a ceiling on an idle machine: a training loop fed by a loader is at
+# most as fast as the same loop on one batch held in memory. A ratio above its ceiling (beyond
+# noise) means the reference run was slowed by load from elsewhere.
+CEILINGS = {"x_compute_bound": 1.0}
+CEILING_TOLERANCE = 1.05
+
+
+def ceiling_warnings(entries: list[dict]) -> list[str]:
+    """One warning per ratio above its ceiling; the entry is marked (``above_ceiling``)."""
+    out = []
+    for e in entries:
+        for name, v in (e.get("ratios") or {}).items():
+            ceiling = CEILINGS.get(name)
+            if ceiling is not None and v > ceiling * CEILING_TOLERANCE:
+                e.setdefault("above_ceiling", []).append(name)
+                out.append(
+                    f"{e['id']}: {name} = {v:.2f}, above its ceiling of {ceiling:g}: the machine "
+                    "was busy during this run (the reference measurement was slowed by other "
+                    "load); rerun on an idle machine before quoting it"
+                )
+    return out
+
+
 def _med(results: dict[str, dict], id: str, key: str = "rows_s") -> float | None:
     e = results.get(id)
     if e is None or e["status"] != "ok" or key not in e["metrics"]:
@@ -517,6 +549,9 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         if sampler is not None:
             sampler.close()
     ratios = add_ratios(entries)
+    warnings = ceiling_warnings(entries)
+    for w in warnings:
+        log(f"WARNING {w}")
     total = time.perf_counter() - t_start
     doc = {
         "format": "gpuload-bench/1",
@@ -564,6 +599,7 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         ),
         "results": entries,
         "ratios": ratios,
+        "warnings": warnings,
     }
     return doc
 

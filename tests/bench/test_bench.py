@@ -13,6 +13,7 @@ import pytest
 
 from gpuload.bench.measure import Meter, percentile, summarize
 from gpuload.bench.runner import ZERO_ALLOWED
+from gpuload.stats import STAGES
 
 SUITES = ("ingest", "stream", "decode", "e2e", "train")
 
@@ -184,6 +185,25 @@ def test_report_and_plots(bench_run):
     assert doc["config"]["quick"] is True
 
 
+def test_stage_times_come_from_the_loaders_own_stats(bench_run):
+    """gpuload's loaders report time to first batch and per-stage shares (from loader.stats()),
+    in results.json, the terminal table and report.md; peers have none."""
+    doc = bench_run["doc"]
+    by_id = {e["id"]: e for e in doc["results"] if e["status"] == "ok"}
+    fast = by_id["loader.fast.shuffle"]["metrics"]
+    assert fast["first_batch_s"]["median"] > 0
+    shares = [fast[f"stage_{s}_pct"]["median"] for s in STAGES]
+    assert abs(sum(shares) - 100) < 1e-6 and fast["stage_read_pct"]["median"] > 0
+    e2e = by_id["e2e.gpuload.on"]["metrics"]
+    assert e2e["stage_decode_pct"]["median"] > 0 and e2e["stage_kernel_pct"]["median"] > 0
+    dataloader = next(e for i, e in by_id.items() if i.startswith("loader.dataloader.w"))
+    assert not any(k.startswith("stage_") for k in dataloader["metrics"])
+    assert (
+        "Where gpuload's loaders spend their time" in (bench_run["out"] / "report.md").read_text()
+    )
+    assert "Where gpuload's loaders spend their time" in bench_run["stderr"]
+
+
 def test_python_m_gpuload_bench_help():
     p = subprocess.run(
         [sys.executable, "-m", "gpuload.bench", "--help"],
@@ -212,3 +232,31 @@ def test_summaries():
     assert summarize([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0, "n": 3}
     assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert percentile([5.0], 99) == 5.0
+
+
+def test_a_ratio_above_its_ceiling_is_flagged_as_a_busy_machine():
+    from gpuload.bench.runner import ceiling_warnings
+
+    fine = {"id": "train.gpuload", "ratios": {"x_compute_bound": 0.93}}
+    busy = {"id": "train.torch_pil", "ratios": {"x_compute_bound": 2.0, "x_limit": 3.0}}
+    warnings = ceiling_warnings([fine, busy])
+    assert len(warnings) == 1 and "train.torch_pil" in warnings[0] and "busy" in warnings[0]
+    assert busy["above_ceiling"] == ["x_compute_bound"] and "above_ceiling" not in fine
+
+
+def test_plots_carry_the_run_context_and_warnings(bench_run, tmp_path):
+    from gpuload.bench.report import plots, run_context
+
+    doc = dict(bench_run["doc"])
+    ctx = run_context(doc)
+    m = doc["machine"]
+    for part in (f"{m['cores']} cores", "GPU: ", f"{doc['table']['rows']:,} rows", "gpuload "):
+        assert part in ctx
+    doc["warnings"] = [
+        "train.x: x_compute_bound = 2.00, above its ceiling of 1: the machine was busy"
+    ]
+    images = plots(doc, str(tmp_path))
+    assert images and all((tmp_path / f).stat().st_size > 1000 for f in images.values())
+    from gpuload.bench.report import markdown
+
+    assert "**Warning**: train.x" in markdown(doc, images)
