@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -170,17 +171,7 @@ class ImagePlan:
         if rows.ndim != 1 or rows.dtype.kind not in "iu":
             raise ValueError(f"rows must be a 1-D array of integer row ids, got {rows!r}")
         B = rows.shape[0]
-        src_h = np.broadcast_to(np.asarray(heights, dtype=np.float64), (B,)).copy()
-        src_w = np.broadcast_to(np.asarray(widths, dtype=np.float64), (B,)).copy()
-        if B and (
-            np.any(src_h < 1)
-            or np.any(src_w < 1)
-            or np.any(np.isnan(src_h))
-            or np.any(np.isnan(src_w))
-        ):
-            raise ValueError("image heights and widths must be >= 1")
-        if B and (np.any(src_h != np.floor(src_h)) or np.any(src_w != np.floor(src_w))):
-            raise ValueError("image heights and widths must be integers")
+        src_h, src_w = _checked_sizes(heights, widths, B)
         out = np.zeros((B, NUM_PARAMS), dtype=np.float32)
         out[:, PARAM_BRIGHTNESS] = 1.0
         out[:, PARAM_CONTRAST] = 1.0
@@ -190,64 +181,14 @@ class ImagePlan:
         draws = self._draw_indices()
         col = {d: k for k, d in enumerate(draws)}
         u = _rng.uniform(seed, epoch, rows, draws) if draws else np.zeros((B, 0))
-
-        # state: the current virtual image of size (vh, vw) maps linearly onto the source window
-        # (wy0, wx0, wh, ww), mirrored in x when `flip`.
-        vh, vw = src_h.copy(), src_w.copy()
-        wy0 = np.zeros(B)
-        wx0 = np.zeros(B)
-        wh, ww = src_h.copy(), src_w.copy()
-        flip = np.zeros(B, dtype=bool)
-
-        def crop(top, left, ch, cw):
-            nonlocal vh, vw, wy0, wx0, wh, ww
-            sy = wh / vh
-            sx = ww / vw
-            left_eff = np.where(flip, vw - left - cw, left)
-            wy0 = wy0 + top * sy
-            wx0 = wx0 + left_eff * sx
-            wh = ch * sy
-            ww = cw * sx
-            vh = np.broadcast_to(np.asarray(ch, dtype=np.float64), (B,)).copy()
-            vw = np.broadcast_to(np.asarray(cw, dtype=np.float64), (B,)).copy()
-
+        win = _Window(src_h, src_w)
         for step in self.geometry:
-            kind = step[0]
-            if kind == "rrc":
-                (oh, ow), scale, ratio, d0 = step[1], step[2], step[3], step[4]
-                uu = u[:, [col[d] for d in range(d0, d0 + 4 * _RRC_ATTEMPTS)]].reshape(
-                    B, _RRC_ATTEMPTS, 4
-                )
-                top, left, ch, cw = _rrc_windows(vh, vw, scale, ratio, uu)
-                crop(top, left, ch, cw)
-                vh = np.full(B, float(oh))
-                vw = np.full(B, float(ow))
-            elif kind == "resize_short":
-                s = float(step[1])
-                short = np.minimum(vh, vw)
-                long_ = np.maximum(vh, vw)
-                new_long = np.floor(s * long_ / short)
-                wide = vw >= vh  # h <= w: height is the short side
-                vh, vw = np.where(wide, s, new_long), np.where(wide, new_long, s)
-            elif kind == "resize":
-                vh = np.full(B, float(step[1][0]))
-                vw = np.full(B, float(step[1][1]))
-            elif kind == "center_crop":
-                th, tw = step[1]
-                top = np.where(vh >= th, np.round((vh - th) / 2.0), -np.floor((th - vh) / 2.0))
-                left = np.where(vw >= tw, np.round((vw - tw) / 2.0), -np.floor((tw - vw) / 2.0))
-                crop(top, left, float(th), float(tw))
-            elif kind == "flip":
-                p, d = step[1], step[2]
-                flip = flip ^ (u[:, col[d]] < p)
-            else:  # pragma: no cover - compile_ops only emits the kinds above
-                raise AssertionError(kind)
-
-        out[:, PARAM_Y0] = wy0
-        out[:, PARAM_X0] = wx0
-        out[:, PARAM_H] = wh
-        out[:, PARAM_W] = ww
-        out[:, PARAM_FLIP] = flip
+            win.apply(step, u, col)
+        out[:, PARAM_Y0] = win.y0
+        out[:, PARAM_X0] = win.x0
+        out[:, PARAM_H] = win.h
+        out[:, PARAM_W] = win.w
+        out[:, PARAM_FLIP] = win.flip
         for rng_, c, d in (
             (self.brightness, PARAM_BRIGHTNESS, self.jitter_draw0),
             (self.contrast, PARAM_CONTRAST, self.jitter_draw0 + 1),
@@ -375,14 +316,78 @@ def _rrc_windows(vh, vw, scale, ratio, u):
     return (np.where(ok, t, ft), np.where(ok, l_, fl), np.where(ok, hh, fh), np.where(ok, ww, fw))
 
 
-def compile_ops(ops: Sequence) -> ImagePlan:
-    """Validate an op list and compile it into an ImagePlan (one fused kernel).
+def _checked_sizes(heights, widths, B: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source heights and widths as float64 arrays of B, each an integer >= 1."""
+    src_h = np.broadcast_to(np.asarray(heights, dtype=np.float64), (B,)).copy()
+    src_w = np.broadcast_to(np.asarray(widths, dtype=np.float64), (B,)).copy()
+    if B and (
+        np.any(src_h < 1) or np.any(src_w < 1) or np.any(np.isnan(src_h)) or np.any(np.isnan(src_w))
+    ):
+        raise ValueError("image heights and widths must be >= 1")
+    if B and (np.any(src_h != np.floor(src_h)) or np.any(src_w != np.floor(src_w))):
+        raise ValueError("image heights and widths must be integers")
+    return src_h, src_w
 
-    Geometric ops (RandomResizedCrop, Resize, CenterCrop, RandomHorizontalFlip) compose, in list
-    order, into one window in source coordinates, a flip flag and one output size; the list must
-    fix the output size. ColorJitter must come before Normalize; at most one each of ColorJitter,
-    Normalize, ToDtype, ToLayout.
-    """
+
+class _Window:
+    """The geometric state while the steps compose: the current virtual image (vh x vw) maps
+    linearly onto the source window (y0, x0, h, w), mirrored in x where ``flip``."""
+
+    def __init__(self, src_h: np.ndarray, src_w: np.ndarray) -> None:
+        self.B = len(src_h)
+        self.vh, self.vw = src_h.copy(), src_w.copy()
+        self.y0 = np.zeros(self.B)
+        self.x0 = np.zeros(self.B)
+        self.h, self.w = src_h.copy(), src_w.copy()
+        self.flip = np.zeros(self.B, dtype=bool)
+
+    def crop(self, top, left, ch, cw) -> None:
+        sy = self.h / self.vh
+        sx = self.w / self.vw
+        left_eff = np.where(self.flip, self.vw - left - cw, left)
+        self.y0 = self.y0 + top * sy
+        self.x0 = self.x0 + left_eff * sx
+        self.h = ch * sy
+        self.w = cw * sx
+        self.vh = np.broadcast_to(np.asarray(ch, dtype=np.float64), (self.B,)).copy()
+        self.vw = np.broadcast_to(np.asarray(cw, dtype=np.float64), (self.B,)).copy()
+
+    def apply(self, step: tuple, u: np.ndarray, col: dict[int, int]) -> None:
+        """One geometric step from ``compile_ops``; ``u`` are the rows' uniforms, ``col`` maps
+        a draw index to its column in ``u``."""
+        kind, B = step[0], self.B
+        if kind == "rrc":
+            (oh, ow), scale, ratio, d0 = step[1], step[2], step[3], step[4]
+            uu = u[:, [col[d] for d in range(d0, d0 + 4 * _RRC_ATTEMPTS)]].reshape(
+                B, _RRC_ATTEMPTS, 4
+            )
+            self.crop(*_rrc_windows(self.vh, self.vw, scale, ratio, uu))
+            self.vh = np.full(B, float(oh))
+            self.vw = np.full(B, float(ow))
+        elif kind == "resize_short":
+            s = float(step[1])
+            short = np.minimum(self.vh, self.vw)
+            new_long = np.floor(s * np.maximum(self.vh, self.vw) / short)
+            wide = self.vw >= self.vh  # h <= w: height is the short side
+            self.vh, self.vw = np.where(wide, s, new_long), np.where(wide, new_long, s)
+        elif kind == "resize":
+            self.vh = np.full(B, float(step[1][0]))
+            self.vw = np.full(B, float(step[1][1]))
+        elif kind == "center_crop":
+            th, tw = step[1]
+            vh, vw = self.vh, self.vw
+            top = np.where(vh >= th, np.round((vh - th) / 2.0), -np.floor((th - vh) / 2.0))
+            left = np.where(vw >= tw, np.round((vw - tw) / 2.0), -np.floor((tw - vw) / 2.0))
+            self.crop(top, left, float(th), float(tw))
+        elif kind == "flip":
+            p, d = step[1], step[2]
+            self.flip = self.flip ^ (u[:, col[d]] < p)
+        else:  # pragma: no cover - compile_ops only emits the kinds above
+            raise AssertionError(kind)
+
+
+def _checked_ops(ops: Sequence) -> tuple:
+    """The op list as a tuple, every op one the fused kernel supports."""
     if isinstance(ops, SUPPORTED_OPS):
         ops = [ops]
     if isinstance(ops, (str, bytes)) or not isinstance(ops, Sequence):
@@ -395,57 +400,74 @@ def compile_ops(ops: Sequence) -> ImagePlan:
                 f"op #{k} ({_op_name(op)}) is not supported by gpuload's fused image kernel; "
                 f"supported ops (from gpuload.ops): {supported}"
             )
+    return ops
 
+
+def _geometry(ops: tuple) -> tuple[tuple, tuple[int, int] | None]:
+    """The geometric steps in list order, and the output size they fix (None if they do not):
+    a resize of the short side keeps the aspect ratio of a size known so far."""
     geometry: list = []
     size: tuple[int, int] | None = None  # statically known current size, None = per-sample
-    jitter: ColorJitter | None = None
-    jitter_k = 0
-    normalize: Normalize | None = None
-    dtype: ToDtype | None = None
-    layout: ToLayout | None = None
     for k, op in enumerate(ops):
         d0 = k * _DRAWS_PER_OP
         if isinstance(op, RandomResizedCrop):
             geometry.append(("rrc", op.size, op.scale, op.ratio, d0))
             size = op.size
+        elif isinstance(op, Resize) and isinstance(op.size, int):
+            geometry.append(("resize_short", op.size))
+            if size is not None:
+                h, w, s = size[0], size[1], op.size
+                size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
         elif isinstance(op, Resize):
-            if isinstance(op.size, int):
-                geometry.append(("resize_short", op.size))
-                if size is not None:
-                    h, w = size
-                    s = op.size
-                    size = (s, int(s * w / h)) if h <= w else (int(s * h / w), s)
-            else:
-                geometry.append(("resize", op.size))
-                size = op.size
+            geometry.append(("resize", op.size))
+            size = op.size
         elif isinstance(op, CenterCrop):
             geometry.append(("center_crop", op.size))
             size = op.size
         elif isinstance(op, RandomHorizontalFlip):
             geometry.append(("flip", op.p, d0))
-        elif isinstance(op, ColorJitter):
-            if jitter is not None:
-                raise ValueError("only one ColorJitter is supported per op list")
-            if normalize is not None:
-                raise ValueError("ColorJitter must come before Normalize")
-            jitter, jitter_k = op, k
-        elif isinstance(op, Normalize):
-            if normalize is not None:
-                raise ValueError("only one Normalize is supported per op list")
-            normalize = op
-        elif isinstance(op, ToDtype):
-            if dtype is not None:
-                raise ValueError("only one ToDtype is supported per op list")
-            dtype = op
-        elif isinstance(op, ToLayout):
-            if layout is not None:
-                raise ValueError("only one ToLayout is supported per op list")
-            layout = op
+    return tuple(geometry), size
+
+
+_SINGLE_OPS = (ColorJitter, Normalize, ToDtype, ToLayout)
+
+
+def _single_ops(ops: tuple) -> dict[type, tuple[Any, int]]:
+    """The ops allowed once per list, by type, with their positions; ColorJitter only before
+    Normalize."""
+    found: dict[type, tuple[Any, int]] = {}
+    for k, op in enumerate(ops):
+        kind = next((t for t in _SINGLE_OPS if isinstance(op, t)), None)
+        if kind is None:
+            continue
+        if kind in found:
+            raise ValueError(f"only one {kind.__name__} is supported per op list")
+        if kind is ColorJitter and Normalize in found:
+            raise ValueError("ColorJitter must come before Normalize")
+        found[kind] = (op, k)
+    return found
+
+
+def compile_ops(ops: Sequence) -> ImagePlan:
+    """Validate an op list and compile it into an ImagePlan (one fused kernel).
+
+    Geometric ops (RandomResizedCrop, Resize, CenterCrop, RandomHorizontalFlip) compose, in list
+    order, into one window in source coordinates, a flip flag and one output size; the list must
+    fix the output size. ColorJitter must come before Normalize; at most one each of ColorJitter,
+    Normalize, ToDtype, ToLayout.
+    """
+    ops = _checked_ops(ops)
+    geometry, size = _geometry(ops)
     if size is None:
         raise ValueError(
             "the op list does not fix the output size, but a batch needs one output size: add "
             "RandomResizedCrop(size), Resize((h, w)), or Resize(int) followed by CenterCrop(size)"
         )
+    single = _single_ops(ops)
+    jitter, jitter_k = single.get(ColorJitter, (None, 0))
+    normalize = single.get(Normalize, (None, 0))[0]
+    dtype = single.get(ToDtype, (None, 0))[0]
+    layout = single.get(ToLayout, (None, 0))[0]
     out_dtype = dtype.dtype if dtype is not None else "float32"
     if out_dtype == "uint8" and normalize is not None:
         raise ValueError(

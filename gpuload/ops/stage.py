@@ -217,8 +217,6 @@ class FusedImageStage:
         self._src_cap = cap
 
     def _run_cuda(self, src, meta, windows, params, out_index, src_pinned=False):
-        cuda = self._cuda
-        stream = self.stream
         meta_h = self._host(meta, np.int64, "meta", 2)
         B = self._check_batch(meta_h)
         with self._lock:
@@ -227,74 +225,12 @@ class FusedImageStage:
                 return self.outputs[k][:0]
             if self._used[k]:
                 self.events[k].synchronize()  # the slot's pinned buffers are free again
-            src = _as_device(cuda, src)
-            windows = _as_device(cuda, windows)
-            params = _as_device(cuda, params)
-            src_dev = _is_device(cuda, src)
-            for name, a, dt, nd in (
-                ("src", src, np.uint8, 1),
-                ("windows", windows, np.float32, 2),
-                ("params", params, np.float32, 2),
-            ):
-                if _is_device(cuda, a) and (a.dtype != dt or a.ndim != nd):
-                    raise ValueError(
-                        f"device array {name} must be {nd}-D {np.dtype(dt).name}, "
-                        f"got {a.ndim}-D {a.dtype}"
-                    )
-            if src_dev:
-                d_src = src
-                nsrc = int(src.shape[0])
-            else:
-                src = self._host(src, np.uint8, "src", 1)
-                nsrc = src.shape[0]
-            win_dev = _is_device(cuda, windows)
-            par_dev = _is_device(cuda, params)
-            win_h = windows if win_dev else self._host(windows, np.float32, "windows", 2)
-            par_h = params if par_dev else self._host(params, np.float32, "params", 2)
-            if not win_dev and not par_dev:
-                _check_status(_fused.check_inputs(nsrc, meta_h, win_h, par_h, _fused.NUM_PARAMS), B)
-            else:
-                # windows/params already on the device: check what the host can see
-                _check_status(
-                    _fused.check_inputs(
-                        nsrc,
-                        meta_h,
-                        np.ones((B, 4), np.float32),
-                        np.ones((B, _fused.NUM_PARAMS), np.float32),
-                        _fused.NUM_PARAMS,
-                    ),
-                    B,
-                )
-            if not src_dev:
-                self._grow_src(nsrc)
-                if src_pinned:
-                    self._d_src[:nsrc].copy_to_device(src, stream=stream)
-                else:
-                    p = self._p_src[k]
-                    p[:nsrc] = src
-                    self._d_src[:nsrc].copy_to_device(p[:nsrc], stream=stream)
-                d_src = self._d_src
-            pm = self._p_meta[k]
-            pm[:B] = meta_h
-            self._d_meta[:B].copy_to_device(pm[:B], stream=stream)
-            if win_dev:
-                d_win = win_h
-            else:
-                pw = self._p_windows[k]
-                pw[:B] = win_h
-                self._d_windows[:B].copy_to_device(pw[:B], stream=stream)
-                d_win = self._d_windows[:B]
-            if par_dev:
-                d_par = par_h
-            else:
-                pp = self._p_params[k]
-                pp[:B] = par_h
-                self._d_params[:B].copy_to_device(pp[:B], stream=stream)
-                d_par = self._d_params[:B]
+            src, windows, params, nsrc = self._cuda_inputs(src, meta_h, windows, params, B)
+            d_src, d_win, d_par = self._to_device(k, B, src, meta_h, windows, params, src_pinned)
             out = self._kviews[k][:B]
             _fused.launch_cuda(
                 self._kernels,
-                stream,
+                self.stream,
                 B,
                 self.oh,
                 self.ow,
@@ -308,10 +244,70 @@ class FusedImageStage:
                 out,
             )
             ev = self.events[k]
-            ev.record(stream)
+            ev.record(self.stream)
             self._used[k] = True
             self.event = ev
             return self.outputs[k][:B]
+
+    def _cuda_inputs(self, src, meta_h, windows, params, B: int):
+        """src, windows and params as device arrays (left there) or checked host arrays, and
+        the source size; the inputs the host can see are checked before any launch."""
+        cuda = self._cuda
+        src, windows, params = (_as_device(cuda, x) for x in (src, windows, params))
+        for name, a, dt, nd in (
+            ("src", src, np.uint8, 1),
+            ("windows", windows, np.float32, 2),
+            ("params", params, np.float32, 2),
+        ):
+            if _is_device(cuda, a) and (a.dtype != dt or a.ndim != nd):
+                raise ValueError(
+                    f"device array {name} must be {nd}-D {np.dtype(dt).name}, "
+                    f"got {a.ndim}-D {a.dtype}"
+                )
+        if not _is_device(cuda, src):
+            src = self._host(src, np.uint8, "src", 1)
+        nsrc = int(src.shape[0])
+        on_device = _is_device(cuda, windows) or _is_device(cuda, params)
+        if not _is_device(cuda, windows):
+            windows = self._host(windows, np.float32, "windows", 2)
+        if not _is_device(cuda, params):
+            params = self._host(params, np.float32, "params", 2)
+        if on_device:  # windows/params already on the device: check what the host can see
+            win_c, par_c = np.ones((B, 4), np.float32), np.ones((B, _fused.NUM_PARAMS), np.float32)
+        else:
+            win_c, par_c = windows, params
+        _check_status(_fused.check_inputs(nsrc, meta_h, win_c, par_c, _fused.NUM_PARAMS), B)
+        return src, windows, params, nsrc
+
+    def _to_device(self, k: int, B: int, src, meta_h, windows, params, src_pinned: bool):
+        """Copy what is still on the host to the device on the stage's stream, through slot
+        ``k``'s pinned buffers (or straight from ``src`` when it is pinned already)."""
+        cuda, stream = self._cuda, self.stream
+        if _is_device(cuda, src):
+            d_src = src
+        else:
+            nsrc = int(src.shape[0])
+            self._grow_src(nsrc)
+            if src_pinned:
+                self._d_src[:nsrc].copy_to_device(src, stream=stream)
+            else:
+                p = self._p_src[k]
+                p[:nsrc] = src
+                self._d_src[:nsrc].copy_to_device(p[:nsrc], stream=stream)
+            d_src = self._d_src
+        staged = []
+        for host, pinned, dev in (
+            (meta_h, self._p_meta[k], self._d_meta),
+            (windows, self._p_windows[k], self._d_windows),
+            (params, self._p_params[k], self._d_params),
+        ):
+            if _is_device(cuda, host):
+                staged.append(host)
+                continue
+            pinned[:B] = host
+            dev[:B].copy_to_device(pinned[:B], stream=stream)
+            staged.append(dev[:B])
+        return d_src, staged[1], staged[2]
 
     def synchronize(self) -> None:
         """Block until everything this stage enqueued has finished (CPU: no-op)."""
