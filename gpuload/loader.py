@@ -33,17 +33,31 @@ from .spec import LoaderSpec, OnError
 from .stats import LoaderStats, StageClock
 from .threads import DaemonThreadPool
 
-__all__ = ["Loader", "LoadedRow", "make_loader", "draw_seed"]
+__all__ = ["Loader", "LoadedRow", "make_loader", "draw_seed", "refuse_pointless_skip"]
 
 log = logging.getLogger("gpuload.loader")
 
 STATE_VERSION = 2
 
 
-def draw_seed() -> int:
-    """A random 63-bit seed (for ``seed=None``): recorded in the loader's state, so a resume
-    needs no seed."""
+def draw_seed(world_size: int = 1) -> int:
+    """The seed for ``seed=None``: a random 63-bit one in a single process (recorded in the
+    loader's state, so a resume needs no seed); 0 when several ranks share the epoch, which
+    must agree on one order without talking to each other (as torch's DistributedSampler)."""
+    if world_size > 1:
+        return 0
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def refuse_pointless_skip(spec: LoaderSpec) -> None:
+    """on_error="skip" leaves out rows whose image cannot be decoded or whose transform raises;
+    with neither it would be accepted and do nothing. (Read and integrity errors always raise:
+    skipping them would hide damage.)"""
+    if spec.on_error is OnError.SKIP:
+        raise ValueError(
+            "on_error='skip' skips rows whose image cannot be decoded or whose transform raises, "
+            "and this loader has neither (no image= ops, no transform)"
+        )
 
 
 def make_loader(
@@ -62,6 +76,8 @@ def make_loader(
         unused = [n for n in ("decoder", "decode_options") if n in spec.given()]
         if unused:
             raise ValueError(f"{', '.join(unused)} only apply to image= ops, and none were given")
+        if transform is None:
+            refuse_pointless_skip(spec)
     rank, world = resolve_rank_world(spec.rank, spec.world_size)
     factory, image_columns = None, ()
     if spec.image is not None:
@@ -207,7 +223,7 @@ class Loader:
         self.transform = transform
         self.rank, self.world_size = rank, world_size
         self.export = export or (lambda b: b)
-        self.seed = spec.seed if spec.seed is not None else draw_seed()
+        self.seed = spec.seed if spec.seed is not None else draw_seed(world_size)
         cols = reader.schema.select(list(spec.columns) if spec.columns else None, reader.name)
         self.columns = [c.name for c in cols]
         self.image_columns = list(image_columns)

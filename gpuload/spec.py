@@ -81,7 +81,8 @@ class LoaderSpec:
     - ``batch_size``: rows per batch; None gives rows one at a time where a front door can
       (torch's map-style and iterable datasets, a tf.data dataset of rows).
     - ``shuffle``: False, True, "full" or "block"; ``seed`` makes it (and random image ops)
-      reproduce; None draws a seed per loader, kept in ``state_dict()``.
+      reproduce; None draws a seed per loader, kept in ``state_dict()`` (0 when several
+      ranks share the epoch: they must agree on one order).
     - ``epoch``: the epoch the first pass uses (default 0); each further pass is the next.
     - ``columns``: the columns to load (None: all of them).
     - ``image``: image ops (``gpuload.ops``) run as one fused kernel per batch on every loaded

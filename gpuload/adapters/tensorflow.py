@@ -30,7 +30,6 @@ ROW_OPTIONS = (
     "seed",
     "epoch",
     "uneven",
-    "on_error",
     "prefetch",
     "num_threads",
     "rank",

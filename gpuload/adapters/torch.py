@@ -26,7 +26,14 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from ..device import resolve_device
 from ..distributed import resolve_rank_world
 from ..export import to_torch
-from ..loader import Loader, apply_transform, draw_seed, make_loader, split_rows
+from ..loader import (
+    Loader,
+    apply_transform,
+    draw_seed,
+    make_loader,
+    refuse_pointless_skip,
+    split_rows,
+)
 from ..reader import TableReader
 from ..sampling import shard_for
 from ..spec import LoaderSpec, OnError, refuse_unused
@@ -69,6 +76,8 @@ def torch_front_door(
         return TorchLoader(loader, tdev)
     if iterable:
         refuse_unused(spec, ITERABLE, ITERABLE_OPTIONS, TO_BATCHED)
+        if transform is None:
+            refuse_pointless_skip(spec)
         return TorchIterableDataset(table, spec, transform)
     if spec.shuffle.value != "none":
         raise ValueError(
@@ -127,10 +136,10 @@ class TorchIterableDataset(IterableDataset):
         self.columns = list(spec.columns) if spec.columns is not None else None
         table.schema.select(self.columns, table.name)
         self.shuffle = spec.shuffle
-        # drawn here, in the parent, so every worker (and every rank given the same seed) agrees
-        self.seed = spec.seed if spec.seed is not None else draw_seed()
         # resolved here, in the parent: a spawned worker would not see an initialised process group
         self.rank, self.world_size = resolve_rank_world(spec.rank, spec.world_size)
+        # drawn here, in the parent, so every worker agrees (and every rank: see draw_seed)
+        self.seed = spec.seed if spec.seed is not None else draw_seed(self.world_size)
         self.uneven = spec.uneven
         self.on_error = spec.on_error
         self.skipped = 0

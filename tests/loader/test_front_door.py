@@ -111,6 +111,19 @@ def test_disjoint_equal_shards(ids_table, door):
     assert len(flat) == len(set(flat)) == (N // world) * world
 
 
+@pytest.mark.parametrize("door", FRONT_DOORS)
+def test_ranks_without_a_seed_still_agree_on_one_order(ids_table, door):
+    """seed=None draws a random seed in a single process, but ranks cannot agree on a random
+    one without talking: they use one fixed seed, so their shares still cover every row once."""
+    world = 2
+    parts = [
+        _epoch(FRONT_DOORS[door](ids_table, shuffle=True, rank=r, world_size=world))
+        for r in range(world)
+    ]
+    assert set(parts[0]) | set(parts[1]) == set(range(N))
+    assert len(set(parts[0]) & set(parts[1])) <= 1  # padding repeats one row (N is odd)
+
+
 @pytest.mark.parametrize("door", RESUMABLE)
 @pytest.mark.parametrize("seeded", [True, False])
 def test_exact_resume_at_random_points(ids_table, door, seeded):
@@ -303,6 +316,25 @@ def test_on_error_skip_drops_undecodable_rows_everywhere(tmp_path, door):
     with pytest.raises((gpuload.DecodeError, tf.errors.OpError), match="DecodeError.*row 3|row 3"):
         _epoch(make(image=resize))
     assert sorted(_epoch(make(image=resize, on_error="skip"))) == [i for i in range(12) if i != 3]
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: t.batches(4, on_error="skip"),
+        lambda t: gpuload.pytorch(t, batch_size=4, on_error="skip"),
+        lambda t: gpuload.pytorch(t, iterable=True, on_error="skip"),
+        lambda t: gpuload.tensorflow(t, on_error="skip"),
+        lambda t: gpuload.tensorflow(t, batch_size=4, on_error="skip"),
+    ],
+)
+def test_skip_with_nothing_to_skip_is_refused(ids_table, make):
+    """Without image ops or a transform nothing can be skipped (read and integrity errors always
+    raise), so on_error="skip" would be accepted and do nothing."""
+    with pytest.raises(ValueError, match="on_error='skip'.*(has neither|not used)"):
+        make(ids_table)
+    # with a transform it is honoured
+    assert len(gpuload.pytorch(ids_table, lambda r: r["id"], batch_size=4, on_error="skip")) > 0
 
 
 def test_torch_iterable_with_batch_size_is_refused(ids_table):
