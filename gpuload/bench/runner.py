@@ -295,16 +295,19 @@ def run_measurements(
 # Ratios that cannot exceed a ceiling on an idle machine: a training loop fed by a loader is at
 # most as fast as the same loop on one batch held in memory. A ratio above its ceiling (beyond
 # noise) means the reference run was slowed by load from elsewhere.
-CEILINGS = {"x_compute_bound": 1.0}
 CEILING_TOLERANCE = 1.05
 
 
-def ceiling_warnings(entries: list[dict]) -> list[str]:
-    """One warning per ratio above its ceiling; the entry is marked (``above_ceiling``)."""
+def ceiling_warnings(entries: list[dict], measurements: list[S.Measurement]) -> list[str]:
+    """One warning per ratio above its declared ceiling; the entry is marked
+    (``above_ceiling``)."""
+    ceilings = {
+        (i, r.name): r.ceiling for m in measurements for i in m.ids() for r in m.ratios if r.ceiling
+    }
     out = []
     for e in entries:
         for name, v in (e.get("ratios") or {}).items():
-            ceiling = CEILINGS.get(name)
+            ceiling = ceilings.get((e["id"], name))
             if ceiling is not None and v > ceiling * CEILING_TOLERANCE:
                 e.setdefault("above_ceiling", []).append(name)
                 out.append(
@@ -322,55 +325,24 @@ def _med(results: dict[str, dict], id: str, key: str = "rows_s") -> float | None
     return e["metrics"][key]["median"]
 
 
-def add_ratios(entries: list[dict]) -> dict[str, float]:
-    """Ratios from one run: e2e rows against the decode limit and against gpuload's default;
-    stream and ingest against Deeplake; shuffled against sequential; training against the
-    compute-bound ceiling. Written into each entry ("ratios") and returned flat."""
+def add_ratios(entries: list[dict], measurements: list[S.Measurement]) -> dict[str, float]:
+    """The ratios each measurement declares (``Measurement.ratios``), from one run: written into
+    each entry ("ratios") and returned flat as {"id:name": value}. A ratio whose reference did
+    not run is left out."""
     by_id = {e["id"]: e for e in entries}
+    declared = {i: m.ratios for m in measurements for i in m.ids()}
     flat: dict[str, float] = {}
-
-    def put(e, name, v):
-        if v is not None and v > 0:
-            e.setdefault("ratios", {})[name] = v
-            flat[f"{e['id']}:{name}"] = v
-
-    limit = _med(by_id, "decode.raw_libjpeg")
-    g_on = _med(by_id, "e2e.gpuload.on")
     for e in entries:
         if e["status"] != "ok":
             continue
         v = e["metrics"]["rows_s"]["median"]
-        if e["suite"] == "e2e":
-            if limit:
-                put(e, "x_limit", v / limit)
-            if g_on and e["id"] != "e2e.gpuload.on":
-                put(e, "gpuload_default_over_this", g_on / v)
-        elif e["suite"] == "decode" and limit and e["id"] != "decode.raw_libjpeg":
-            put(e, "x_limit", v / limit)
-        elif e["suite"] == "stream" and e["id"].startswith("stream.local.shuffle."):
-            seq = _med(by_id, e["id"].replace(".shuffle.", ".seq."))
-            if seq:
-                put(e, "x_sequential", v / seq)
-        elif e["suite"] == "stream" and e["id"].startswith("stream.deeplake.seq."):
-            g = _med(by_id, e["id"].replace("stream.deeplake.", "stream.local."))
-            if g:
-                put(e, "gpuload_over_this", g / v)
-        elif e["id"] == "loader.deeplake.w0.shuffle":
-            g = _med(by_id, "loader.fast.shuffle")
-            if g:
-                put(e, "gpuload_fast_path_over_this", g / v)
-        elif e["suite"] == "ingest" and e["system"] == "deeplake":
-            g = _med(by_id, e["id"].replace("ingest.deeplake.", "ingest.gpuload."))
-            if g:
-                put(e, "gpuload_over_this", g / v)
-        elif e["suite"] == "train" and e["id"] != "train.synthetic":
-            c = _med(by_id, "train.synthetic")
-            if c:
-                put(e, "x_compute_bound", v / c)
-        elif e["id"].startswith("stream.s3.") or e["id"].startswith("loader.s3."):
-            local = _med(by_id, f"stream.local.seq.bs{e['batch_size']}")
-            if local and e["id"].startswith("stream.s3.seq"):
-                put(e, "x_local", v / local)
+        for r in declared.get(e["id"], ()):
+            ref = _med(by_id, r.ref)
+            if not ref or v <= 0:
+                continue
+            value = ref / v if r.inverse else v / ref
+            e.setdefault("ratios", {})[r.name] = value
+            flat[f"{e['id']}:{r.name}"] = value
     return flat
 
 
@@ -548,8 +520,8 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         resources.close()
         if sampler is not None:
             sampler.close()
-    ratios = add_ratios(entries)
-    warnings = ceiling_warnings(entries)
+    ratios = add_ratios(entries, measurements)
+    warnings = ceiling_warnings(entries, measurements)
     for w in warnings:
         log(f"WARNING {w}")
     total = time.perf_counter() - t_start

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "Ratio",
     "SUITES",
     "DEFAULT_SUITES",
     "Measurement",
@@ -78,6 +79,18 @@ class Timing:
         )
 
 
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio declared on a measurement: this row's rate over the row ``ref`` (or ``ref``'s
+    over this row's, ``inverse``), named ``name`` in results.json. ``ceiling``: what it cannot
+    exceed on an idle machine (a value above it, beyond noise, means the machine was busy)."""
+
+    name: str
+    ref: str
+    inverse: bool = False
+    ceiling: float | None = None
+
+
 @dataclass
 class Measurement:
     """One row of the report: a child task run ``repeats`` times in fresh processes."""
@@ -98,6 +111,7 @@ class Measurement:
     phases: dict[str, str] = field(default_factory=lambda: {"": ""})  # child phase -> id suffix
     timeout: float = 300.0
     info: dict[str, Any] = field(default_factory=dict)
+    ratios: tuple[Ratio, ...] = ()
 
     @property
     def is_peer(self) -> bool:
@@ -191,6 +205,7 @@ def ingest_suite(ctx: Context) -> list[Measurement]:
                 args={"source": ctx.table_url, "dest": "@tmp/ingest-deeplake", "rows": n},
                 requires=("deeplake",),
                 info={"rows": n},
+                ratios=(Ratio("gpuload_over_this", f"ingest.gpuload.{n}", inverse=True),),
             )
         )
     return out
@@ -210,9 +225,10 @@ def stream_suite(ctx: Context) -> list[Measurement]:
         for mode, shuffle in (("seq", False), ("shuffle", True)):
             # the same read without checksum verification, once (what verification costs)
             for verify in (True, False) if bs0 == loader_batch(ctx) else (True,):
+                sfx = "" if verify else ".noverify"
                 out.append(
                     Measurement(
-                        id=f"stream.local.{mode}.bs{bs0}" + ("" if verify else ".noverify"),
+                        id=f"stream.local.{mode}.bs{bs0}{sfx}",
                         suite="stream",
                         group=group,
                         label=f"gpuload batches({bs0}{', shuffle=True' if shuffle else ''})"
@@ -228,6 +244,11 @@ def stream_suite(ctx: Context) -> list[Measurement]:
                             "verify": verify,
                         },
                         batch_size=bs0,
+                        ratios=(
+                            (Ratio("x_sequential", f"stream.local.seq.bs{bs0}{sfx}"),)
+                            if shuffle
+                            else ()
+                        ),
                     )
                 )
         out.append(
@@ -242,6 +263,7 @@ def stream_suite(ctx: Context) -> list[Measurement]:
                 batch_size=bs0,
                 requires=("deeplake",),
                 needs=("deeplake_bytes",),
+                ratios=(Ratio("gpuload_over_this", f"stream.local.seq.bs{bs0}", inverse=True),),
             )
         )
     bs = loader_batch(ctx)
@@ -294,6 +316,7 @@ def stream_suite(ctx: Context) -> list[Measurement]:
             batch_size=bs,
             requires=("deeplake", "torch"),
             needs=("deeplake_bytes",),
+            ratios=(Ratio("gpuload_fast_path_over_this", "loader.fast.shuffle", inverse=True),),
         ),
     ]
     if ctx.remote:
@@ -310,6 +333,7 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
     )
     req = ("s3fs", "moto")
     cols = [c for c in ctx.columns if c != "instruction"] if "instruction" in ctx.columns else None
+    local = Ratio("x_local", f"stream.local.seq.bs{bs}")
     return [
         Measurement(
             id="stream.s3.seq",
@@ -323,6 +347,7 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
             requires=req,
             needs=("s3",),
             phases=phases,
+            ratios=(local,),
         ),
         Measurement(
             id="stream.s3.shuffle",
@@ -349,6 +374,7 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
             requires=req,
             needs=("s3",),
             phases={"epoch1": ""},
+            ratios=(local,),
         ),
         Measurement(
             id="loader.s3.dataloader.w0",
@@ -487,6 +513,7 @@ def decode_suite(ctx: Context) -> list[Measurement]:
             args={**base, **args},
             batch_size=128,
             unit="images",
+            ratios=(Ratio("x_limit", "decode.raw_libjpeg"),),
             **kw,
         )
 
@@ -562,6 +589,9 @@ def e2e_suite(ctx: Context) -> list[Measurement]:
     dl_warm = max(w, ctx.cores + 2)
 
     def m(id, label, system, args, **kw):
+        ratios = (Ratio("x_limit", "decode.raw_libjpeg"),)
+        if id != "e2e.gpuload.on":
+            ratios += (Ratio("gpuload_default_over_this", "e2e.gpuload.on", inverse=True),)
         return Measurement(
             id=id,
             suite="e2e",
@@ -574,6 +604,7 @@ def e2e_suite(ctx: Context) -> list[Measurement]:
             unit="images",
             uses_gpu=cuda,
             timeout=kw.pop("timeout", 300.0),
+            ratios=ratios,
             **kw,
         )
 
@@ -680,6 +711,9 @@ def train_suite(ctx: Context) -> list[Measurement]:
             requires=("torch",) + kw.pop("requires", ()),
             uses_gpu=ctx.device == "cuda",
             timeout=900.0,
+            ratios=()
+            if id == "train.synthetic"
+            else (Ratio("x_compute_bound", "train.synthetic", ceiling=1.0),),
             **kw,
         )
 

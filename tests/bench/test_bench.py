@@ -235,13 +235,28 @@ def test_summaries():
 
 
 def test_a_ratio_above_its_ceiling_is_flagged_as_a_busy_machine():
-    from gpuload.bench.runner import ceiling_warnings
+    from gpuload.bench.runner import add_ratios, ceiling_warnings
+    from gpuload.bench.suites import Measurement, Ratio
 
-    fine = {"id": "train.gpuload", "ratios": {"x_compute_bound": 0.93}}
-    busy = {"id": "train.torch_pil", "ratios": {"x_compute_bound": 2.0, "x_limit": 3.0}}
-    warnings = ceiling_warnings([fine, busy])
+    def m(id, ratios=()):
+        return Measurement(id, "train", "g", id, "x", "train", {}, ratios=ratios)
+
+    bound = Ratio("x_compute_bound", "train.synthetic", ceiling=1.0)
+    ms = [m("train.synthetic"), m("train.gpuload", (bound,)), m("train.torch_pil", (bound,))]
+
+    def entry(id, v):
+        return {"id": id, "status": "ok", "metrics": {"rows_s": {"median": v}}}
+
+    entries = [
+        entry("train.synthetic", 100.0),
+        entry("train.gpuload", 93.0),
+        entry("train.torch_pil", 200.0),
+    ]
+    flat = add_ratios(entries, ms)
+    assert flat == {"train.gpuload:x_compute_bound": 0.93, "train.torch_pil:x_compute_bound": 2.0}
+    warnings = ceiling_warnings(entries, ms)
     assert len(warnings) == 1 and "train.torch_pil" in warnings[0] and "busy" in warnings[0]
-    assert busy["above_ceiling"] == ["x_compute_bound"] and "above_ceiling" not in fine
+    assert entries[2]["above_ceiling"] == ["x_compute_bound"] and "above_ceiling" not in entries[1]
 
 
 def test_plots_carry_the_run_context_and_warnings(bench_run, tmp_path):
