@@ -1,0 +1,196 @@
+"""gpuload itself: ingest, raw streams, the torch fast path and DataLoader front door, decode
+only, and the end-to-end loaders (fast path, tf.data, DataLoader with a per-row transform)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+
+from ..harness import (
+    columns_nbytes,
+    decode_options,
+    open_src,
+    run_epochs,
+    run_timed,
+    to_device,
+    torch_dataloader,
+    torch_sync,
+)
+from ..measure import timed_once
+
+
+def disk_write_mb_s(path: str, nbytes: int, passes: int = 3) -> float:
+    """The disk's sequential write rate for the same bytes: 8 MiB writes + fsync, the best of
+    ``passes`` (a first write to fresh blocks is often several times slower on virtual disks,
+    so the best pass is the rate the disk can sustain, and the fraction stays conservative)."""
+    blk = os.urandom(8 << 20)
+    best = 0.0
+    for _ in range(passes):
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            left = nbytes
+            while left > 0:
+                left -= f.write(blk[: min(left, len(blk))])
+            f.flush()
+            os.fsync(f.fileno())
+        best = max(best, nbytes / (time.perf_counter() - t) / 1e6)
+        os.unlink(path)
+    return best
+
+
+def ingest(a: dict) -> dict:
+    """``gpuload.ingest`` of already-encoded rows held in memory (reading them is untimed),
+    then the disk's sequential write rate for the same bytes."""
+    import gpuload
+
+    src = gpuload.open_table(a["source"])
+    n = min(int(a["rows"]), len(src))
+    cols = src[:n].to_dict()
+    schema = {c.name: c.type_string() for c in src.schema}
+    nbytes = columns_nbytes(cols)
+    dest = a["dest"]
+    shutil.rmtree(dest, ignore_errors=True)
+    _, rec = timed_once(gpuload.ingest, dest, cols, schema=schema, progress=False)
+    disk = disk_write_mb_s(dest + ".seqwrite", nbytes)
+    shutil.rmtree(dest, ignore_errors=True)
+    rec.update(
+        rows=n, bytes=nbytes, disk_mb_s=disk, fraction_of_disk=nbytes / rec["wall_s"] / 1e6 / disk
+    )
+    return {"": rec}
+
+
+def stream(a: dict) -> dict:
+    """``table.batches(bs, shuffle=...)``: raw bytes + numeric arrays, no decode."""
+    t = open_src(a)
+    loader = t.batches(a["batch_size"], shuffle=a["shuffle"], seed=0, columns=a.get("columns"))
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return iter(loader)
+
+    if a.get("epochs"):
+        return run_epochs(a, epoch, stats=loader.stats)
+    return run_timed(a, epoch, stats=loader.stats)
+
+
+def fast(a: dict) -> dict:
+    """gpuload's batched fast path, no image ops: (bytes, state, label) batches as tensors."""
+    import gpuload
+
+    t = open_src(a)
+    loader = gpuload.pytorch(
+        t,
+        batch_size=a["batch_size"],
+        shuffle=a.get("shuffle", True),
+        seed=0,
+        device=a.get("device", "cpu"),
+        columns=a.get("columns"),
+    )
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return iter(loader)
+
+    if a.get("epochs"):
+        return run_epochs(a, epoch, stats=loader.stats)
+    return run_timed(a, epoch, stats=loader.stats)
+
+
+def dataloader(a: dict) -> dict:
+    """``DataLoader(gpuload.pytorch(t), batch_size, shuffle=True, num_workers=w)``."""
+    import gpuload
+
+    ds = gpuload.pytorch(open_src(a), columns=a.get("columns"))
+    w = a["workers"]
+    dl = torch_dataloader(ds, a["batch_size"], w, multiprocessing_context="fork" if w else None)
+    if a.get("epochs"):
+        return run_epochs(a, lambda e: iter(dl))
+    return run_timed(a, lambda e: iter(dl))
+
+
+def decode_step(batches: list[list[bytes]], threads: int, a: dict):
+    """gpuload's decoder alone (CPU or GPU): headers read and one staging buffer sized for the
+    largest batch before anything is timed."""
+    from gpuload.decode import DecodeRequest, get_decoder, read_header
+
+    dec = get_decoder(a.get("decoder", "cpu"), a.get("device", "cpu"), threads=threads)
+    req = DecodeRequest(int(a.get("scale", 1)))
+    heads = [[read_header(x) for x in b] for b in batches]
+    need = max(dec.staging_nbytes(h, [req] * len(h)) for h in heads)
+    sync = None
+    if dec.device.is_cuda:
+        from numba import cuda
+
+        staging = cuda.device_array(need, dtype=np.uint8)
+        sync = cuda.synchronize
+    else:
+        staging = np.empty(need, np.uint8)
+        staging.fill(0)
+    head_of = {id(b): h for b, h in zip(batches, heads)}
+
+    def step(batch):
+        dec.decode_batch(batch, req, staging, headers=head_of[id(batch)])
+
+    return step, sync
+
+
+def _loader_kw(a: dict) -> dict:
+    """The same loader arguments through either front door."""
+    from ..workloads import ops_list
+
+    image, label = a.get("image", "image"), a.get("label")
+    return dict(
+        batch_size=a["batch_size"],
+        shuffle=True,
+        seed=0,
+        device=a.get("device", "cpu"),
+        columns=[image] + ([label] if label else []),
+        image=ops_list(),
+        decode_options=decode_options(a.get("options", "on")),
+    )
+
+
+def fast_path_loader(a: dict, workers: int):
+    """``gpuload.pytorch(t, batch_size=..., image=[...])``: the fused fast path."""
+    import gpuload
+
+    loader = gpuload.pytorch(open_src(a), **_loader_kw(a))
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return iter(loader)
+
+    return epoch, torch_sync(a.get("device", "cpu")), loader
+
+
+def tensorflow_loader(a: dict, workers: int):
+    """``gpuload.tensorflow(t, batch_size=..., image=[...])`` (tf.data)."""
+    import gpuload
+
+    ds = gpuload.tensorflow(a["url"], **_loader_kw(a))
+    return (lambda e: iter(ds)), None, ds  # the dataset carries its loader's stats()
+
+
+def dataloader_loader(a: dict, workers: int):
+    """torch's DataLoader over ``gpuload.pytorch(t, transform=PIL)``, ``workers`` processes."""
+    import gpuload
+
+    from ..workloads import GpuloadRowTransform
+
+    image, label = a.get("image", "image"), a.get("label")
+    device = a.get("device", "cpu")
+    ds = gpuload.pytorch(
+        a["url"],
+        transform=GpuloadRowTransform(image, label),
+        columns=[image] + ([label] if label else []),
+    )
+    dl = torch_dataloader(ds, a["batch_size"], workers, pin_memory=str(device).startswith("cuda"))
+
+    def epoch(e):
+        for b in dl:
+            yield to_device(b, device)
+
+    return epoch, torch_sync(device), None
