@@ -166,7 +166,11 @@ def install_hint(mods) -> str:
     return "; ".join(INSTALL.get(m, f"pip install {m}") for m in mods)
 
 
-# -- suites ----------------------------------------------------------------------------------
+# -- the cases: one table per suite ------------------------------------------------------------
+# Each suite is a table of rows (id, label, system, arguments, extras) over what its rows share
+# (``_table``): the suite, the group heading, the child task, the base arguments, the unit, the
+# batch size and the ratios every row declares. Grids (batch sizes x order x verification)
+# expand into rows; nothing else is written out twice.
 def _src(ctx: Context) -> dict:
     d = {"url": ctx.table_url}
     if ctx.storage_options:
@@ -178,64 +182,84 @@ def _clamp(ctx: Context, bs: int) -> int:
     return max(1, min(bs, ctx.rows))
 
 
+def _table(suite: str, group: str, task: str, base: dict | None = None, **shared):
+    """A row maker for one table of cases: ``row(id, label, system, args, **extras)``."""
+
+    def row(id: str, label: str, system: str, args: dict | None = None, **kw) -> Measurement:
+        fields = {**shared, **kw}
+        ratios = fields.pop("ratios", ())
+        if callable(ratios):
+            ratios = ratios(id)
+        return Measurement(
+            id=id,
+            suite=suite,
+            group=group,
+            label=label,
+            system=system,
+            task=fields.pop("task", task),
+            args={**(base or {}), **(args or {})},
+            ratios=tuple(ratios),
+            **fields,
+        )
+
+    return row
+
+
+def _cols(ctx: Context) -> list[str] | None:
+    """The loaders' columns: all but the text instruction (when the table has one)."""
+    return [c for c in ctx.columns if c != "instruction"] if "instruction" in ctx.columns else None
+
+
 def ingest_suite(ctx: Context) -> list[Measurement]:
-    out = []
-    for n in ctx.ingest_rows:
-        out.append(
-            Measurement(
-                id=f"ingest.gpuload.{n}",
-                suite="ingest",
-                group="Ingest (client.ingest of encoded rows held in memory, local disk)",
-                label="gpuload ingest",
-                system="gpuload",
-                task="ingest",
-                args={"source": ctx.table_url, "dest": "@tmp/ingest-gpuload", "rows": n},
-                info={"rows": n},
-            )
+    row = _table(
+        "ingest", "Ingest (client.ingest of encoded rows held in memory, local disk)", "ingest"
+    )
+    src = {"source": ctx.table_url}
+    return [
+        row(
+            f"ingest.gpuload.{n}",
+            "gpuload ingest",
+            "gpuload",
+            {**src, "dest": "@tmp/ingest-gpuload", "rows": n},
+            info={"rows": n},
         )
-    for n in ctx.ingest_rows:
-        out.append(
-            Measurement(
-                id=f"ingest.deeplake.{n}",
-                suite="ingest",
-                group="Ingest (client.ingest of encoded rows held in memory, local disk)",
-                label="Deeplake 4 append + commit (local)",
-                system="deeplake",
-                task="deeplake_ingest",
-                args={"source": ctx.table_url, "dest": "@tmp/ingest-deeplake", "rows": n},
-                requires=("deeplake",),
-                info={"rows": n},
-                ratios=(Ratio("gpuload_over_this", f"ingest.gpuload.{n}", inverse=True),),
-            )
+        for n in ctx.ingest_rows
+    ] + [
+        row(
+            f"ingest.deeplake.{n}",
+            "Deeplake 4 append + commit (local)",
+            "deeplake",
+            {**src, "dest": "@tmp/ingest-deeplake", "rows": n},
+            task="deeplake_ingest",
+            requires=("deeplake",),
+            info={"rows": n},
+            ratios=(Ratio("gpuload_over_this", f"ingest.gpuload.{n}", inverse=True),),
         )
-    return out
+        for n in ctx.ingest_rows
+    ]
 
 
 def loader_batch(ctx: Context) -> int:
     return _clamp(ctx, 128 if 128 in ctx.batch_sizes else ctx.batch_sizes[0])
 
 
-def stream_suite(ctx: Context) -> list[Measurement]:
+def _raw_streams(ctx: Context) -> list[Measurement]:
+    """The grid batch size x (sequential, shuffled) x (verified, and not verified once)."""
     w, t = ctx.timing.stream
-    lw, lt = ctx.timing.loader
-    group = "Raw stream: table.batches(), local, no decode"
+    row = _table("stream", "Raw stream: table.batches(), local, no decode", "stream")
     out = []
     for bs0 in ctx.batch_sizes:
         bs = _clamp(ctx, bs0)
         for mode, shuffle in (("seq", False), ("shuffle", True)):
-            # the same read without checksum verification, once (what verification costs)
             for verify in (True, False) if bs0 == loader_batch(ctx) else (True,):
                 sfx = "" if verify else ".noverify"
                 out.append(
-                    Measurement(
-                        id=f"stream.local.{mode}.bs{bs0}{sfx}",
-                        suite="stream",
-                        group=group,
-                        label=f"gpuload batches({bs0}{', shuffle=True' if shuffle else ''})"
+                    row(
+                        f"stream.local.{mode}.bs{bs0}{sfx}",
+                        f"gpuload batches({bs0}{', shuffle=True' if shuffle else ''})"
                         + ("" if verify else ", verify_local=False"),
-                        system="gpuload",
-                        task="stream",
-                        args={
+                        "gpuload",
+                        {
                             **_src(ctx),
                             "batch_size": bs,
                             "shuffle": shuffle,
@@ -244,255 +268,171 @@ def stream_suite(ctx: Context) -> list[Measurement]:
                             "verify": verify,
                         },
                         batch_size=bs0,
-                        ratios=(
-                            (Ratio("x_sequential", f"stream.local.seq.bs{bs0}{sfx}"),)
-                            if shuffle
-                            else ()
-                        ),
+                        ratios=(Ratio("x_sequential", f"stream.local.seq.bs{bs0}{sfx}"),)
+                        if shuffle
+                        else (),
                     )
                 )
         out.append(
-            Measurement(
-                id=f"stream.deeplake.seq.bs{bs0}",
-                suite="stream",
-                group=group,
-                label=f"Deeplake ds.batches({bs0}) (local copy, no shuffle exists)",
-                system="deeplake",
+            row(
+                f"stream.deeplake.seq.bs{bs0}",
+                f"Deeplake ds.batches({bs0}) (local copy, no shuffle exists)",
+                "deeplake",
+                {"url": "@deeplake_bytes", "batch_size": bs, "warmup": w, "min_time": t},
                 task="deeplake_stream",
-                args={"url": "@deeplake_bytes", "batch_size": bs, "warmup": w, "min_time": t},
                 batch_size=bs0,
                 requires=("deeplake",),
                 needs=("deeplake_bytes",),
                 ratios=(Ratio("gpuload_over_this", f"stream.local.seq.bs{bs0}", inverse=True),),
             )
         )
-    bs = loader_batch(ctx)
-    cols = [c for c in ctx.columns if c != "instruction"] if "instruction" in ctx.columns else None
-    lgroup = f"Loaders into torch tensors, no decode (batch {bs}, shuffle=True)"
-    largs = {"batch_size": bs, "warmup": lw, "min_time": lt, "columns": cols}
-    lwk = ctx.workers
-    out += [
-        Measurement(
-            id="loader.fast.shuffle",
-            suite="stream",
-            group=lgroup,
-            label="gpuload.pytorch(t, batch_size, shuffle=True) fast path",
-            system="gpuload",
+    return out
+
+
+def stream_suite(ctx: Context) -> list[Measurement]:
+    lw, lt = ctx.timing.loader
+    bs, k = loader_batch(ctx), ctx.workers
+    row = _table(
+        "stream",
+        f"Loaders into torch tensors, no decode (batch {bs}, shuffle=True)",
+        "dataloader",
+        {"batch_size": bs, "warmup": lw, "min_time": lt, "columns": _cols(ctx)},
+        batch_size=bs,
+        requires=("torch",),
+    )
+    loaders = [
+        row(
+            "loader.fast.shuffle",
+            "gpuload.pytorch(t, batch_size, shuffle=True) fast path",
+            "gpuload",
+            {**_src(ctx), "device": ctx.device},
             task="fast",
-            args={**_src(ctx), **largs, "device": ctx.device},
-            batch_size=bs,
-            requires=("torch",),
         ),
-        Measurement(
-            id=f"loader.dataloader.w{lwk}.shuffle",
-            suite="stream",
-            group=lgroup,
-            label=f"DataLoader(gpuload.pytorch(t), shuffle=True, num_workers={lwk})",
-            system="gpuload",
-            task="dataloader",
-            args={**_src(ctx), **largs, "workers": lwk, "warmup": max(lw, lwk + 2)},
-            batch_size=bs,
-            requires=("torch",),
+        row(
+            f"loader.dataloader.w{k}.shuffle",
+            f"DataLoader(gpuload.pytorch(t), shuffle=True, num_workers={k})",
+            "gpuload",
+            {**_src(ctx), "workers": k, "warmup": max(lw, k + 2)},
         ),
-        Measurement(
-            id="loader.dataloader.w0.shuffle",
-            suite="stream",
-            group=lgroup,
-            label="DataLoader(gpuload.pytorch(t), shuffle=True, num_workers=0)",
-            system="gpuload",
-            task="dataloader",
-            args={**_src(ctx), **largs, "workers": 0},
-            batch_size=bs,
-            requires=("torch",),
+        row(
+            "loader.dataloader.w0.shuffle",
+            "DataLoader(gpuload.pytorch(t), shuffle=True, num_workers=0)",
+            "gpuload",
+            {**_src(ctx), "workers": 0},
         ),
-        Measurement(
-            id="loader.deeplake.w0.shuffle",
-            suite="stream",
-            group=lgroup,
-            label="Deeplake DataLoader(ds.pytorch(), shuffle=True, num_workers=0)",
-            system="deeplake",
+        row(
+            "loader.deeplake.w0.shuffle",
+            "Deeplake DataLoader(ds.pytorch(), shuffle=True, num_workers=0)",
+            "deeplake",
+            {"url": "@deeplake_bytes", "workers": 0},
             task="deeplake_dataloader",
-            args={"url": "@deeplake_bytes", **largs, "workers": 0},
-            batch_size=bs,
             requires=("deeplake", "torch"),
             needs=("deeplake_bytes",),
             ratios=(Ratio("gpuload_fast_path_over_this", "loader.fast.shuffle", inverse=True),),
         ),
     ]
-    if ctx.remote:
-        out += remote_measurements(ctx)
-    return out
+    return _raw_streams(ctx) + loaders + (remote_measurements(ctx) if ctx.remote else [])
 
 
 def remote_measurements(ctx: Context) -> list[Measurement]:
     bs = loader_batch(ctx)
-    s3 = {"url": "@s3_url", "storage_options": "@s3_options"}
-    phases = {"epoch1": ".cold", "epoch2": ".cached"}
-    group = (
-        f"Loopback S3 (moto on 127.0.0.1), batch {bs}: first epoch (cold) and second (disk cache)"
+    local = (Ratio("x_local", f"stream.local.seq.bs{bs}"),)
+    two = {"epochs": 2, "cache": "@fresh_cache"}
+    row = _table(
+        "stream",
+        f"Loopback S3 (moto on 127.0.0.1), batch {bs}: first epoch (cold) and second (disk cache)",
+        "stream",
+        {"url": "@s3_url", "storage_options": "@s3_options", "batch_size": bs},
+        batch_size=bs,
+        requires=("s3fs", "moto"),
+        needs=("s3",),
+        phases={"epoch1": ".cold", "epoch2": ".cached"},
     )
-    req = ("s3fs", "moto")
-    cols = [c for c in ctx.columns if c != "instruction"] if "instruction" in ctx.columns else None
-    local = Ratio("x_local", f"stream.local.seq.bs{bs}")
+    torch_req = ("s3fs", "moto", "torch")
     return [
-        Measurement(
-            id="stream.s3.seq",
-            suite="stream",
-            group=group,
-            label=f"gpuload batches({bs}) from S3",
-            system="gpuload",
-            task="stream",
-            args={**s3, "cache": "@fresh_cache", "batch_size": bs, "shuffle": False, "epochs": 2},
-            batch_size=bs,
-            requires=req,
-            needs=("s3",),
-            phases=phases,
-            ratios=(local,),
+        row(
+            "stream.s3.seq",
+            f"gpuload batches({bs}) from S3",
+            "gpuload",
+            {**two, "shuffle": False},
+            ratios=local,
         ),
-        Measurement(
-            id="stream.s3.shuffle",
-            suite="stream",
-            group=group,
-            label=f"gpuload batches({bs}, shuffle=True) from S3",
-            system="gpuload",
-            task="stream",
-            args={**s3, "cache": "@fresh_cache", "batch_size": bs, "shuffle": True, "epochs": 2},
-            batch_size=bs,
-            requires=req,
-            needs=("s3",),
-            phases=phases,
+        row(
+            "stream.s3.shuffle",
+            f"gpuload batches({bs}, shuffle=True) from S3",
+            "gpuload",
+            {**two, "shuffle": True},
         ),
-        Measurement(
-            id="stream.s3.seq_nocache",
-            suite="stream",
-            group=group,
-            label=f"gpuload batches({bs}) from S3, cache=False",
-            system="gpuload",
-            task="stream",
-            args={**s3, "cache": False, "batch_size": bs, "shuffle": False, "epochs": 1},
-            batch_size=bs,
-            requires=req,
-            needs=("s3",),
+        row(
+            "stream.s3.seq_nocache",
+            f"gpuload batches({bs}) from S3, cache=False",
+            "gpuload",
+            {"cache": False, "shuffle": False, "epochs": 1},
             phases={"epoch1": ""},
-            ratios=(local,),
+            ratios=local,
         ),
-        Measurement(
-            id="loader.s3.dataloader.w0",
-            suite="stream",
-            group=group,
-            label="DataLoader(gpuload.pytorch(t), shuffle=True, num_workers=0) from S3",
-            system="gpuload",
+        row(
+            "loader.s3.dataloader.w0",
+            "DataLoader(gpuload.pytorch(t), shuffle=True, num_workers=0) from S3",
+            "gpuload",
+            {**two, "workers": 0, "columns": _cols(ctx)},
             task="dataloader",
-            args={
-                **s3,
-                "cache": "@fresh_cache",
-                "batch_size": bs,
-                "workers": 0,
-                "epochs": 2,
-                "columns": cols,
-            },
-            batch_size=bs,
-            requires=req + ("torch",),
-            needs=("s3",),
-            phases=phases,
+            requires=torch_req,
         ),
-        Measurement(
-            id="loader.s3.fast",
-            suite="stream",
-            group=group,
-            label="gpuload.pytorch(t, batch_size, shuffle=True) fast path from S3",
-            system="gpuload",
+        row(
+            "loader.s3.fast",
+            "gpuload.pytorch(t, batch_size, shuffle=True) fast path from S3",
+            "gpuload",
+            {**two, "columns": _cols(ctx), "device": ctx.device},
             task="fast",
-            args={
-                **s3,
-                "cache": "@fresh_cache",
-                "batch_size": bs,
-                "epochs": 2,
-                "columns": cols,
-                "device": ctx.device,
-            },
-            batch_size=bs,
-            requires=req + ("torch",),
-            needs=("s3",),
-            phases=phases,
+            requires=torch_req,
         ),
     ]
 
 
 def memory_suite(ctx: Context) -> list[Measurement]:
     bs = loader_batch(ctx)
-    cols = [c for c in ctx.columns if c != "instruction"] if "instruction" in ctx.columns else None
-    group = f"Peak memory as the table grows (the same rows 1x and 4x, batch {bs}, shuffle=True, one epoch)"
+    row = _table(
+        "memory",
+        f"Peak memory as the table grows (the same rows 1x and 4x, batch {bs}, shuffle=True, one epoch)",
+        "stream",
+        {"batch_size": bs, "epochs": 1},
+        batch_size=bs,
+        phases={"epoch1": ""},
+    )
     out = []
     for size, url in (("1x", ctx.table_url), ("4x", "@x4")):
         needs = ("x4",) if size == "4x" else ()
         out.append(
-            Measurement(
-                id=f"memory.stream.{size}",
-                suite="memory",
-                group=group,
-                label=f"gpuload batches({bs}, shuffle=True), {size} rows",
-                system="gpuload",
-                task="stream",
-                args={"url": url, "batch_size": bs, "shuffle": True, "epochs": 1},
-                batch_size=bs,
+            row(
+                f"memory.stream.{size}",
+                f"gpuload batches({bs}, shuffle=True), {size} rows",
+                "gpuload",
+                {"url": url, "shuffle": True},
                 needs=needs,
-                phases={"epoch1": ""},
                 info={"size": size},
             )
         )
         out.append(
-            Measurement(
-                id=f"memory.fast.{size}",
-                suite="memory",
-                group=group,
-                label=f"gpuload fast path (torch), {size} rows",
-                system="gpuload",
+            row(
+                f"memory.fast.{size}",
+                f"gpuload fast path (torch), {size} rows",
+                "gpuload",
+                {"url": url, "columns": _cols(ctx), "device": ctx.device},
                 task="fast",
-                args={
-                    "url": url,
-                    "batch_size": bs,
-                    "epochs": 1,
-                    "columns": cols,
-                    "device": ctx.device,
-                },
-                batch_size=bs,
                 requires=("torch",),
                 needs=needs,
-                phases={"epoch1": ""},
                 info={"size": size},
             )
         )
     return out
 
 
-def decode_limit(ctx: Context) -> Measurement:
-    w, t = ctx.timing.decode
-    return Measurement(
-        id="decode.raw_libjpeg",
-        suite="decode",
-        group="Decode only: JPEG -> RGB uint8, full size unless stated, batches of 128, in memory",
-        label=f"the limit: libjpeg-turbo (simplejpeg), reused buffers, {ctx.cores} threads",
-        system="libjpeg-turbo",
-        task="decode",
-        args={
-            "url": ctx.table_url,
-            "image": ctx.image,
-            "method": "raw_libjpeg",
-            "threads": ctx.cores,
-            "images": ctx.timing.decode_images,
-            "warmup": w,
-            "min_time": t,
-        },
-        batch_size=128,
-        unit="images",
-        requires=("simplejpeg",),
-    )
+DECODE_GROUP = "Decode only: JPEG -> RGB uint8, full size unless stated, batches of 128, in memory"
 
 
-def decode_suite(ctx: Context) -> list[Measurement]:
+def _decode_row(ctx: Context, **shared):
     w, t = ctx.timing.decode
-    group = decode_limit(ctx).group
     base = {
         "url": ctx.table_url,
         "image": ctx.image,
@@ -500,237 +440,170 @@ def decode_suite(ctx: Context) -> list[Measurement]:
         "warmup": w,
         "min_time": t,
     }
-    pool = max(8, ctx.cores)
+    return _table("decode", DECODE_GROUP, "decode", base, batch_size=128, unit="images", **shared)
 
-    def m(id, label, system, args, **kw):
-        return Measurement(
-            id=id,
-            suite="decode",
-            group=group,
-            label=label,
-            system=system,
-            task="decode",
-            args={**base, **args},
-            batch_size=128,
-            unit="images",
-            ratios=(Ratio("x_limit", "decode.raw_libjpeg"),),
-            **kw,
-        )
 
-    out = [
+def decode_limit(ctx: Context) -> Measurement:
+    row = _decode_row(ctx)
+    return row(
+        "decode.raw_libjpeg",
+        f"the limit: libjpeg-turbo (simplejpeg), reused buffers, {ctx.cores} threads",
+        "libjpeg-turbo",
+        {"method": "raw_libjpeg", "threads": ctx.cores},
+        requires=("simplejpeg",),
+    )
+
+
+def decode_suite(ctx: Context) -> list[Measurement]:
+    row = _decode_row(ctx, ratios=(Ratio("x_limit", "decode.raw_libjpeg"),))
+    pool, cpu = (
+        max(8, ctx.cores),
+        {"method": "gpuload", "decoder": "cpu", "device": "cpu", "threads": ctx.cores},
+    )
+    return [
         decode_limit(ctx),
-        m(
+        row(
             "decode.pil.1t",
             "PIL Image.open().convert('RGB'), 1 thread",
             "PIL",
             {"method": "pil"},
             requires=("PIL",),
         ),
-        m(
+        row(
             "decode.pil.pool",
             f"PIL in a ThreadPool ({pool} workers)",
             "PIL",
             {"method": "pil_pool", "threads": pool},
             requires=("PIL",),
         ),
-        m(
+        row(
             "decode.gpuload.cpu",
             f"gpuload CPU decode (libjpeg-turbo, {ctx.cores} threads)",
             "gpuload",
-            {"method": "gpuload", "decoder": "cpu", "device": "cpu", "threads": ctx.cores},
+            cpu,
         ),
-        m(
+        row(
             "decode.gpuload.cpu_dct2",
             "gpuload CPU decode, DCT downscale 1/2 (240x320)",
             "gpuload",
-            {
-                "method": "gpuload",
-                "decoder": "cpu",
-                "device": "cpu",
-                "threads": ctx.cores,
-                "scale": 2,
-            },
+            {**cpu, "scale": 2},
         ),
-    ]
-    for dec, mod in (("nvimgcodec", "nvidia.nvimgcodec"), ("dali", "nvidia.dali")):
-        out.append(
-            m(
-                f"decode.gpuload.gpu_{dec}",
-                f"gpuload GPU decode ({dec}, nvJPEG)",
-                "gpuload",
-                {"method": "gpuload", "decoder": dec, "device": "cuda"},
-                requires=(mod,),
-                needs_gpu=True,
-                uses_gpu=True,
-            )
+    ] + [
+        row(
+            f"decode.gpuload.gpu_{dec}",
+            f"gpuload GPU decode ({dec}, nvJPEG)",
+            "gpuload",
+            {"method": "gpuload", "decoder": dec, "device": "cuda"},
+            requires=(mod,),
+            needs_gpu=True,
+            uses_gpu=True,
         )
-    return out
+        for dec, mod in (("nvimgcodec", "nvidia.nvimgcodec"), ("dali", "nvidia.dali"))
+    ]
+
+
+def _e2e_ratios(id: str) -> tuple[Ratio, ...]:
+    default = Ratio("gpuload_default_over_this", "e2e.gpuload.on", inverse=True)
+    return (Ratio("x_limit", "decode.raw_libjpeg"),) + (
+        () if id == "e2e.gpuload.on" else (default,)
+    )
+
+
+# id, label ({n}: DataLoader workers; {where}: DALI's decode), system, args, requires, needs.
+# fmt: off
+E2E_CASES = (
+    ("e2e.gpuload.off", "gpuload fast path, DCT/ROI off", "gpuload",
+     {"kind": "gpuload", "options": "off"}, ("torch",), ()),
+    ("e2e.gpuload.on", "gpuload fast path, default (DCT downscale + row-ROI)", "gpuload",
+     {"kind": "gpuload", "options": "on"}, ("torch",), ()),
+    ("e2e.gpuload.on.noverify",
+     "gpuload fast path, default, checksums not verified (verify_local=False)", "gpuload",
+     {"kind": "gpuload", "options": "on", "verify": False}, ("torch",), ()),
+    ("e2e.gpuload.fast", "gpuload fast path, roi='region' + fast IDCT (opt-in)", "gpuload",
+     {"kind": "gpuload", "options": "fast"}, ("torch", "nvidia.nvimgcodec"), ()),
+    ("e2e.gpuload.tf", "gpuload.tensorflow(t, batch_size=128, image=...) (tf.data)", "gpuload",
+     {"kind": "gpuload_tf", "options": "on"}, ("tensorflow",), ()),
+    ("e2e.gpuload.dataloader", "DataLoader(gpuload.pytorch(t, transform=PIL), num_workers={n})",
+     "gpuload", {"kind": "gpuload_dataloader", "warmup": "@dl"}, ("torch",), ()),
+    ("e2e.torch_pil", "torch DataLoader + PIL over JPEG files, num_workers={n}", "torch+PIL",
+     {"kind": "torch_pil", "files": "@files", "warmup": "@dl"}, ("torch",), ("files",)),
+    ("e2e.deeplake", "Deeplake DataLoader(ds.pytorch(transform=PIL), num_workers={n})",
+     "deeplake", {"kind": "deeplake", "deeplake_url": "@deeplake_jpg", "warmup": "@dl"},
+     ("deeplake", "torch"), ("deeplake_jpg",)),
+    ("e2e.dali", "DALI pipeline ({where} decode, {n} threads)", "dali", {"kind": "dali"},
+     ("nvidia.dali", "torch"), ()),
+)
+# fmt: on
 
 
 def e2e_suite(ctx: Context) -> list[Measurement]:
     w, t = ctx.timing.e2e
-    bs = _clamp(ctx, 128)
-    cuda = ctx.device == "cuda"
-    where = "GPU" if cuda else "CPU"
-    group = (
-        f"End to end: decode + RandomResizedCrop(224) + flip + normalize -> float32 NCHW tensors "
-        f"on the {where}, batch 128"
-    )
-    base = {
-        "url": ctx.table_url,
-        "image": ctx.image,
-        "label": ctx.label,
-        "batch_size": bs,
-        "device": ctx.device,
-        "workers": ctx.cores,
-        "warmup": w,
-        "min_time": t,
-    }
-    dl_warm = max(w, ctx.cores + 2)
-
-    def m(id, label, system, args, **kw):
-        ratios = (Ratio("x_limit", "decode.raw_libjpeg"),)
-        if id != "e2e.gpuload.on":
-            ratios += (Ratio("gpuload_default_over_this", "e2e.gpuload.on", inverse=True),)
-        return Measurement(
-            id=id,
-            suite="e2e",
-            group=group,
-            label=label,
-            system=system,
-            task="e2e",
-            args={**base, **args},
-            batch_size=bs,
-            unit="images",
-            uses_gpu=cuda,
-            timeout=kw.pop("timeout", 300.0),
-            ratios=ratios,
-            **kw,
-        )
-
+    bs, n, cuda = _clamp(ctx, 128), ctx.cores, ctx.device == "cuda"
+    row = _table(
+        "e2e",
+        "End to end: decode + RandomResizedCrop(224) + flip + normalize -> float32 NCHW tensors "
+        f"on the {'GPU' if cuda else 'CPU'}, batch 128",
+        "e2e",
+        {"url": ctx.table_url, "image": ctx.image, "label": ctx.label, "batch_size": bs,
+         "device": ctx.device, "workers": n, "warmup": w, "min_time": t},
+        batch_size=bs, unit="images", uses_gpu=cuda, ratios=_e2e_ratios,
+    )  # fmt: skip
+    dl_warm = max(w, n + 2)  # DataLoader rows warm up until every worker has delivered
+    where = "mixed/GPU" if cuda else "CPU"
     return [
-        m(
-            "e2e.gpuload.off",
-            "gpuload fast path, DCT/ROI off",
-            "gpuload",
-            {"kind": "gpuload", "options": "off"},
-            requires=("torch",),
-        ),
-        m(
-            "e2e.gpuload.on",
-            "gpuload fast path, default (DCT downscale + row-ROI)",
-            "gpuload",
-            {"kind": "gpuload", "options": "on"},
-            requires=("torch",),
-        ),
-        m(
-            "e2e.gpuload.on.noverify",
-            "gpuload fast path, default, checksums not verified (verify_local=False)",
-            "gpuload",
-            {"kind": "gpuload", "options": "on", "verify": False},
-            requires=("torch",),
-        ),
-        m(
-            "e2e.gpuload.fast",
-            "gpuload fast path, roi='region' + fast IDCT (opt-in)",
-            "gpuload",
-            {"kind": "gpuload", "options": "fast"},
-            requires=("torch", "nvidia.nvimgcodec"),
-        ),
-        m(
-            "e2e.gpuload.tf",
-            "gpuload.tensorflow(t, batch_size=128, image=...) (tf.data)",
-            "gpuload",
-            {"kind": "gpuload_tf", "options": "on"},
-            requires=("tensorflow",),
-        ),
-        m(
-            "e2e.gpuload.dataloader",
-            f"DataLoader(gpuload.pytorch(t, transform=PIL), num_workers={ctx.cores})",
-            "gpuload",
-            {"kind": "gpuload_dataloader", "warmup": dl_warm},
-            requires=("torch",),
-        ),
-        m(
-            "e2e.torch_pil",
-            f"torch DataLoader + PIL over JPEG files, num_workers={ctx.cores}",
-            "torch+PIL",
-            {"kind": "torch_pil", "files": "@files", "warmup": dl_warm},
-            requires=("torch",),
-            needs=("files",),
-        ),
-        m(
-            "e2e.deeplake",
-            f"Deeplake DataLoader(ds.pytorch(transform=PIL), num_workers={ctx.cores})",
-            "deeplake",
-            {"kind": "deeplake", "deeplake_url": "@deeplake_jpg", "warmup": dl_warm},
-            requires=("deeplake", "torch"),
-            needs=("deeplake_jpg",),
-        ),
-        m(
-            "e2e.dali",
-            f"DALI pipeline ({'mixed/GPU' if cuda else 'CPU'} decode, {ctx.cores} threads)",
-            "dali",
-            {"kind": "dali"},
-            requires=("nvidia.dali", "torch"),
-        ),
+        row(
+            id,
+            label.format(n=n, where=where),
+            system,
+            {k: (dl_warm if v == "@dl" else v) for k, v in args.items()},
+            requires=requires,
+            needs=needs,
+        )
+        for id, label, system, args, requires, needs in E2E_CASES
     ]
 
 
 def train_suite(ctx: Context) -> list[Measurement]:
-    tm = ctx.timing
+    tm, cuda = ctx.timing, ctx.device == "cuda"
     bs = _clamp(ctx, tm.train_batch)
-    where = "GPU" if ctx.device == "cuda" else "CPU"
-    group = (
-        f"Training a small CNN on the {where} (batch {bs}, {tm.train_steps} timed steps after "
-        f"{tm.train_warmup} warm-up steps)"
+    row = _table(
+        "train",
+        f"Training a small CNN on the {'GPU' if cuda else 'CPU'} (batch {bs}, "
+        f"{tm.train_steps} timed steps after {tm.train_warmup} warm-up steps)",
+        "train",
+        {
+            "url": ctx.table_url,
+            "image": ctx.image,
+            "label": ctx.label,
+            "batch_size": bs,
+            "device": ctx.device,
+            "workers": ctx.cores,
+            "steps": tm.train_steps,
+            "warmup": tm.train_warmup,
+            "options": "on",
+        },
+        batch_size=bs,
+        unit="images",
+        requires=("torch",),
+        uses_gpu=cuda,
+        timeout=900.0,
+        ratios=(Ratio("x_compute_bound", "train.synthetic", ceiling=1.0),),
     )
-    base = {
-        "url": ctx.table_url,
-        "image": ctx.image,
-        "label": ctx.label,
-        "batch_size": bs,
-        "device": ctx.device,
-        "workers": ctx.cores,
-        "steps": tm.train_steps,
-        "warmup": tm.train_warmup,
-        "options": "on",
-    }
-
-    def m(id, label, system, args, **kw):
-        return Measurement(
-            id=id,
-            suite="train",
-            group=group,
-            label=label,
-            system=system,
-            task="train",
-            args={**base, **args},
-            batch_size=bs,
-            unit="images",
-            requires=("torch",) + kw.pop("requires", ()),
-            uses_gpu=ctx.device == "cuda",
-            timeout=900.0,
-            ratios=()
-            if id == "train.synthetic"
-            else (Ratio("x_compute_bound", "train.synthetic", ceiling=1.0),),
-            **kw,
-        )
-
     return [
-        m(
+        row(
             "train.synthetic",
             "synthetic batch held in memory (compute-bound ceiling)",
             "synthetic",
             {"loader": "synthetic"},
+            ratios=(),
         ),
-        m(
+        row(
             "train.gpuload",
             "gpuload fast path (default decode options)",
             "gpuload",
             {"loader": "gpuload"},
         ),
-        m(
+        row(
             "train.torch_pil",
             f"torch DataLoader + PIL over JPEG files, num_workers={ctx.cores}",
             "torch+PIL",
