@@ -74,6 +74,73 @@ def e2e(a: dict) -> dict:
     )
 
 
+def _train_batches(a: dict, dev):
+    """(make_epoch, sync, gpuload loader or None) for the training loop: one synthetic batch
+    held in memory (the compute-bound ceiling) or an end-to-end loader."""
+    import torch
+
+    bs = a["batch_size"]
+    if a["loader"] == "synthetic":
+        x = torch.randn(bs, 3, 224, 224, device=dev)
+        y = torch.randint(0, 10, (bs,), device=dev)
+
+        def epoch(e):
+            while True:
+                yield {"image": x, "label": y}
+
+        return epoch, torch_sync(a.get("device", "cpu")), None
+    return e2e_loader(dict(a, kind=a["loader"], batch_size=bs))
+
+
+def _labels(batch, n: int):
+    import torch
+
+    lab = batch.get("label") if isinstance(batch, dict) else (batch[1] if len(batch) > 1 else None)
+    return torch.zeros(n, dtype=torch.int64) if lab is None else lab
+
+
+class _TrainClock:
+    """What the timed part of the training loop measured: wall, CPU, images, time waiting."""
+
+    def __init__(self, sync, loader) -> None:
+        self.sync, self.loader, self.tree = sync, loader, process_tree()
+        self.t0 = self.w0 = None
+        self.c0: dict = {}
+        self.before = None
+        self.waited = 0.0
+        self.images = 0
+
+    def start(self) -> None:
+        if self.sync is not None:
+            self.sync()
+        self.t0, self.w0, self.c0 = time.perf_counter(), time.time(), self.tree.cpu_times()
+        self.waited, self.images = 0.0, 0
+        self.before = self.loader.stats() if self.loader is not None else None
+
+    def record(self, steps: int) -> dict:
+        if self.sync is not None:
+            self.sync()
+        wall = max(time.perf_counter() - self.t0, 1e-9)
+        if self.loader is not None:  # gpuload's own counter of the loop's wait where it has one
+            waited = self.loader.stats().wait_s - self.before.wait_s
+        else:
+            waited = self.waited
+        rec = {
+            "rows": self.images,
+            "bytes": self.images * 3 * 224 * 224 * 4,
+            "wall_s": wall,
+            "cpu_s": type(self.tree).cpu_delta(self.c0, self.tree.cpu_times()),
+            "peak_rss": self.tree.peak_rss(),
+            "window": [self.w0, time.time()],
+            "steps": steps,
+            "steps_s": steps / wall,
+            "wait_fraction": waited / wall,
+        }
+        if self.loader is not None:
+            rec.update(stage_record(self.loader.stats, self.before))
+        return rec
+
+
 def train(a: dict) -> dict:
     """A small CNN trained for ``steps`` steps (after ``warmup`` excluded steps) on batches from
     ``loader``: "gpuload" (fast path, image ops), "synthetic" (one batch held in memory: the
@@ -86,93 +153,38 @@ def train(a: dict) -> dict:
     torch.manual_seed(0)
     device = a.get("device", "cpu")
     dev = torch.device(device if str(device).startswith("cuda") else "cpu")
-    kind = a["loader"]
-    bs = a["batch_size"]
-    loader_obj = before = None
-    if kind == "synthetic":
-        x = torch.randn(bs, 3, 224, 224, device=dev)
-        y = torch.randint(0, 10, (bs,), device=dev)
-
-        def epoch(e):
-            while True:
-                yield {"image": x, "label": y}
-
-        sync = torch_sync(device)
-    else:
-        b = dict(a, kind=kind, batch_size=bs)
-        epoch, sync, loader_obj = e2e_loader(b)
+    epoch, sync, loader = _train_batches(a, dev)
     model = small_cnn(10).to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     lossf = torch.nn.CrossEntropyLoss()
     warm, steps = int(a.get("warmup", 3)), int(a["steps"])
-    tree = process_tree()
-
+    clock = _TrainClock(sync, loader)
     gen = forever(epoch)
-    waited = 0.0
-    n_img = 0
-    step = 0
-    t0 = c0 = w0 = None
-    gpu_wait0 = 0.0
     losses = []
     try:
-        while step < warm + steps:
+        for step in range(warm + steps):
             if step == warm:
-                if sync is not None:
-                    sync()
-                t0 = time.perf_counter()
-                w0 = time.time()
-                c0 = tree.cpu_times()
-                waited, n_img = 0.0, 0
-                before = loader_obj.stats() if loader_obj is not None else None
-                gpu_wait0 = before.wait_s if before is not None else 0.0
+                clock.start()
             tw = time.perf_counter()
             batch = next(gen)
-            waited += time.perf_counter() - tw
+            clock.waited += time.perf_counter() - tw
             img = image_of(batch)
-            if isinstance(batch, dict):
-                lab = batch.get("label")
-            else:
-                lab = batch[1] if len(batch) > 1 else None
-            if lab is None:
-                lab = torch.zeros(len(img), dtype=torch.int64)
-            img = img.to(dev, non_blocking=True)
-            lab = lab.to(dev, non_blocking=True).long() % 10
+            lab = _labels(batch, len(img)).to(dev, non_blocking=True).long() % 10
             opt.zero_grad(set_to_none=True)
-            loss = lossf(model(img), lab)
+            loss = lossf(model(img.to(dev, non_blocking=True)), lab)
             loss.backward()
             opt.step()
-            n_img += len(img)
-            step += 1
-            if step > warm and (step - warm) % max(1, steps // 10) == 0:
+            clock.images += len(img)
+            if step + 1 > warm and (step + 1 - warm) % max(1, steps // 10) == 0:
                 losses.append(float(loss.detach()))
     finally:
         gen.close()
-    if sync is not None:
-        sync()
-    wall = max(time.perf_counter() - t0, 1e-9)
-    cpu = type(tree).cpu_delta(c0, tree.cpu_times())
-    rec = {
-        "rows": n_img,
-        "bytes": n_img * 3 * 224 * 224 * 4,
-        "wall_s": wall,
-        "cpu_s": cpu,
-        "peak_rss": tree.peak_rss(),
-        "window": [w0, time.time()],
-        "steps": steps,
-        "steps_s": steps / wall,
-        # time the loop spent waiting for batches: gpuload's own counter where it has one
-        "wait_fraction": (
-            (loader_obj.stats().wait_s - gpu_wait0) / wall
-            if loader_obj is not None
-            else waited / wall
-        ),
-        "loss_first": losses[0] if losses else float(loss.detach()),
-        "loss_last": float(loss.detach()),
-    }
+    rec = clock.record(steps)
+    rec.update(
+        loss_first=losses[0] if losses else float(loss.detach()), loss_last=float(loss.detach())
+    )
     if str(device).startswith("cuda"):
         rec["gpu_mem_peak"] = int(torch.cuda.max_memory_allocated())
-    if loader_obj is not None:
-        rec.update(stage_record(loader_obj.stats, before))
     return {"": rec}
 
 

@@ -160,6 +160,97 @@ def _entry(m: S.Measurement, suffix: str, status: str, **kw) -> dict[str, Any]:
     return e
 
 
+def _unrunnable(measurements, has_gpu: bool) -> dict[str, tuple[str, str]]:
+    """{id: (status, reason)} for what cannot run here: no GPU, or a peer not installed."""
+    skip: dict[str, tuple[str, str]] = {}
+    for m in measurements:
+        if m.needs_gpu and not has_gpu:
+            skip[m.id] = ("not run", "needs a CUDA GPU; none here")
+            continue
+        miss = S.missing_modules(m.requires)
+        if miss:
+            skip[m.id] = ("missing", f"{', '.join(miss)} not installed: {S.install_hint(miss)}")
+    return skip
+
+
+def _progress_bar(total: int, progress: bool | None, log):
+    show = sys.stderr.isatty() if progress is None else progress
+    if not (show and total):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a core dependency
+        return None
+    bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False)
+    if isinstance(log, Log):
+        log.bar = bar
+    return bar
+
+
+def _run_once(m: S.Measurement, resources: S.Resources) -> dict:
+    """One fresh-process run of ``m``; ChildError or RuntimeError (a resource) on failure."""
+    cleanup: list[str] = []
+    try:
+        args, cleanup = resources.resolve(m.args)
+        return run_child(m.task, args, timeout=m.timeout)
+    finally:
+        for d in cleanup:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _repeat_all(runnable, resources, reps_of, bar, log):
+    """Every runnable measurement ``reps_of(suite)`` times, round-robin within each suite.
+    Returns (records by id, {id: (short, long) failure})."""
+    recs: dict[str, list[dict]] = {m.id: [] for m in runnable}
+    failed: dict[str, tuple[str, str]] = {}
+    suites = list(dict.fromkeys(m.suite for m in runnable))
+    for suite in suites:
+        ms = [m for m in runnable if m.suite == suite]
+        R = reps_of(suite)
+        for rep in range(R):
+            for m in ms:
+                if m.id not in failed:
+                    if bar is not None:
+                        bar.set_description(f"{m.id} ({rep + 1}/{R})")
+                    t0 = time.perf_counter()
+                    try:
+                        recs[m.id].append(_run_once(m, resources))
+                        status = "ok"
+                    except ChildError as e:
+                        failed[m.id] = (e.short, str(e)[-3000:])
+                        status = "FAILED: " + e.short
+                    except RuntimeError as e:  # a resource could not be prepared
+                        failed[m.id] = (str(e), str(e))
+                        status = "FAILED: " + str(e)
+                    if bar is None:
+                        dt = time.perf_counter() - t0
+                        log(f"  {m.id} run {rep + 1}/{R}: {status} ({dt:.1f} s)")
+                if bar is not None:
+                    bar.update(1)
+    return recs, failed
+
+
+def _ok_entry(m: S.Measurement, phase: str, suffix: str, recs, cores: int, gpu_sampler):
+    reps = [r[phase] for r in recs]
+    per = []
+    for r in reps:
+        pm = _record_metrics(r, cores)
+        if gpu_sampler is not None and m.uses_gpu and r.get("window"):
+            pm.update(gpu_sampler.window(*r["window"]) or {})
+        per.append(pm)
+    keys = [k for k in per[0] if all(k in p for p in per)]
+    lat = [x * 1e3 for r in reps for x in (r.get("latencies") or [])]
+    return _entry(
+        m,
+        suffix,
+        "ok",
+        metrics={k: summarize([p[k] for p in per]) for k in keys},
+        reps=per,
+        latency_ms=_downsample(lat, LATENCY_SAMPLE) if lat else [],
+        rows_timed=sum(r["rows"] for r in reps),
+    )
+
+
 def run_measurements(
     measurements: list[S.Measurement],
     resources: S.Resources,
@@ -180,114 +271,27 @@ def run_measurements(
         return suite_repeats.get(suite, repeats)
 
     log = log or Log()
-    # what cannot run at all
-    skip: dict[str, tuple[str, str]] = {}
-    for m in measurements:
-        if m.needs_gpu and not has_gpu:
-            skip[m.id] = ("not run", "needs a CUDA GPU; none here")
-            continue
-        miss = S.missing_modules(m.requires)
-        if miss:
-            skip[m.id] = ("missing", f"{', '.join(miss)} not installed: {S.install_hint(miss)}")
+    skip = _unrunnable(measurements, has_gpu)
     runnable = [m for m in measurements if m.id not in skip]
-    total = sum(reps_of(m.suite) for m in runnable)
-    bar = None
-    show = sys.stderr.isatty() if progress is None else progress
-    if show and total:
-        try:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, unit="run", dynamic_ncols=True, file=sys.stderr, leave=False)
-            if isinstance(log, Log):
-                log.bar = bar
-        except ImportError:  # pragma: no cover - tqdm is a core dependency
-            bar = None
-    recs: dict[str, list[dict]] = {m.id: [] for m in runnable}
-    failed: dict[str, str] = {}
-    failed_long: dict[str, str] = {}
+    bar = _progress_bar(sum(reps_of(m.suite) for m in runnable), progress, log)
     try:
-        order: list[str] = []
-        for m in runnable:
-            if m.suite not in order:
-                order.append(m.suite)
-        for suite in order:
-            ms = [m for m in runnable if m.suite == suite]
-            R = reps_of(suite)
-            for rep in range(R):
-                for m in ms:
-                    if m.id in failed:
-                        if bar is not None:
-                            bar.update(1)
-                        continue
-                    if bar is not None:
-                        bar.set_description(f"{m.id} ({rep + 1}/{R})")
-                    t0 = time.perf_counter()
-                    cleanup: list[str] = []
-                    try:
-                        args, cleanup = resources.resolve(m.args)
-                        r = run_child(m.task, args, timeout=m.timeout)
-                        recs[m.id].append(r)
-                        status = "ok"
-                    except ChildError as e:
-                        failed[m.id] = e.short
-                        failed_long[m.id] = str(e)[-3000:]
-                        status = "FAILED: " + e.short
-                    except RuntimeError as e:  # a resource could not be prepared
-                        failed[m.id] = str(e)
-                        failed_long[m.id] = str(e)
-                        status = "FAILED: " + str(e)
-                    finally:
-                        for d in cleanup:
-                            shutil.rmtree(d, ignore_errors=True)
-                    if bar is not None:
-                        bar.update(1)
-                    else:
-                        log(
-                            f"  {m.id} run {rep + 1}/{R}: {status} ({time.perf_counter() - t0:.1f} s)"
-                        )
+        recs, failed = _repeat_all(runnable, resources, reps_of, bar, log)
     finally:
         if bar is not None:
             bar.close()
             if isinstance(log, Log):
                 log.bar = None
-
     out = []
     for m in measurements:
-        if m.id in skip:
-            st, why = skip[m.id]
-            for suffix in m.phases.values():
-                out.append(_entry(m, suffix, st, reason=why))
-            continue
-        if m.id in failed:
-            for suffix in m.phases.values():
-                out.append(
-                    _entry(m, suffix, "failed", reason=failed[m.id], error=failed_long[m.id])
-                )
-            continue
         for phase, suffix in m.phases.items():
-            reps = [r[phase] for r in recs[m.id]]
-            per = []
-            for r in reps:
-                pm = _record_metrics(r, cores)
-                if gpu_sampler is not None and m.uses_gpu and r.get("window"):
-                    g = gpu_sampler.window(*r["window"])
-                    if g:
-                        pm.update(g)
-                per.append(pm)
-            keys = [k for k in per[0] if all(k in p for p in per)]
-            metrics = {k: summarize([p[k] for p in per]) for k in keys}
-            lat = [x * 1e3 for r in reps for x in (r.get("latencies") or [])]
-            out.append(
-                _entry(
-                    m,
-                    suffix,
-                    "ok",
-                    metrics=metrics,
-                    reps=per,
-                    latency_ms=_downsample(lat, LATENCY_SAMPLE) if lat else [],
-                    rows_timed=sum(r["rows"] for r in reps),
-                )
-            )
+            if m.id in skip:
+                st, why = skip[m.id]
+                out.append(_entry(m, suffix, st, reason=why))
+            elif m.id in failed:
+                short, long = failed[m.id]
+                out.append(_entry(m, suffix, "failed", reason=short, error=long))
+            else:
+                out.append(_ok_entry(m, phase, suffix, recs[m.id], cores, gpu_sampler))
     return out
 
 
@@ -411,11 +415,61 @@ def _command_line() -> str:
     return f"{head} {rest}".strip()
 
 
-def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
-    """Run the benchmark; returns the results document (what results.json holds)."""
+def _open_table(cfg: BenchConfig, cache: str, log, prep: dict):
+    """(table, path, workdir for derived data, "demo" or "user"): the demo table is generated
+    in the cache on first use (timed into ``prep``)."""
     import gpuload
 
-    from .machine import GpuSampler, machine, versions
+    if cfg.table is None:
+        t0 = time.perf_counter()
+        path, generated = S.ensure_demo(
+            cfg.resolved_rows(), cfg.seed, cache, progress=cfg.progress, log=log
+        )
+        if generated:
+            prep["demo_table_s"] = time.perf_counter() - t0
+        return gpuload.open_table(path), path, path + ".derived", "demo"
+    import hashlib
+
+    table = gpuload.open_table(cfg.table)
+    key = hashlib.sha1(table.url.encode()).hexdigest()[:12]
+    if cfg.rows is not None and cfg.rows != len(table):
+        log(f"note: --rows applies to the demo table; {table.url} has {len(table):,} rows")
+    return table, table.url, os.path.join(cache, f"table-{key}-v{table.version}"), "user"
+
+
+def _timing(cfg: BenchConfig) -> S.Timing:
+    timing = cfg.timing or (S.Timing.quick() if cfg.quick else S.Timing())
+    if cfg.train_steps is not None:
+        timing = S.Timing(**{**asdict(timing), "train_steps": cfg.train_steps})
+    return timing
+
+
+def _measurements(cfg: BenchConfig, ctx: S.Context) -> list[S.Measurement]:
+    """The chosen suites' measurements, filtered by --only / --skip id prefixes."""
+    ms = S.build(ctx, cfg.suites)
+    if cfg.only:
+        ms = [m for m in ms if any(m.id.startswith(p) for p in cfg.only)]
+    if cfg.skip:
+        ms = [m for m in ms if not any(m.id.startswith(p) for p in cfg.skip)]
+    return ms
+
+
+def _prepare(measurements, resources: S.Resources, has_gpu: bool, log) -> None:
+    """Build the data the runnable measurements need (timed, reported apart)."""
+    for m in measurements:
+        if (m.needs_gpu and not has_gpu) or S.missing_modules(m.requires):
+            continue
+        for n in m.needs:
+            if n not in resources.values and n not in resources.errors:
+                try:
+                    resources.get(n)
+                except RuntimeError as e:
+                    log(f"  {e}")
+
+
+def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
+    """Run the benchmark; returns the results document (what results.json holds)."""
+    from .machine import GpuSampler
 
     log = log or Log()
     t_start = time.perf_counter()
@@ -429,39 +483,13 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
     if cfg.install_peers:
         _install_peers(log)
     cores = os.cpu_count() or 1
-    repeats = cfg.resolved_repeats()
-    train_repeats = cfg.resolved_train_repeats()
-    timing = cfg.timing or (S.Timing.quick() if cfg.quick else S.Timing())
-    if cfg.train_steps is not None:
-        timing = S.Timing(**{**asdict(timing), "train_steps": cfg.train_steps})
     cache = os.path.expanduser(cfg.cache_dir) if cfg.cache_dir else S.cache_root()
     prep: dict[str, float] = {}
-
-    # the table
-    t0 = time.perf_counter()
-    if cfg.table is None:
-        rows = cfg.resolved_rows()
-        path, generated = S.ensure_demo(rows, cfg.seed, cache, progress=cfg.progress, log=log)
-        if generated:
-            prep["demo_table_s"] = time.perf_counter() - t0
-        table = gpuload.open_table(path)
-        workdir = path + ".derived"
-        source = "demo"
-    else:
-        table = gpuload.open_table(cfg.table)
-        path = table.url
-        import hashlib
-
-        key = hashlib.sha1(path.encode()).hexdigest()[:12]
-        workdir = os.path.join(cache, f"table-{key}-v{table.version}")
-        source = "user"
-        if cfg.rows is not None and cfg.rows != len(table):
-            log(f"note: --rows applies to the demo table; {path} has {len(table):,} rows")
+    table, path, workdir, source = _open_table(cfg, cache, log, prep)
     rows = len(table)
     image, label, columns = _profile(table)
     sample = table[: min(rows, 256)][image]
     mean_image = sum(len(x) for x in sample) / max(1, len(sample))
-    ingest_rows = sorted({min(n, rows) for n in (1000, 2000, rows)})
     ctx = S.Context(
         table_url=path,
         rows=rows,
@@ -473,48 +501,33 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         cores=cores,
         batch_sizes=list(cfg.batch_sizes),
         remote=cfg.remote,
-        timing=timing,
+        timing=_timing(cfg),
         gpu=has_gpu,
-        ingest_rows=ingest_rows,
+        ingest_rows=sorted({min(n, rows) for n in (1000, 2000, rows)}),
         loader_workers=cfg.loader_workers,
     )
-    measurements = S.build(ctx, cfg.suites)
-    if cfg.only:
-        measurements = [m for m in measurements if any(m.id.startswith(p) for p in cfg.only)]
-    if cfg.skip:
-        measurements = [m for m in measurements if not any(m.id.startswith(p) for p in cfg.skip)]
-
-    mach = machine()
-    vers = versions()
+    measurements = _measurements(cfg, ctx)
+    about = _document(cfg, ctx, table, source, mean_image, started, prep)  # load before the runs
     log(
         f"gpuload bench: {rows:,} rows ({table.nbytes / 1e6:,.0f} MB, mean JPEG {mean_image / 1e3:.1f} kB) "
         f"from {path}; device {device}; {cores} cores; suites {','.join(cfg.suites)}; "
-        f"{len(measurements)} measurements x {repeats} fresh processes"
+        f"{len(measurements)} measurements x {cfg.resolved_repeats()} fresh processes"
     )
     resources = S.Resources(ctx, workdir, log=log)
     sampler = GpuSampler() if has_gpu else None
     try:
-        # prepare the data the runnable measurements need (timed, reported apart)
-        for m in measurements:
-            if (m.needs_gpu and not has_gpu) or S.missing_modules(m.requires):
-                continue
-            for n in m.needs:
-                if n not in resources.values and n not in resources.errors:
-                    try:
-                        resources.get(n)
-                    except RuntimeError as e:
-                        log(f"  {e}")
+        _prepare(measurements, resources, has_gpu, log)
         prep.update({f"{k}_s": v for k, v in resources.timings.items()})
         entries = run_measurements(
             measurements,
             resources,
-            repeats,
+            cfg.resolved_repeats(),
             cores,
             has_gpu,
             log=log,
             progress=cfg.progress,
             gpu_sampler=sampler,
-            suite_repeats={"train": train_repeats},
+            suite_repeats={"train": cfg.resolved_train_repeats()},
         )
     finally:
         resources.close()
@@ -524,37 +537,47 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
     warnings = ceiling_warnings(entries, measurements)
     for w in warnings:
         log(f"WARNING {w}")
-    total = time.perf_counter() - t_start
-    doc = {
+    about.update(total_s=time.perf_counter() - t_start, results=entries, ratios=ratios)
+    about["warnings"] = warnings
+    return about
+
+
+def _document(cfg, ctx: S.Context, table, source: str, mean_image: float, started: str, prep):
+    """The results document around the entries: machine (with its load, taken before the
+    runs), versions, configuration, table. ``prep`` is filled in later (same dict)."""
+    from .machine import machine, versions
+
+    repeats, train_repeats = cfg.resolved_repeats(), cfg.resolved_train_repeats()
+    return {
         "format": "gpuload-bench/1",
         "started": started,
-        "total_s": total,
-        "machine": mach,
-        "versions": vers,
+        "total_s": 0.0,
+        "machine": machine(),
+        "versions": versions(),
         "config": {
-            "table": path,
+            "table": ctx.table_url,
             "table_source": source,
-            "rows": rows,
+            "rows": ctx.rows,
             "seed": cfg.seed,
-            "device": device,
+            "device": ctx.device,
             "batch_sizes": list(cfg.batch_sizes),
             "suites": list(cfg.suites),
             "remote": cfg.remote,
             "repeats": repeats,
             "train_repeats": train_repeats,
             "quick": cfg.quick,
-            "timing": asdict(timing),
+            "timing": asdict(ctx.timing),
             "python": platform.python_version(),
             "command": _command_line(),
         },
         "table": {
-            "url": path,
-            "rows": rows,
+            "url": ctx.table_url,
+            "rows": ctx.rows,
             "bytes": table.nbytes,
             "mean_image_bytes": mean_image,
             "columns": {c.name: c.type_string() for c in table.schema},
-            "image_column": image,
-            "label_column": label,
+            "image_column": ctx.image,
+            "label_column": ctx.label,
         },
         "prepare_s": prep,
         "method": (
@@ -566,14 +589,12 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
             f"rows/s (images/s for decode, e2e, train); MB/s and Gb/s of the bytes delivered "
             f"(encoded bytes for ingest/stream/decode, output tensors for e2e); batch latency = "
             f"time between successive batches at the consumer; CPU = CPU time of the process "
-            f"and its workers over wall time and all {cores} cores; peak RSS = peak resident "
+            f"and its workers over wall time and all {ctx.cores} cores; peak RSS = peak resident "
             f"memory of the process tree."
         ),
-        "results": entries,
-        "ratios": ratios,
-        "warnings": warnings,
+        "results": [],
+        "ratios": {},
     }
-    return doc
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -591,94 +612,50 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _arguments() -> tuple[tuple[tuple[str, ...], dict], ...]:
+    """The command line, as a table: (flags, argparse keywords)."""
+    cache_help = (
+        "where the demo table and the peers' copies live "
+        "(default: $GPULOAD_BENCH_CACHE or ~/.cache/gpuload/bench)"
+    )
+    return (
+        (("table",), dict(nargs="?", default=None,
+            help="table path or URL (default: the demo table, generated in a cache folder)")),
+        (("--rows",), dict(type=int, default=None,
+            help=f"demo table rows (default {DEFAULT_ROWS:,}; {QUICK_ROWS} with --quick)")),
+        (("--seed",), dict(type=int, default=0, help="demo table seed")),
+        (("--device",), dict(default="auto", choices=("auto", "cpu", "cuda"))),
+        (("--batch-sizes",), dict(type=_csv_ints, default=[64, 128, 256],
+            help="raw stream batch sizes (default 64,128,256)")),
+        (("--suite", "--suites"), dict(dest="suites", type=_csv, default=list(S.DEFAULT_SUITES),
+            help=f"comma list of {','.join(S.SUITES)} (default: {','.join(S.DEFAULT_SUITES)})")),
+        (("--remote",), dict(action="store_true",
+            help="also stream from a loopback S3 endpoint (moto) started for the run")),
+        (("--out",), dict(default=None, help="write results.json, report.md and PNG plots here")),
+        (("--json",), dict(action="store_true",
+            help="print results.json on stdout (the table goes to stderr)")),
+        (("--repeats",), dict(type=int, default=None,
+            help=f"fresh processes per measurement (default {DEFAULT_REPEATS}; 1 with --quick)")),
+        (("--train-repeats",), dict(type=int, default=None,
+            help=f"fresh processes per training run (default {DEFAULT_TRAIN_REPEATS}, at most --repeats)")),
+        (("--quick",), dict(action="store_true",
+            help=f"a ~1-minute run: {QUICK_ROWS} rows, 1 repeat, short windows")),
+        (("--train-steps",), dict(type=int, default=None,
+            help="timed training steps (default 200; 10 with --quick)")),
+        (("--cache-dir",), dict(default=None, help=cache_help)),
+        (("--only",), dict(type=_csv, default=None,
+            help="keep measurements whose id starts with one of these (e.g. e2e.gpuload,decode)")),
+        (("--skip",), dict(type=_csv, default=None,
+            help="drop measurements whose id starts with one of these")),
+        (("--install-peers",), dict(action="store_true",
+            help="pip-install missing peers (deeplake, DALI, nvImageCodec, TensorFlow) first")),
+        (("--no-progress",), dict(dest="progress", action="store_const", const=False, default=None)),
+    )  # fmt: skip
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "table",
-        nargs="?",
-        default=None,
-        help="table path or URL (default: the demo table, generated in a cache folder)",
-    )
-    p.add_argument(
-        "--rows",
-        type=int,
-        default=None,
-        help=f"demo table rows (default {DEFAULT_ROWS:,}; {QUICK_ROWS} with --quick)",
-    )
-    p.add_argument("--seed", type=int, default=0, help="demo table seed")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument(
-        "--batch-sizes",
-        type=_csv_ints,
-        default=[64, 128, 256],
-        help="raw stream batch sizes (default 64,128,256)",
-    )
-    p.add_argument(
-        "--suite",
-        "--suites",
-        dest="suites",
-        type=_csv,
-        default=list(S.DEFAULT_SUITES),
-        help=f"comma list of {','.join(S.SUITES)} (default: {','.join(S.DEFAULT_SUITES)})",
-    )
-    p.add_argument(
-        "--remote",
-        action="store_true",
-        help="also stream from a loopback S3 endpoint (moto) started for the run",
-    )
-    p.add_argument("--out", default=None, help="write results.json, report.md and PNG plots here")
-    p.add_argument(
-        "--json",
-        action="store_true",
-        help="print results.json on stdout (the table goes to stderr)",
-    )
-    p.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help=f"fresh processes per measurement (default {DEFAULT_REPEATS}; 1 with --quick)",
-    )
-    p.add_argument(
-        "--train-repeats",
-        type=int,
-        default=None,
-        help=f"fresh processes per training run (default {DEFAULT_TRAIN_REPEATS}, at most --repeats)",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a ~1-minute run: {QUICK_ROWS} rows, 1 repeat, short windows",
-    )
-    p.add_argument(
-        "--train-steps",
-        type=int,
-        default=None,
-        help="timed training steps (default 200; 10 with --quick)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where the demo table and the peers' copies live (default: $GPULOAD_BENCH_CACHE or ~/.cache/gpuload/bench)",
-    )
-    p.add_argument(
-        "--only",
-        type=_csv,
-        default=None,
-        help="keep measurements whose id starts with one of these (e.g. e2e.gpuload,decode)",
-    )
-    p.add_argument(
-        "--skip",
-        type=_csv,
-        default=None,
-        help="drop measurements whose id starts with one of these",
-    )
-    p.add_argument(
-        "--install-peers",
-        action="store_true",
-        help="pip-install missing peers (deeplake, DALI, nvImageCodec, TensorFlow) first",
-    )
-    p.add_argument(
-        "--no-progress", dest="progress", action="store_const", const=False, default=None
-    )
+    for flags, kw in _arguments():
+        p.add_argument(*flags, **kw)
 
 
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
