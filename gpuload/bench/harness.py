@@ -23,6 +23,8 @@ __all__ = [
     "run_timed",
     "stage_record",
     "to_device",
+    "device_epochs",
+    "run_loader",
     "torch_dataloader",
     "torch_sync",
     "value_nbytes",
@@ -213,3 +215,29 @@ def torch_dataloader(ds, batch_size: int, workers: int, **kw):
         generator=torch.Generator().manual_seed(0),
         **kw,
     )
+
+
+def run_loader(a: dict, loader, stats=None) -> dict:
+    """Time a gpuload loader (``set_epoch`` + iteration): whole epochs when ``a["epochs"]``,
+    else the usual warm-up and window."""
+
+    def epoch(e):
+        loader.set_epoch(e)
+        return iter(loader)
+
+    if a.get("epochs"):
+        return run_epochs(a, epoch, stats=stats)
+    return run_timed(a, epoch, stats=stats)
+
+
+def device_epochs(ds, a: dict, workers: int):
+    """(make_epoch, sync, None) for torch's DataLoader over ``ds``, batches moved to
+    ``a["device"]`` (pinned host memory when that is a GPU)."""
+    device = a.get("device", "cpu")
+    dl = torch_dataloader(ds, a["batch_size"], workers, pin_memory=str(device).startswith("cuda"))
+
+    def epoch(e):
+        for b in dl:
+            yield to_device(b, device)
+
+    return epoch, torch_sync(device), None

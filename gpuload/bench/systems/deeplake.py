@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import shutil
 
-from ..harness import columns_nbytes, run_timed, to_device, torch_dataloader, torch_sync
+from ..harness import columns_nbytes, device_epochs, run_timed, torch_dataloader
 from ..measure import timed_once
 
 
@@ -93,18 +93,6 @@ def e2e_loader(a: dict, workers: int):
 
     from ..workloads import DeeplakeRowTransform
 
-    device = a.get("device", "cpu")
     ds = deeplake.open_read_only(a["deeplake_url"])
     transform = DeeplakeRowTransform(a.get("image", "image"), a.get("label"))
-    dl = torch_dataloader(
-        ds.pytorch(transform=transform),
-        a["batch_size"],
-        workers,
-        pin_memory=str(device).startswith("cuda"),
-    )
-
-    def epoch(e):
-        for b in dl:
-            yield to_device(b, device)
-
-    return epoch, torch_sync(device), None
+    return device_epochs(ds.pytorch(transform=transform), a, workers)

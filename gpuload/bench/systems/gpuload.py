@@ -12,10 +12,11 @@ import numpy as np
 from ..harness import (
     columns_nbytes,
     decode_options,
+    device_epochs,
     open_src,
     run_epochs,
+    run_loader,
     run_timed,
-    to_device,
     torch_dataloader,
     torch_sync,
 )
@@ -67,13 +68,7 @@ def stream(a: dict) -> dict:
     t = open_src(a)
     loader = t.batches(a["batch_size"], shuffle=a["shuffle"], seed=0, columns=a.get("columns"))
 
-    def epoch(e):
-        loader.set_epoch(e)
-        return iter(loader)
-
-    if a.get("epochs"):
-        return run_epochs(a, epoch, stats=loader.stats)
-    return run_timed(a, epoch, stats=loader.stats)
+    return run_loader(a, loader, stats=loader.stats)
 
 
 def fast(a: dict) -> dict:
@@ -90,13 +85,7 @@ def fast(a: dict) -> dict:
         columns=a.get("columns"),
     )
 
-    def epoch(e):
-        loader.set_epoch(e)
-        return iter(loader)
-
-    if a.get("epochs"):
-        return run_epochs(a, epoch, stats=loader.stats)
-    return run_timed(a, epoch, stats=loader.stats)
+    return run_loader(a, loader, stats=loader.stats)
 
 
 def dataloader(a: dict) -> dict:
@@ -181,16 +170,9 @@ def dataloader_loader(a: dict, workers: int):
     from ..workloads import GpuloadRowTransform
 
     image, label = a.get("image", "image"), a.get("label")
-    device = a.get("device", "cpu")
     ds = gpuload.pytorch(
         a["url"],
         transform=GpuloadRowTransform(image, label),
         columns=[image] + ([label] if label else []),
     )
-    dl = torch_dataloader(ds, a["batch_size"], workers, pin_memory=str(device).startswith("cuda"))
-
-    def epoch(e):
-        for b in dl:
-            yield to_device(b, device)
-
-    return epoch, torch_sync(device), None
+    return device_epochs(ds, a, workers)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from ..harness import to_device, torch_dataloader, torch_sync
+from ..harness import device_epochs
 
 
 def pil_decode(b: bytes):
@@ -37,16 +37,4 @@ def torch_pil_loader(a: dict, workers: int):
     """``DataLoader`` + PIL transforms over a folder of the same JPEG files."""
     from ..workloads import JpegFolder
 
-    device = a.get("device", "cpu")
-    dl = torch_dataloader(
-        JpegFolder(a["files"]),
-        a["batch_size"],
-        workers,
-        pin_memory=str(device).startswith("cuda"),
-    )
-
-    def epoch(e):
-        for b in dl:
-            yield to_device(b, device)
-
-    return epoch, torch_sync(device), None
+    return device_epochs(JpegFolder(a["files"]), a, workers)
