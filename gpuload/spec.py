@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -112,7 +112,6 @@ class LoaderSpec:
     num_threads: int | None = None
     rank: int | None = None
     world_size: int | None = None
-    _defaults: frozenset = field(default=frozenset(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -145,11 +144,10 @@ class LoaderSpec:
         if not isinstance(self.drop_last, (bool, np.bool_)):
             raise TypeError(f"drop_last must be True or False, got {self.drop_last!r}")
         _check_rank(self.rank, self.world_size)
-        set_(self, "_defaults", frozenset(f.name for f in _OPTIONS if _is_default(self, f)))
 
     def given(self) -> list[str]:
         """The options set to something other than their default."""
-        return [f.name for f in _OPTIONS if f.name not in self._defaults]
+        return [f.name for f in _OPTIONS if not _is_default(self, f)]
 
     def replace(self, **changes: Any) -> LoaderSpec:
         """A copy with some options changed (validated again)."""
@@ -184,7 +182,7 @@ def _check_rank(rank: Any, world: Any) -> None:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world}")
 
 
-_OPTIONS = tuple(f for f in dataclasses.fields(LoaderSpec) if not f.name.startswith("_"))
+_OPTIONS = dataclasses.fields(LoaderSpec)
 _DEFAULT_SPEC_VALUES = {
     "shuffle": Shuffle.NONE,
     "uneven": Tail.PAD,

@@ -195,8 +195,6 @@ def test_signatures_show_every_option_with_one_default(name):
     params = inspect.signature(FRONT_DOOR_FUNCTIONS[name]).parameters
     spec = inspect.signature(LoaderSpec).parameters
     for opt, p in spec.items():
-        if opt.startswith("_"):
-            continue
         assert opt in params, f"{name} does not show {opt}"
         if not (name == "Table.batches" and opt == "batch_size"):  # required there
             assert params[opt].default == p.default, (name, opt)
