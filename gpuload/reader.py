@@ -260,40 +260,41 @@ class TableReader:
                 _, old = self._mem.popitem(last=False)
                 self._mem_bytes -= old.nbytes
 
-    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
-        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
-        key = (chunk, column.name, "offsets")
+    def _section(self, chunk: int, column: Column, part: str, dtype, check=None) -> np.ndarray:
+        """One section of a chunk (``part``: "data", "offsets" or "rowhash" of ``column``),
+        read through the checks and kept in the in-memory LRU; ``check(info, sec, buf)``
+        validates it once, before it is cached."""
+        key = (chunk, column.name, part)
         arr = self._mem_get(key)
         if arr is not None:
             return arr
         info = self._manifest.chunks[chunk]
-        sec = info.offsets[column.name]
+        sec = getattr(info, part)[column.name]
         self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length // 8, dtype="<i8")
+        buf = np.empty(sec.length // np.dtype(dtype).itemsize, dtype=dtype)
         self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        data_len = info.data[column.name].length
-        if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
-            raise FormatError(
-                f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
-                f"(bytes [{sec.offset}, {sec.end})) are corrupt"
-            )
+        if check is not None:
+            check(info, sec, buf)
         self._mem_put(key, buf)
         return buf
+
+    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
+        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
+
+        def check(info, sec, buf) -> None:
+            data_len = info.data[column.name].length
+            if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
+                raise FormatError(
+                    f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
+                    f"(bytes [{sec.offset}, {sec.end})) are corrupt"
+                )
+
+        return self._section(chunk, column, "offsets", "<i8", check)
 
     def chunk_rowhashes(self, chunk: int, column: Column) -> np.ndarray:
         """Per-row hashes of a variable-length column in one chunk (read through the page
         checks, LRU-cached)."""
-        key = (chunk, column.name, "rowhash")
-        arr = self._mem_get(key)
-        if arr is not None:
-            return arr
-        info = self._manifest.chunks[chunk]
-        sec = info.rowhash[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length // 8, dtype="<u8")
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        self._mem_put(key, buf)
-        return buf
+        return self._section(chunk, column, "rowhash", "<u8")
 
     def _row_hashed(self, column: Column) -> np.ndarray:
         """Which chunks carry per-row hashes of ``column``."""
@@ -360,17 +361,7 @@ class TableReader:
 
     def chunk_section(self, chunk: int, column: Column) -> np.ndarray:
         """A column's whole data section in one chunk, as uint8 (LRU-cached)."""
-        key = (chunk, column.name, "data")
-        arr = self._mem_get(key)
-        if arr is not None:
-            return arr
-        info = self._manifest.chunks[chunk]
-        sec = info.data[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length, dtype=np.uint8)
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        self._mem_put(key, buf)
-        return buf
+        return self._section(chunk, column, "data", np.uint8)
 
     def _ensure_sizes(self, chunks: np.ndarray) -> None:
         """Check (once per chunk) that chunk files are as large as the manifest says before
