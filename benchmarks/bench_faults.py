@@ -20,8 +20,10 @@ import time
 import uuid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fmt, machine, run_suites, write_json  # noqa: E402
+from figures import run_suites, write_json  # noqa: E402
 
+from gpuload.bench.machine import machine  # noqa: E402
+from gpuload.bench.measure import fmt  # noqa: E402
 from gpuload.retry import RetryPolicy  # noqa: E402
 from gpuload.testing import faults  # noqa: E402
 from gpuload.testing.servers import FaultPlan, LoopbackS3, RangeHTTPServer, S3FaultProxy  # noqa: E402

@@ -34,7 +34,13 @@ from .stats import StageClock
 if TYPE_CHECKING:
     from .ops import ImagePlan
 
-__all__ = ["ImageStage", "ImageStageFactory", "image_stage_factory"]
+__all__ = [
+    "ImageStage",
+    "ImageStageFactory",
+    "image_stage_factory",
+    "decoder_for",
+    "decode_requests",
+]
 
 log = logging.getLogger("gpuload.image_stage")
 
@@ -95,6 +101,45 @@ def image_stage_factory(
     return image_cols, ImageStageFactory(plan, decoder, device, options or DecodeOptions())
 
 
+def decoder_for(name: str, device: Device | str, threads: int, options: DecodeOptions):
+    """The decoder ``name`` on ``device`` as ``options`` configure it (fast IDCT, ROI mode,
+    header pixel limit): the one place a loader's decoder is made, shared by the benchmark."""
+    from .decode import get_decoder
+
+    kw: dict = {"fast": True} if options.fast else {}
+    if isinstance(options.roi, str):
+        kw["roi"] = options.roi
+    return get_decoder(name, device, threads=threads, max_pixels=options.max_pixels, **kw)
+
+
+def decode_requests(plan: ImagePlan, params: np.ndarray, H: np.ndarray, W: np.ndarray, options):
+    """(DCT scales, DecodeRequests) for images of heights ``H`` and widths ``W`` whose op
+    parameters are ``params``: the largest lossless DCT downscale (``options.dct``) and the
+    source region the ops read, widened by a pixel and to whole scaled pixels (``options.roi``)."""
+    from .decode import DecodeRequest
+
+    n = len(H)
+    scales = plan.max_dct_scale(params) if options.dct else np.ones(n, np.int32)
+    if not (options.roi and n):
+        return scales, [DecodeRequest(int(s)) for s in scales.tolist()]
+    dec_win = plan.scale_window(params, H, W, dct_scale=scales)
+    sc = scales.astype(np.int64)
+    roi_dec = plan.source_roi(dec_win, -(-H // sc), -(-W // sc), margin=1)
+    roi = np.stack(
+        [
+            roi_dec[:, 0] * sc,
+            roi_dec[:, 1] * sc,
+            np.minimum(H, roi_dec[:, 2] * sc),
+            np.minimum(W, roi_dec[:, 3] * sc),
+        ],
+        1,
+    )
+    requests = [
+        DecodeRequest(int(s), tuple(int(v) for v in r)) for s, r in zip(scales.tolist(), roi)
+    ]
+    return scales, requests
+
+
 @dataclass(frozen=True)
 class _Batch:
     """The batch an image stage is working on (what every column of it shares)."""
@@ -123,7 +168,6 @@ class ImageStage:
         options: DecodeOptions,
         loader_threads: int = 1,
     ) -> None:
-        from .decode import get_decoder
         from .ops import FusedImageStage
 
         self.table = table
@@ -136,12 +180,7 @@ class ImageStage:
         # cores // loader_threads threads each instead of oversubscribing the cores.
         cores = os.cpu_count() or 1
         self.inner_threads = options.threads or max(1, cores // max(1, loader_threads))
-        kw: dict = {"fast": True} if options.fast else {}
-        if isinstance(options.roi, str):
-            kw["roi"] = options.roi
-        self.decoder = get_decoder(
-            decoder, device, threads=self.inner_threads, max_pixels=options.max_pixels, **kw
-        )
+        self.decoder = decoder_for(decoder, device, self.inner_threads, options)
         self.kernels = {
             c.name: FusedImageStage(plan, batch_size, device, depth=ring_size) for c in self.columns
         }
@@ -290,34 +329,13 @@ class ImageStage:
         )
 
     def _decode_and_run(self, batch: _Batch, datas, heads, rows: np.ndarray, col: Column):
-        from .decode import DecodeRequest
-
         plan = self.plan
         n = len(datas)
         t0 = time.perf_counter()
         H = np.fromiter((h.height for h in heads), np.int64, n)
         W = np.fromiter((h.width for h in heads), np.int64, n)
         params = plan.sample_params(H, W, rows, batch.seed, batch.epoch)
-        scales = plan.max_dct_scale(params) if self.options.dct else np.ones(n, np.int32)
-        if self.options.roi and n:
-            dec_win = plan.scale_window(params, H, W, dct_scale=scales)
-            sc = scales.astype(np.int64)
-            roi_dec = plan.source_roi(dec_win, -(-H // sc), -(-W // sc), margin=1)
-            roi = np.stack(
-                [
-                    roi_dec[:, 0] * sc,
-                    roi_dec[:, 1] * sc,
-                    np.minimum(H, roi_dec[:, 2] * sc),
-                    np.minimum(W, roi_dec[:, 3] * sc),
-                ],
-                1,
-            )
-            requests = [
-                DecodeRequest(int(s), tuple(int(v) for v in r))
-                for s, r in zip(scales.tolist(), roi)
-            ]
-        else:
-            requests = [DecodeRequest(int(s)) for s in scales.tolist()]
+        _, requests = decode_requests(plan, params, H, W, self.options)
         need = self.decoder.staging_nbytes(heads, requests)
         staging = self._staging_for(need)
         kernel = self.kernels[col.name]

@@ -116,7 +116,7 @@ def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
     if lat:
         m["p50_ms"] = percentile(lat, 50) * 1e3
         m["p99_ms"] = percentile(lat, 99) * 1e3
-    for k in ("disk_mb_s", "fraction_of_disk", "steps_s", "loss_first", "loss_last"):
+    for k in ("disk_mb_s", "fraction_of_disk", "steps_s", "loss_first", "loss_last", "compile_s"):
         if k in rec:
             m[k] = rec[k]
     if "wait_fraction" in rec:
@@ -192,7 +192,7 @@ def _run_once(m: S.Measurement, resources: S.Resources) -> dict:
     cleanup: list[str] = []
     try:
         args, cleanup = resources.resolve(m.args)
-        return run_child(m.task, args, timeout=m.timeout)
+        return run_child(m.task, args, timeout=m.timeout, env=m.env or None)
     finally:
         for d in cleanup:
             shutil.rmtree(d, ignore_errors=True)

@@ -8,8 +8,8 @@ PIL baseline, local Deeplake copies, a 4x table, a loopback S3 copy), which
 
 Suites: ``ingest``, ``stream`` (raw ``batches()`` and the loaders without decode), ``decode``,
 ``e2e`` (decode + RandomResizedCrop + flip + normalize into tensors), ``train`` (a small CNN),
-and ``memory`` (peak memory as the table grows; used by benchmarks/bench_tables.py and
-bench_loader.py, not run by default).
+and, not run by default: ``memory`` (peak memory as the table grows), ``codecs`` (every decode
+backend and ROI/DCT mode at 1 thread and all cores) and ``kernel`` (the fused CPU kernel alone).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
     "ensure_demo",
 ]
 
-SUITES = ("ingest", "stream", "decode", "e2e", "train", "memory")
+SUITES = ("ingest", "stream", "decode", "e2e", "train", "memory", "codecs", "kernel")
 DEFAULT_SUITES = ("ingest", "stream", "decode", "e2e", "train")
 
 INSTALL = {
@@ -110,6 +110,7 @@ class Measurement:
     uses_gpu: bool = False
     phases: dict[str, str] = field(default_factory=lambda: {"": ""})  # child phase -> id suffix
     timeout: float = 300.0
+    env: dict[str, str] = field(default_factory=dict)  # the child's extra environment
     info: dict[str, Any] = field(default_factory=dict)
     ratios: tuple[Ratio, ...] = ()
 
@@ -431,7 +432,7 @@ def memory_suite(ctx: Context) -> list[Measurement]:
 DECODE_GROUP = "Decode only: JPEG -> RGB uint8, full size unless stated, batches of 128, in memory"
 
 
-def _decode_row(ctx: Context, **shared):
+def _decode_row(ctx: Context, suite: str = "decode", group: str = DECODE_GROUP, **shared):
     w, t = ctx.timing.decode
     base = {
         "url": ctx.table_url,
@@ -440,7 +441,7 @@ def _decode_row(ctx: Context, **shared):
         "warmup": w,
         "min_time": t,
     }
-    return _table("decode", DECODE_GROUP, "decode", base, batch_size=128, unit="images", **shared)
+    return _table(suite, group, "decode", base, batch_size=128, unit="images", **shared)
 
 
 def decode_limit(ctx: Context) -> Measurement:
@@ -499,6 +500,88 @@ def decode_suite(ctx: Context) -> list[Measurement]:
             uses_gpu=True,
         )
         for dec, mod in (("nvimgcodec", "nvidia.nvimgcodec"), ("dali", "nvidia.dali"))
+    ]
+
+
+CODECS_GROUP = "Decode backends: JPEG -> RGB uint8, batches of 128, in memory, {t} thread(s)"
+
+# id, label, decoder ("@limit": raw libjpeg-turbo), args, requires. "rrc": the windows of the e2e
+# suite's RandomResizedCrop, decoded as the loader asks under the DecodeOptions fields given.
+# fmt: off
+CODEC_CASES = (
+    ("limit", "raw libjpeg-turbo (simplejpeg), reused buffers", "@limit", {}, ("simplejpeg",)),
+    ("cpu", "gpuload cpu, full size", "cpu", {}, ()),
+    ("cpu_dct2", "gpuload cpu, DCT 1/2", "cpu", {"scale": 2}, ()),
+    ("cpu_fast", "gpuload cpu, fast IDCT/upsampling", "cpu",
+     {"decode": {"dct": False, "roi": False, "fast": True}}, ()),
+    ("pil", "gpuload pil backend", "pil", {}, ("PIL",)),
+    ("nvimgcodec", "nvImageCodec, CPU backend", "nvimgcodec", {}, ("nvidia.nvimgcodec",)),
+    ("dali", "DALI, CPU", "dali", {}, ("nvidia.dali",)),
+    ("rrc.full", "RRC windows, cpu, full decode", "cpu",
+     {"rrc": True, "decode": {"dct": False, "roi": False}}, ()),
+    ("rrc.rows", "RRC windows, cpu, row ROI", "cpu",
+     {"rrc": True, "decode": {"dct": False, "roi": True}}, ()),
+    ("rrc.region", "RRC windows, cpu, region ROI (nvImageCodec for small windows)", "cpu",
+     {"rrc": True, "decode": {"dct": False, "roi": "region"}}, ("nvidia.nvimgcodec",)),
+    ("rrc.default", "RRC windows, cpu, the loader's default (DCT downscale + row ROI)", "cpu",
+     {"rrc": True, "decode": {}}, ()),
+    ("rrc.nvimgcodec", "RRC windows, nvImageCodec region decode (CPU)", "nvimgcodec",
+     {"rrc": True, "decode": {"dct": False, "roi": True}}, ("nvidia.nvimgcodec",)),
+    ("rrc.dali", "RRC windows, DALI slice decode (CPU)", "dali",
+     {"rrc": True, "decode": {"dct": False, "roi": True}}, ("nvidia.dali",)),
+)
+# fmt: on
+
+
+def codecs_suite(ctx: Context) -> list[Measurement]:
+    """Every decode backend and ROI/DCT mode on the CPU, at 1 thread and at all cores; ratios to
+    the raw libjpeg-turbo row with the same threads."""
+    out = []
+    for t in sorted({1, ctx.cores}):
+        limit = f"codecs.limit.{t}t"
+        row = _decode_row(ctx, "codecs", CODECS_GROUP.format(t=t), env={"GPULOAD_FORCE_CPU": "1"})
+        for name, label, decoder, args, requires in CODEC_CASES:
+            is_limit = decoder == "@limit"
+            method = {"method": "raw_libjpeg"} if is_limit else {
+                "method": "gpuload", "decoder": decoder, "device": "cpu"}  # fmt: skip
+            out.append(
+                row(
+                    f"codecs.{name}.{t}t",
+                    f"{label}, {t} thread{'s' if t > 1 else ''}",
+                    "libjpeg-turbo" if is_limit else "gpuload",
+                    {**method, **args, "threads": t},
+                    requires=requires,
+                    ratios=() if is_limit else (Ratio("x_limit", limit),),
+                )
+            )
+    return out
+
+
+def kernel_suite(ctx: Context) -> list[Measurement]:
+    """The fused CPU kernel alone (decoded 480x640 uint8 -> 224x224), per op preset, at 1 thread
+    and at all cores (NUMBA_NUM_THREADS set before numba loads)."""
+    from .workloads import KERNEL_PRESETS
+
+    t = ctx.timing.decode[1]
+    row = _table(
+        "kernel",
+        "Fused CPU kernel alone: decoded 480x640x3 uint8 -> 224x224, batch 64",
+        "kernel",
+        {"batch_size": 64, "warmup": 3, "min_time": t},
+        batch_size=64,
+        unit="images",
+        requires=("numba",),
+    )
+    return [
+        row(
+            f"kernel.{p}.{n}t",
+            f"{p}, {n} thread{'s' if n > 1 else ''}",
+            "gpuload",
+            {"preset": p},
+            env={"NUMBA_NUM_THREADS": str(n), "NUMBA_ENABLE_CUDASIM": "0"},
+        )
+        for p in KERNEL_PRESETS
+        for n in sorted({1, ctx.cores})
     ]
 
 
@@ -620,6 +703,8 @@ BUILDERS = {
     "e2e": e2e_suite,
     "train": train_suite,
     "memory": memory_suite,
+    "codecs": codecs_suite,
+    "kernel": kernel_suite,
 }
 
 

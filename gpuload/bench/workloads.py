@@ -28,6 +28,8 @@ __all__ = [
     "STD",
     "OUT_SIZE",
     "ops_list",
+    "kernel_ops",
+    "kernel_sources",
     "PilTransform",
     "GpuloadRowTransform",
     "DeeplakeRowTransform",
@@ -51,6 +53,51 @@ def ops_list():
         ops.RandomHorizontalFlip(),
         ops.Normalize(mean=MEAN, std=STD),
     ]
+
+
+KERNEL_PRESETS = (
+    "rrc_flip_norm",
+    "rrc_jitter_norm",
+    "rrc_flip_norm_bf16",
+    "rrc_flip_u8_nhwc",
+    "eval_resize_crop",
+)
+
+
+def kernel_ops(preset: str):
+    """The kernel suite's op lists, by preset name (``KERNEL_PRESETS``)."""
+    from gpuload import ops
+
+    norm = ops.Normalize(mean=MEAN, std=STD)
+    train = [ops.RandomResizedCrop(OUT_SIZE), ops.RandomHorizontalFlip()]
+    return {
+        "rrc_flip_norm": [*train, norm],
+        "rrc_jitter_norm": [*train, ops.ColorJitter(0.4, 0.4, 0.4), norm],
+        "rrc_flip_norm_bf16": [*train, norm, ops.ToDtype("bfloat16")],
+        "rrc_flip_u8_nhwc": [*train, ops.ToDtype("uint8"), ops.ToLayout("NHWC")],
+        "eval_resize_crop": [ops.Resize(256), ops.CenterCrop(OUT_SIZE), norm],
+    }[preset]
+
+
+def kernel_sources(batch: int, h: int = 480, w: int = 640) -> tuple[np.ndarray, np.ndarray]:
+    """(staging, meta) of ``batch`` decoded h x w x 3 uint8 images, packed as a decoder leaves
+    them: smooth random colour fields plus noise, so values are neither constant nor uniform."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.meshgrid(
+        np.linspace(0, 1, h, dtype=np.float32),
+        np.linspace(0, 1, w, dtype=np.float32),
+        indexing="ij",
+    )
+    base = np.stack([np.sin(6 * yy + 2 * c) * np.cos(9 * xx - c) for c in range(3)], axis=-1)
+    n = h * w * 3
+    src = np.empty(batch * n, np.uint8)
+    for b in range(batch):
+        img = 128 + 100 * base * rng.uniform(0.5, 1.0) + rng.normal(0, 12, base.shape)
+        src[b * n : (b + 1) * n] = np.clip(img, 0, 255).astype(np.uint8).reshape(-1)
+    meta = np.zeros((batch, 4), np.int64)
+    meta[:, 0] = np.arange(batch) * n
+    meta[:, 1], meta[:, 2], meta[:, 3] = h, w, 3
+    return src, meta
 
 
 def rrc_params(width: int, height: int, scale=SCALE, ratio=RATIO) -> tuple[int, int, int, int]:

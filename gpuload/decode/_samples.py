@@ -1,6 +1,6 @@
 """Synthetic test and benchmark images from scikit-image's bundled photographs (no network).
 
-Used by tests/test_decode.py and benchmarks/bench_decode.py; needs scikit-image (the ``demo``
+Used by tests/decode/test_decode.py; needs scikit-image (the ``demo``
 or ``bench`` extra).
 """
 

@@ -13,7 +13,7 @@
   warning is accepted, any other warning still raises (a second, full strict decode confirms
   it). Not used for progressive JPEGs or JPEGs with restart markers. Measured on 640x480
   ~25 KB JPEGs with RandomResizedCrop windows (scale 0.08-1, one thread): 708 us/image vs 796
-  for a full decode (-11%); in benchmarks/bench_decode.py 1420 vs 1282 images/s.
+  for a full decode (-11%); 1420 vs 1282 images/s in the decode-backend benchmark (issue 4).
 * ``roi="region"`` (opt-in, needs nvImageCodec) additionally sends windows covering less than
   half of the image to nvImageCodec's libjpeg-turbo region decoder (jpeg_crop_scanline +
   jpeg_skip_scanlines: rows above the window skip the IDCT, rows below are not read), exact
@@ -51,7 +51,7 @@ __all__ = ["CpuDecoder"]
 
 _EXTRANEOUS_AT_EOI = "extraneous bytes before marker 0xd9"
 # roi="region": windows below this fraction of the image go to nvImageCodec's region decoder.
-# Fitted on RandomResizedCrop windows over 640x480 JPEGs (benchmarks/bench_decode.py): of the
+# Fitted on RandomResizedCrop windows over 640x480 JPEGs (`gpuload bench --suites codecs`): of the
 # simple area thresholds 0.2-1.0, 0.5 was fastest (626 us/image vs 630 at 0.4, 643 at 0.7).
 REGION_MAX_AREA = 0.5
 

@@ -31,6 +31,7 @@ TASKS: Mapping[str, str] = MappingProxyType(
         "deeplake_stream": f"{_DL}:stream",
         "deeplake_dataloader": f"{_DL}:dataloader",
         "decode": "gpuload.bench.child:decode",
+        "kernel": f"{_G}:kernel",
         "e2e": "gpuload.bench.child:e2e",
         "train": "gpuload.bench.child:train",
     }

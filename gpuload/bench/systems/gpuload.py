@@ -100,15 +100,40 @@ def dataloader(a: dict) -> dict:
     return run_timed(a, lambda e: iter(dl))
 
 
-def decode_step(batches: list[list[bytes]], threads: int, a: dict):
-    """gpuload's decoder alone (CPU or GPU): headers read and one staging buffer sized for the
-    largest batch before anything is timed."""
-    from gpuload.decode import DecodeRequest, get_decoder, read_header
+def _requests(heads, a: dict, opts):
+    """The DecodeRequests of one batch: full size at ``a["scale"]``, or (``a["rrc"]``) what
+    the loader asks for the end-to-end suite's RandomResizedCrop windows under ``opts``."""
+    from gpuload.decode import DecodeRequest
+    from gpuload.image_stage import decode_requests
+    from gpuload.ops import compile_ops
 
-    dec = get_decoder(a.get("decoder", "cpu"), a.get("device", "cpu"), threads=threads)
-    req = DecodeRequest(int(a.get("scale", 1)))
-    heads = [[read_header(x) for x in b] for b in batches]
-    need = max(dec.staging_nbytes(h, [req] * len(h)) for h in heads)
+    from ..workloads import ops_list
+
+    if not a.get("rrc"):
+        return [DecodeRequest(int(a.get("scale", 1)))] * len(heads)
+    plan = compile_ops(ops_list())
+    H = np.array([h.height for h in heads], np.int64)
+    W = np.array([h.width for h in heads], np.int64)
+    rows = np.arange(len(heads), dtype=np.int64) + int(a.get("first_row", 0))
+    params = plan.sample_params(H, W, rows, 0, 0)
+    return decode_requests(plan, params, H, W, opts)[1]
+
+
+def decode_step(batches: list[list[bytes]], threads: int, a: dict):
+    """gpuload's decoder alone (CPU or GPU), configured by ``a["decode"]`` (DecodeOptions
+    fields): headers read, requests made and one staging buffer sized for the largest batch
+    before anything is timed."""
+    from gpuload import DecodeOptions
+    from gpuload.decode import read_header
+    from gpuload.image_stage import decoder_for
+
+    opts = DecodeOptions(**a.get("decode", {"dct": False, "roi": False}))
+    dec = decoder_for(a.get("decoder", "cpu"), a.get("device", "cpu"), threads, opts)
+    plans = {}
+    for k, b in enumerate(batches):
+        heads = [read_header(x) for x in b]
+        plans[id(b)] = (heads, _requests(heads, {**a, "first_row": k * len(b)}, opts))
+    need = max(dec.staging_nbytes(h, r) for h, r in plans.values())
     sync = None
     if dec.device.is_cuda:
         from numba import cuda
@@ -118,12 +143,43 @@ def decode_step(batches: list[list[bytes]], threads: int, a: dict):
     else:
         staging = np.empty(need, np.uint8)
         staging.fill(0)
-    head_of = {id(b): h for b, h in zip(batches, heads)}
 
     def step(batch):
-        dec.decode_batch(batch, req, staging, headers=head_of[id(batch)])
+        heads, reqs = plans[id(batch)]
+        dec.decode_batch(batch, reqs, staging, headers=heads)
 
     return step, sync
+
+
+def kernel(a: dict) -> dict:
+    """The fused CPU kernel alone on decoded 480x640 images (``workloads.kernel_sources``):
+    ``a["preset"]``'s ops, per-sample parameters cycling through 4 epochs' windows, outputs
+    reused; the first call (compilation) is timed apart as ``compile_s``."""
+    from gpuload import ops
+
+    from ..workloads import kernel_ops, kernel_sources
+
+    bs = int(a["batch_size"])
+    src, meta = kernel_sources(bs)
+    plan = ops.compile_ops(kernel_ops(a["preset"]))
+    H, W = meta[:, 1], meta[:, 2]
+    sets = []
+    for epoch in range(4):
+        p = plan.sample_params(H, W, np.arange(bs), seed=1, epoch=epoch)
+        sets.append((plan.scale_window(p, H, W), p))
+    stage = ops.FusedImageStage(plan, batch_size=bs, device="cpu", depth=2)
+    t = time.perf_counter()
+    stage.run(src, meta, *sets[0])
+    compile_s = time.perf_counter() - t
+
+    def epoch(e):
+        for k in range(4):
+            stage.run(src, meta, *sets[(e + k) % 4])
+            yield bs
+
+    rec = run_timed(a, epoch, rows=lambda b: b, nbytes=lambda b: b * int(meta[0, 1:].prod()))
+    rec[""]["compile_s"] = compile_s
+    return rec
 
 
 def _loader_kw(a: dict) -> dict:

@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Every figure quoted in README.md and benchmarks/RESULTS.md, mapped to the ``gpuload bench``
+case it comes from (gpuload/bench/suites.py), and the command that measures it again.
+
+    python benchmarks/figures.py SET [--rows N] [--repeats R] [--out FILE.json]
+
+SET is one of ``FIGURES`` below. The set's suites run through ``gpuload bench`` (every case in
+fresh processes, warm-up excluded, median with min-max of R); the JSON holds each figure under
+its name with the case id it came from, the ratios between figures of the same run, and the
+run's machine, versions and method. Figures not made here: ``gpuload bench --out
+benchmarks/results/bench-default`` (the README's main command) and ``bench_faults.py``
+(fault injection, with its own counters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from gpuload.bench.measure import fmt  # noqa: E402
+from gpuload.bench.runner import BenchConfig, run  # noqa: E402
+
+__all__ = ["FIGURES", "FigureSet", "Results", "measure", "run_suites", "write_json"]
+
+
+@dataclass(frozen=True)
+class FigureSet:
+    """Figures of one section of RESULTS.md: ``figures`` maps a figure's name to its case id
+    (``"id"`` or ``"id:metric"``, rows/s by default; ``{rows}`` is the table's rows), or is
+    empty to take every case of the suites under its id. ``ratios``: name -> (figure, over
+    figure, target or None)."""
+
+    quoted: str
+    suites: tuple[str, ...]
+    rows: int = 5000
+    figures: dict[str, str] = field(default_factory=dict)
+    ratios: dict[str, tuple[str, str, float | None]] = field(default_factory=dict)
+    only: tuple[str, ...] | None = None
+    remote: bool = False
+    batch_sizes: tuple[int, ...] = (64, 128, 256)
+    loader_workers: int | None = None
+
+
+def _both(name: str, id: str, metrics=("rows_s", "mb_s")) -> dict[str, str]:
+    return {f"{name}_{m}": f"{id}:{m}" for m in metrics}
+
+
+_TABLES = {
+    **_both("ingest", "ingest.gpuload.{rows}", ("rows_s", "mb_s", "disk_mb_s", "fraction_of_disk")),
+    **_both("local_seq", "stream.local.seq.bs128"),
+    **_both("local_shuffle", "stream.local.shuffle.bs128"),
+    "local_seq_noverify": "stream.local.seq.bs128.noverify",
+    "local_shuffle_noverify": "stream.local.shuffle.bs128.noverify",
+    "local_seq_bs64": "stream.local.seq.bs64",
+    "local_seq_bs256": "stream.local.seq.bs256",
+    **_both("s3_seq_cold", "stream.s3.seq.cold"),
+    **_both("s3_seq_cached", "stream.s3.seq.cached"),
+    **_both("s3_seq_nocache", "stream.s3.seq_nocache"),
+    "s3_shuffle_cold": "stream.s3.shuffle.cold",
+    "s3_shuffle_cached": "stream.s3.shuffle.cached",
+    **{
+        f"memory_{size}_{m}": f"memory.stream.{size}:{m}"
+        for size in ("1x", "4x")
+        for m in ("peak_rss_mb", "rss_growth_mb")
+    },
+    "deeplake_ingest": "ingest.deeplake.{rows}",
+    "deeplake_stream": "stream.deeplake.seq.bs128",
+}
+_LOADER = {
+    "fast_path_shuffle": "loader.fast.shuffle",
+    "dataloader_w2_shuffle": "loader.dataloader.w2.shuffle",
+    "dataloader_w0_shuffle": "loader.dataloader.w0.shuffle",
+    "s3_dataloader_w0_epoch1": "loader.s3.dataloader.w0.cold",
+    "s3_dataloader_w0_epoch2": "loader.s3.dataloader.w0.cached",
+    "s3_fast_path_epoch1": "loader.s3.fast.cold",
+    "s3_fast_path_epoch2": "loader.s3.fast.cached",
+    "deeplake_dataloader_w0_shuffle": "loader.deeplake.w0.shuffle",
+    **{
+        f"memory_{size}_{m}": f"memory.fast.{size}:{m}"
+        for size in ("1x", "4x")
+        for m in ("peak_rss_mb", "rss_growth_mb")
+    },
+}
+_E2E = {
+    "limit_raw_libjpeg": "decode.raw_libjpeg",
+    "gpuload_off": "e2e.gpuload.off",
+    "gpuload_on": "e2e.gpuload.on",
+    "gpuload_on_noverify": "e2e.gpuload.on.noverify",
+    "gpuload_fast_optin": "e2e.gpuload.fast",
+    "gpuload_tensorflow": "e2e.gpuload.tf",
+    "dataloader_gpuload_pil_transform": "e2e.gpuload.dataloader",
+    "torch_dataloader_pil": "e2e.torch_pil",
+    "deeplake_pytorch": "e2e.deeplake",
+    "dali_cpu": "e2e.dali",
+}
+
+FIGURES: dict[str, FigureSet] = {
+    "tables": FigureSet(
+        "README 'What it does today' rows 1-3; RESULTS.md 'Tables (issue 2)'",
+        ("ingest", "stream", "memory"),
+        rows=20000,
+        remote=True,
+        only=(
+            "ingest.gpuload.{rows}",
+            "ingest.deeplake.{rows}",
+            "stream.local.",
+            "stream.deeplake.seq.bs128",
+            "stream.s3.",
+            "memory.stream.",
+        ),
+        figures=_TABLES,
+        ratios={
+            "verify_cost_seq": ("local_seq_rows_s", "local_seq_noverify", None),
+            "verify_cost_shuffle": ("local_shuffle_rows_s", "local_shuffle_noverify", None),
+            "shuffle_over_seq": ("local_shuffle_rows_s", "local_seq_rows_s", None),
+            "s3_over_local": ("s3_seq_cold_rows_s", "local_seq_rows_s", None),
+            "ingest_vs_deeplake": ("ingest_rows_s", "deeplake_ingest", None),
+            "stream_vs_deeplake": ("local_seq_rows_s", "deeplake_stream", None),
+        },
+    ),  # fmt: skip
+    "loader": FigureSet(
+        "README 'What it does today' rows 4-6; RESULTS.md 'Loader (issue 3)'",
+        ("stream", "memory"),
+        rows=20000,
+        remote=True,
+        only=("loader.", "memory.fast."),
+        batch_sizes=(128,),
+        loader_workers=2,
+        figures=_LOADER,
+        ratios={
+            "fast_path_vs_deeplake": ("fast_path_shuffle", "deeplake_dataloader_w0_shuffle", None)
+        },
+    ),
+    "e2e": FigureSet(
+        "README 'What it does today' row 7; RESULTS.md 'Decode and augmentation (issue 4)'",
+        ("e2e",),
+        figures=_E2E,
+        ratios={
+            "off_over_limit": ("gpuload_off", "limit_raw_libjpeg", 0.8),
+            "on_over_limit": ("gpuload_on", "limit_raw_libjpeg", 1.5),
+            **{
+                f"on_over_{alt}": ("gpuload_on", alt, 3.0)
+                for alt in ("torch_dataloader_pil", "deeplake_pytorch", "dali_cpu")
+            },
+        },
+    ),
+    "codecs": FigureSet("RESULTS.md 'Decode backends' (every case, by id)", ("codecs",)),
+    "kernel": FigureSet(
+        "README 'What it does today' row 8; RESULTS.md 'Fused kernel alone' (every case, by id)",
+        ("kernel",),
+    ),
+}
+
+
+class Results:
+    """The entries of one ``gpuload bench`` run, by id."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.by_id = {e["id"]: e for e in doc["results"]}
+
+    def ok(self, id: str) -> bool:
+        e = self.by_id.get(id)
+        return e is not None and e["status"] == "ok"
+
+    def metric(self, id: str, key: str = "rows_s") -> dict[str, float]:
+        """``{median, min, max, n}`` of one metric of one case; KeyError if it did not run."""
+        e = self.by_id[id]
+        if e["status"] != "ok":
+            raise KeyError(f"{id} did not run: {e['status']}: {e.get('reason', '')}")
+        return e["metrics"][key]
+
+    def status(self, id: str) -> str:
+        e = self.by_id.get(id)
+        if e is None:
+            return "not measured"
+        return "ok" if e["status"] == "ok" else f"{e['status']} ({e.get('reason', '')})"
+
+
+def run_suites(
+    suites, rows: int, repeats: int, workdir: str, only=None, remote=False,
+    batch_sizes=(64, 128, 256), loader_workers=None, device: str = "cpu",
+) -> Results:  # fmt: skip
+    """``gpuload bench`` on a demo table of ``rows`` rows, selected suites and case prefixes."""
+    cfg = BenchConfig(
+        rows=rows, repeats=repeats, suites=list(suites), batch_sizes=list(batch_sizes),
+        remote=remote, cache_dir=workdir, only=list(only) if only else None, device=device,
+        loader_workers=loader_workers,
+    )  # fmt: skip
+    return Results(run(cfg))
+
+
+def measure(fs: FigureSet, rows: int | None, repeats: int, workdir: str) -> dict[str, Any]:
+    """Run one figure set and collect its figures and ratios."""
+    n = rows or fs.rows
+    only = [p.format(rows=n) for p in fs.only] if fs.only else None
+    r = run_suites(fs.suites, n, repeats, workdir, only, fs.remote, fs.batch_sizes,
+                   fs.loader_workers)  # fmt: skip
+    wanted = {k: v.format(rows=n) for k, v in fs.figures.items()} or {
+        e["id"]: e["id"] for e in r.doc["results"]
+    }
+    figures: dict[str, Any] = {}
+    for name, ref in wanted.items():
+        id, _, key = ref.partition(":")
+        figures[name] = {"case": id, **r.metric(id, key or "rows_s")} if r.ok(id) else r.status(id)
+        if not fs.figures and r.ok(id) and "compile_s" in r.by_id[id]["metrics"]:
+            figures[name]["compile_s"] = r.metric(id, "compile_s")["median"]
+    ratios = {}
+    for name, (a, b, target) in fs.ratios.items():
+        if isinstance(figures.get(a), dict) and isinstance(figures.get(b), dict):
+            v = figures[a]["median"] / figures[b]["median"]
+            ratios[name] = (
+                v if target is None else {"value": v, "target": target, "met": v >= target}
+            )
+    doc = r.doc
+    return {"quoted": fs.quoted, "machine": doc["machine"], "versions": doc["versions"],
+            "rows": n, "repeats": repeats, "method": doc["method"], "figures": figures,
+            "ratios": ratios}  # fmt: skip
+
+
+def write_json(res: dict[str, Any], out: str | None) -> None:
+    text = json.dumps(res, indent=2)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("set", choices=sorted(FIGURES))
+    ap.add_argument("--rows", type=int, default=None, help="demo rows (default: the set's)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "gpuload-bench"))
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    res = measure(FIGURES[a.set], a.rows, a.repeats, a.workdir)
+    write_json(res, a.out)
+    for name, v in res["figures"].items():
+        print(f"{name:44s} {fmt(v) if isinstance(v, dict) else v}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
