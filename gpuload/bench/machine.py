@@ -40,49 +40,42 @@ LIBRARIES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _version(dists: tuple[str, ...]) -> str:
+    """The first installed distribution's version (naming it when not the usual one)."""
+    for d in dists:
+        with contextlib.suppress(md.PackageNotFoundError):
+            v = md.version(d)
+            return v if d == dists[0] else f"{v} ({d})"
+    return "missing"
+
+
 def versions() -> dict[str, str]:
     """Installed version of each library the benchmark touches, or "missing"."""
-    out = {}
-    for label, dists in LIBRARIES.items():
-        v = "missing"
-        for d in dists:
-            try:
-                v = md.version(d)
-                if d != dists[0]:
-                    v = f"{v} ({d})"
-                break
-            except md.PackageNotFoundError:
-                continue
-        out[label] = v
+    out = {label: _version(dists) for label, dists in LIBRARIES.items()}
     if out["gpuload"] == "missing":
-        try:
-            import gpuload
+        import gpuload
 
-            out["gpuload"] = f"{gpuload.__version__} (source tree)"
-        except ImportError:  # pragma: no cover
-            pass
+        out["gpuload"] = f"{gpuload.__version__} (source tree)"
     return out
 
 
+def _proc_value(path: str, key: str) -> str | None:
+    """The value of the first ``key: value`` line of a /proc file, None when unreadable."""
+    with contextlib.suppress(OSError), open(path) as f:
+        for line in f:
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return _proc_value("/proc/cpuinfo", "model name") or platform.processor() or platform.machine()
 
 
 def _ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
+    total = _proc_value("/proc/meminfo", "MemTotal")  # "<n> kB"
+    if total is not None:
+        return int(total.split()[0]) * 1024
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
@@ -96,40 +89,37 @@ def _usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def gpu_info() -> list[dict[str, Any]]:
-    """One dict per GPU (name, memory, driver) from nvidia-smi; [] without a GPU."""
+def _nvidia_smi(*query: str) -> list[str] | None:
+    """The ``nvidia-smi`` command line for a CSV query; None without a GPU or nvidia-smi."""
     from gpuload.device import cuda_available
 
     if not cuda_available() or shutil.which("nvidia-smi") is None:
+        return None
+    return ["nvidia-smi", *query, "--format=csv,noheader,nounits"]
+
+
+def _float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """One dict per GPU (name, memory, driver) from nvidia-smi; [] without a GPU."""
+    cmd = _nvidia_smi("--query-gpu=name,memory.total,driver_version")
+    if cmd is None:
         return []
     try:
-        p = subprocess.run(
-            [
-                "nvidia-smi",
-                "--query-gpu=name,memory.total,driver_version",
-                "--format=csv,noheader,nounits",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return []
-    out = []
-    for line in p.stdout.strip().splitlines():
-        parts = [x.strip() for x in line.split(",")]
-        if len(parts) >= 3:
-            try:
-                mem = float(parts[1])
-            except ValueError:
-                mem = None
-            out.append({"name": parts[0], "memory_mib": mem, "driver": parts[2]})
-    return out
+    rows = [[x.strip() for x in line.split(",")] for line in p.stdout.strip().splitlines()]
+    return [{"name": r[0], "memory_mib": _float(r[1]), "driver": r[2]} for r in rows if len(r) >= 3]
 
 
 def machine() -> dict[str, Any]:
     """The machine description that goes into results.json."""
-    ram = _ram_bytes()
     gpus = gpu_info()
     load = None
     with contextlib.suppress(OSError):
@@ -138,7 +128,7 @@ def machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 1,
         "usable_cores": _usable_cores(),
-        "ram_gib": round(ram / 2**30, 1),
+        "ram_gib": round(_ram_bytes() / 2**30, 1),
         "gpu": ", ".join(g["name"] for g in gpus) if gpus else "none",
         "gpus": gpus,
         "driver": gpus[0]["driver"] if gpus else None,
@@ -157,31 +147,22 @@ class GpuSampler:
         self.samples: list[tuple[float, float, float]] = []
         self.proc = None
         self._thread = None
-        from gpuload.device import cuda_available
-
-        if not cuda_available() or shutil.which("nvidia-smi") is None:
+        cmd = _nvidia_smi(f"--id={index}", "--query-gpu=utilization.gpu,memory.used")
+        if cmd is None:
             return
+        cmd.append(f"--loop-ms={interval_ms}")
         try:
             self.proc = subprocess.Popen(
-                [
-                    "nvidia-smi",
-                    f"--id={index}",
-                    "--query-gpu=utilization.gpu,memory.used",
-                    "--format=csv,noheader,nounits",
-                    f"--loop-ms={interval_ms}",
-                ],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL,
-                text=True,
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
             )
         except OSError:
-            self.proc = None
             return
         self._thread = threading.Thread(target=self._read, name="gpu-sampler", daemon=True)
         self._thread.start()
 
     @property
     def active(self) -> bool:
+        """Whether nvidia-smi is running for this sampler."""
         return self.proc is not None
 
     def _read(self) -> None:
@@ -193,6 +174,7 @@ class GpuSampler:
             self.samples.append((time.time(), util, mem))
 
     def window(self, t0: float, t1: float) -> dict[str, float] | None:
+        """Mean utilisation and peak memory (MB) of the samples in [t0, t1]; None if none."""
         s = [x for x in list(self.samples) if t0 <= x[0] <= t1]
         if not s:
             return None
@@ -202,6 +184,7 @@ class GpuSampler:
         }
 
     def close(self) -> None:
+        """Stop nvidia-smi."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:

@@ -1,19 +1,11 @@
 """Measurement plumbing shared by the runner and the scripts under benchmarks/.
 
-Child side (inside the fresh process that runs one measurement):
-
-* :class:`Meter` times a stream of batches: the first ``warmup`` batches are excluded, then it
-  keeps going until at least ``min_time`` seconds and ``min_batches`` batches are timed. It
-  records rows, bytes, wall time, CPU time of the whole process tree (the process and its
-  DataLoader workers), the time between successive batches at the consumer (batch latency) and
-  the peak resident memory of the process tree.
-* :func:`emit` prints the child's result on a marked stdout line (libraries may print too).
-
-Parent side:
-
-* :func:`run_child` runs one measurement in a fresh interpreter (``python -m
-  gpuload.bench.child TASK ARGS``) and returns its result.
-* :func:`summarize` / :func:`fmt` turn repetitions into ``{median, min, max, n}`` and text.
+Child side (the fresh process that runs one measurement): :class:`Meter` times a stream of
+batches after a warm-up (rows, bytes, wall and process-tree CPU time, batch latency, peak RSS of
+the process tree); :func:`emit` hands the result over on a marked stdout line.
+Parent side: :func:`run_child` runs one measurement in a fresh interpreter (``python -m
+gpuload.bench.child TASK ARGS``); :func:`summarize` / :func:`fmt` turn repetitions into
+``{median, min, max, n}`` and text.
 """
 
 from __future__ import annotations
@@ -27,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = [
@@ -56,10 +48,6 @@ class _ProcFS:
 
     _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-
-    @staticmethod
-    def available() -> bool:
-        return os.path.exists(f"/proc/{os.getpid()}/stat")
 
     @classmethod
     def pids(cls, root: int) -> list[int]:
@@ -95,26 +83,20 @@ class _ProcFS:
 
 
 class ProcessTree:
-    """CPU time and resident memory of this process and its live children (DataLoader workers
-    and the like): through psutil when installed, else Linux /proc, else this process alone.
-
-    A background thread samples the tree's summed RSS every ``interval`` seconds from creation
-    on, so ``peak_rss()`` covers worker processes too (``ru_maxrss`` covers only this one)."""
+    """CPU time and resident memory of this process and its live children (DataLoader workers):
+    via psutil, else Linux /proc, else this process alone. A thread samples the tree's summed RSS
+    every ``interval`` s, so ``peak_rss()`` covers workers too (``ru_maxrss`` does not)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self._pid = os.getpid()
         try:
             import psutil
-
-            self._ps = psutil
-            self._me = psutil.Process()
         except ImportError:
-            self._ps = None
-            self._me = None
-        self._proc = self._ps is None and _ProcFS.available()
-        self._peak = 0
+            psutil = None
+        self._ps, self._me = psutil, psutil.Process() if psutil else None
+        self._proc = psutil is None and os.path.exists(f"/proc/{self._pid}/stat")
+        self._peak = self._phase_peak = 0
         self._baseline: int | None = None
-        self._phase_peak = 0
         self._stop = threading.Event()
         self._thread = None
         if self._ps is not None or self._proc:
@@ -127,22 +109,20 @@ class ProcessTree:
     def source(self) -> str:
         return "psutil" if self._ps is not None else ("procfs" if self._proc else "self")
 
-    def _members(self):
-        procs = [self._me]
+    def _each(self, f) -> dict[int, Any]:
+        """``f(process)`` for each live psutil process of the tree, keyed by pid."""
+        procs, out = [self._me], {}
         with contextlib.suppress(self._ps.Error):
             procs += self._me.children(recursive=True)
-        return procs
+        for p in procs:
+            with contextlib.suppress(self._ps.Error):
+                out[p.pid] = f(p)
+        return out
 
     def _tree_rss(self) -> int:
         if self._ps is None:
             return sum(_ProcFS.rss(p) for p in _ProcFS.pids(self._pid))
-        total = 0
-        for p in self._members():
-            try:
-                total += p.memory_info().rss
-            except self._ps.Error:
-                continue
-        return total
+        return sum(self._each(lambda p: p.memory_info().rss).values())
 
     def _sample(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -164,22 +144,14 @@ class ProcessTree:
     def cpu_times(self) -> dict[int, float]:
         """CPU seconds (user + system) per process of the tree, keyed by pid."""
         if self._ps is not None:
-            out = {}
-            for p in self._members():
-                try:
-                    t = p.cpu_times()
-                    out[p.pid] = t.user + t.system
-                except self._ps.Error:
-                    continue
-            return out
-        if self._proc:
-            out = {}
-            for pid in _ProcFS.pids(self._pid):
-                v = time.process_time() if pid == self._pid else _ProcFS.cpu(pid)
-                if v is not None:
-                    out[pid] = v
-            return out
-        return {self._pid: time.process_time()}
+            return self._each(lambda p: sum(p.cpu_times()[:2]))  # user + system
+        if not self._proc:
+            return {self._pid: time.process_time()}
+        cpu = {
+            p: time.process_time() if p == self._pid else _ProcFS.cpu(p)
+            for p in _ProcFS.pids(self._pid)
+        }
+        return {p: v for p, v in cpu.items() if v is not None}
 
     @staticmethod
     def cpu_delta(before: dict[int, float], after: dict[int, float]) -> float:
@@ -192,6 +164,7 @@ class ProcessTree:
         return max(self._peak, peak_rss_bytes())
 
     def close(self) -> None:
+        """Stop the RSS sampling thread."""
         self._stop.set()
 
 
@@ -207,13 +180,10 @@ def process_tree() -> ProcessTree:
 
 
 class Meter:
-    """Times a stream of batches after a warm-up.
-
-    Call :meth:`tick` once per batch received, with the batch's rows and bytes; it returns False
-    once enough has been timed. ``min_time=None`` times until :meth:`finish` is called (a whole
-    epoch, for example). The record from :meth:`result` holds rows, bytes, wall_s, cpu_s,
-    latencies (seconds between successive batches at the consumer, warm-up excluded), peak_rss
-    and the wall-clock window (for GPU sampling by the parent)."""
+    """Times a stream of batches after a warm-up: :meth:`tick` once per batch (rows, bytes)
+    returns False once enough is timed; ``min_time=None`` times until :meth:`finish` (a whole
+    epoch). :meth:`result` holds rows, bytes, wall_s, cpu_s, latencies (s between batches at the
+    consumer), peak_rss and the wall-clock window (for the parent's GPU sampling)."""
 
     def __init__(
         self,
@@ -221,36 +191,33 @@ class Meter:
         min_time: float | None = 1.0,
         min_batches: int = 5,
         max_time: float | None = None,
-        sync=None,
+        sync: Callable[[], Any] | None = None,
     ) -> None:
         self.warmup = int(warmup)
         self.min_time = min_time
         self.min_batches = int(min_batches)
         self.max_time = max_time
-        self.sync = sync  # called before each timestamp (e.g. torch.cuda.synchronize)
+        # called before each timestamp (e.g. torch.cuda.synchronize)
+        self.sync: Callable[[], Any] = sync or (lambda: None)
         self.tree = process_tree()
-        self.ticks = 0
-        self.rows = 0
-        self.bytes = 0
+        self.ticks = self.rows = self.bytes = 0
         self.latencies: list[float] = []
         self.extra: dict[str, Any] = {}
         self._t0: float | None = None
         self._t1: float | None = None
         self._cpu0: dict[int, float] = {}
-        self._cpu_s = 0.0
-        self._wall0 = 0.0
-        self._wall1 = 0.0
-        self._last = 0.0
+        self._cpu_s = self._wall0 = self._wall1 = self._last = 0.0
         if self.warmup <= 0:
             self.start()
 
     @property
     def timing(self) -> bool:
+        """Between the end of the warm-up and :meth:`finish`."""
         return self._t0 is not None and self._t1 is None
 
     def start(self) -> None:
-        if self.sync is not None:
-            self.sync()
+        """Start timing (called by :meth:`tick` once the warm-up batches have arrived)."""
+        self.sync()
         self._cpu0 = self.tree.cpu_times()
         self.tree.mark()
         self._wall0 = time.time()
@@ -265,44 +232,39 @@ class Meter:
             return True
         if self._t1 is not None:
             return False
-        if self.sync is not None:
-            self.sync()
+        self.sync()
         now = time.perf_counter()
         self.latencies.append(now - self._last)
         self._last = now
         self.rows += int(rows)
         self.bytes += int(nbytes)
         elapsed = now - self._t0
-        if self.max_time is not None and elapsed >= self.max_time:
-            self.finish()
-            return False
-        if (
-            self.min_time is not None
-            and elapsed >= self.min_time
-            and len(self.latencies) >= self.min_batches
+        enough = self.min_time is not None and elapsed >= self.min_time
+        if (enough and len(self.latencies) >= self.min_batches) or (
+            self.max_time is not None and elapsed >= self.max_time
         ):
             self.finish()
             return False
         return True
 
     def finish(self) -> None:
+        """Stop timing (idempotent; starts first if the warm-up never ended)."""
         if self._t1 is not None:
             return
         if self._t0 is None:
             self.start()
-        if self.sync is not None:
-            self.sync()
+        self.sync()
         self._t1 = time.perf_counter()
         self._wall1 = time.time()
         self._cpu_s = ProcessTree.cpu_delta(self._cpu0, self.tree.cpu_times())
 
     def result(self, **extra: Any) -> dict[str, Any]:
+        """The measurement record (finishing first), ``extra`` and :attr:`extra` merged in."""
         self.finish()
-        wall = max(self._t1 - self._t0, 1e-9)
         rec = {
             "rows": self.rows,
             "bytes": self.bytes,
-            "wall_s": wall,
+            "wall_s": max(self._t1 - self._t0, 1e-9),
             "cpu_s": self._cpu_s,
             "latencies": self.latencies,
             "peak_rss": self.tree.peak_rss(),
@@ -311,8 +273,7 @@ class Meter:
         growth = self.tree.growth()
         if growth is not None:
             rec["rss_growth"] = growth
-        rec.update(self.extra)
-        rec.update(extra)
+        rec.update(self.extra, **extra)
         return rec
 
 
@@ -320,13 +281,10 @@ def timed_once(fn, *args, **kwargs) -> tuple[Any, dict[str, Any]]:
     """Run ``fn`` once and time it (wall, CPU of the process tree): for one-shot measurements
     such as ingest. Returns (fn's value, a partial record without rows/bytes)."""
     tree = process_tree()
-    c0 = tree.cpu_times()
-    w0 = time.time()
-    t0 = time.perf_counter()
+    c0, w0, t0 = tree.cpu_times(), time.time(), time.perf_counter()
     value = fn(*args, **kwargs)
-    dt = time.perf_counter() - t0
     return value, {
-        "wall_s": max(dt, 1e-9),
+        "wall_s": max(time.perf_counter() - t0, 1e-9),
         "cpu_s": ProcessTree.cpu_delta(c0, tree.cpu_times()),
         "peak_rss": tree.peak_rss(),
         "window": [w0, time.time()],
@@ -357,19 +315,10 @@ def run_child(
     module: str = "gpuload.bench.child",
 ) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter and return its result dict."""
-    e = dict(os.environ)
-    e.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    e.setdefault("PYTHONWARNINGS", "ignore")
-    if env:
-        e.update(env)
+    e = {"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", **os.environ, **(env or {})}
+    cmd = [sys.executable, "-m", module, task, json.dumps(args)]
     try:
-        p = subprocess.run(
-            [sys.executable, "-m", module, task, json.dumps(args)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=e,
-        )
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
     except subprocess.TimeoutExpired as x:
         tail = (x.stderr or b"")[-2000:]
         if isinstance(tail, bytes):
