@@ -195,6 +195,12 @@ class ImageStage:
         self._lock = threading.Lock()
         self.stats = {"staging_grows": 0, "raw_grows": 0, "decoded": 0, "dct_scaled": 0}
 
+    def counters(self) -> dict[str, int]:
+        """Images decoded and DCT-scaled, buffer growths, and output slots given a fresh buffer
+        because the batch that used them was still held (``held_replaced``)."""
+        held = sum(k.held_replaced for k in self.kernels.values())
+        return {**self.stats, "held_replaced": held}
+
     # -- buffers (per assembling thread) ---------------------------------------------------
     def _alloc(self, nbytes: int, where: str):
         if where == "device":

@@ -10,6 +10,7 @@ Framework-free: the adapters pass an ``export`` function that turns a numpy batc
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -33,7 +34,14 @@ from .spec import LoaderSpec, OnError
 from .stats import LoaderStats, StageClock
 from .threads import DaemonThreadPool
 
-__all__ = ["Loader", "LoadedRow", "make_loader", "draw_seed", "refuse_pointless_skip"]
+__all__ = [
+    "Loader",
+    "LoadedRow",
+    "make_loader",
+    "draw_seed",
+    "refuse_pointless_skip",
+    "subset_digest",
+]
 
 log = logging.getLogger("gpuload.loader")
 
@@ -47,6 +55,16 @@ def draw_seed(world_size: int = 1) -> int:
     if world_size > 1:
         return 0
     return int.from_bytes(os.urandom(8), "little") >> 1
+
+
+def subset_digest(rows: np.ndarray | None) -> str | None:
+    """A short fingerprint of a row subset, kept in loader states so a resume over other rows
+    is refused (None: the whole table)."""
+    if rows is None:
+        return None
+    return hashlib.blake2b(
+        np.ascontiguousarray(rows, np.int64).tobytes(), digest_size=8
+    ).hexdigest()
 
 
 def refuse_pointless_skip(spec: LoaderSpec) -> None:
@@ -224,6 +242,8 @@ class Loader:
         self.rank, self.world_size = rank, world_size
         self.export = export or (lambda b: b)
         self.seed = spec.seed if spec.seed is not None else draw_seed(world_size)
+        # the rows every epoch runs over: a subset (spec.indices), else the whole table
+        self.subset = reader.select_rows(spec.indices) if spec.indices is not None else None
         cols = reader.schema.select(list(spec.columns) if spec.columns else None, reader.name)
         self.columns = [c.name for c in cols]
         self.image_columns = list(image_columns)
@@ -247,6 +267,7 @@ class Loader:
         self.ring_size = self.prefetch_depth + 2
         self._stage_factory = image_stage
         self._stage = None
+        self._slot = 0  # the output slot of the next batch submitted
         self._epoch = spec.epoch or 0
         self._start = 0  # shard-local position to start the next iteration at
         self._position = 0
@@ -261,9 +282,14 @@ class Loader:
         self._first_batch_s: float | None = None
 
     # -- sizes -----------------------------------------------------------------------------
+    @property
+    def total_rows(self) -> int:
+        """Rows in one epoch across all ranks: the subset's, else the table's."""
+        return len(self.subset) if self.subset is not None else len(self.table)
+
     def shard(self) -> Shard:
         """This rank's share of an epoch."""
-        return shard_for(len(self.table), self.rank, self.world_size, self.spec.uneven)
+        return shard_for(self.total_rows, self.rank, self.world_size, self.spec.uneven)
 
     @property
     def num_rows(self) -> int:
@@ -300,7 +326,7 @@ class Loader:
             wait_s=stages["wait"],
             time_to_first_batch_s=self._first_batch_s,
             stages=stages,
-            images=dict(stage.stats) if stage is not None else {},
+            images=stage.counters() if stage is not None else {},
         )
 
     # -- resume ----------------------------------------------------------------------------
@@ -322,7 +348,8 @@ class Loader:
             "batch_size": self.batch_size,
             "rank": self.rank,
             "world_size": self.world_size,
-            "num_rows": len(self.table),
+            "num_rows": self.total_rows,
+            "subset": subset_digest(self.subset),
             "table_version": self.table.version,
         }
 
@@ -333,7 +360,8 @@ class Loader:
             raise ValueError("cannot resume: not a gpuload loader state (no epoch/position)")
         checks = [
             ("shuffle", Shuffle.coerce(state.get("shuffle")), self.spec.shuffle),
-            ("num_rows", state.get("num_rows"), len(self.table)),
+            ("num_rows", state.get("num_rows"), self.total_rows),
+            ("subset", state.get("subset"), subset_digest(self.subset)),
             ("world_size", state.get("world_size"), self.world_size),
             ("rank", state.get("rank"), self.rank),
         ]
@@ -390,7 +418,7 @@ class Loader:
         return self._stage
 
     # -- one batch -------------------------------------------------------------------------
-    def _assemble(self, ep: _Epoch, b: int) -> tuple[Any, int]:
+    def _assemble(self, ep: _Epoch, b: int, slot: int) -> tuple[Any, int]:
         bs, clock = self.batch_size, self._clock
         lo = ep.start + b * bs
         hi = min(lo + bs, ep.shard.count)
@@ -403,7 +431,7 @@ class Loader:
             images, keep = stage.run(
                 self.table,
                 rows,
-                slot=b % self.ring_size,
+                slot=slot,
                 seed=self.seed,
                 epoch=ep.epoch,
                 on_error=self.spec.on_error,
@@ -442,7 +470,7 @@ class Loader:
     def _begin(self) -> _Epoch:
         epoch = self._epoch
         shard = self.shard()
-        order = self.table.epoch_order(self.spec.shuffle, self.seed, epoch)
+        order = self.table.epoch_order(self.spec.shuffle, self.seed, epoch, self.subset)
         start = self._start
         rest = shard.count - start
         bs = self.batch_size
@@ -461,7 +489,10 @@ class Loader:
         try:
             while True:
                 while next_b < ep.nbatches and len(pending) < self.prefetch_depth:
-                    pending.append((next_b, pool.submit(self._assemble, ep, next_b)))
+                    # output slots rotate across epochs, so a new epoch's first batches do not
+                    # land in the slots of the last ones (still held by the consumer)
+                    slot, self._slot = self._slot, (self._slot + 1) % self.ring_size
+                    pending.append((next_b, pool.submit(self._assemble, ep, next_b, slot)))
                     next_b += 1
                 if not pending:
                     break

@@ -7,11 +7,18 @@ stage's stream and an event is recorded after it: ``stage.event`` (or ``stage.ev
 a consumer stream wait (``event.wait(consumer_stream)``) instead of synchronising the device.
 Nothing is allocated in ``run`` on the hot path (CUDA: except when a batch's packed source is
 larger than every previous one, which grows the staging buffers once).
+
+Batches stay valid for as long as anyone holds them: each ``run`` returns a new view of its slot
+and keeps a weak reference to it; a slot whose last view is still alive (held by the caller, or
+by a tensor exported from it through DLPack, which keeps the view alive) gets a fresh buffer
+instead of being overwritten (counted in ``held_replaced``). In the usual loop, where a batch is
+dropped before the ring comes round, nothing is allocated.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 
@@ -49,7 +56,7 @@ class FusedImageStage:
       params   float32 (B, P) from ``plan.sample_params`` (flip and colour columns are read)
     returns the first B rows of output buffer ``out_index`` (default: the next slot of the ring
     of ``depth`` buffers), shape ``plan.out_shape(B)``, dtype ``plan.storage_dtype``.
-    A returned batch stays valid until ``depth`` more batches have been run.
+    A returned batch stays valid for as long as it (or anything viewing it) is alive.
     """
 
     def __init__(
@@ -77,6 +84,8 @@ class FusedImageStage:
         self.oh, self.ow = plan.out_size
         self._next = 0
         self._lock = threading.Lock()
+        self._leases: list[weakref.ref | None] = [None] * depth
+        self.held_replaced = 0  # slots given a fresh buffer because their batch was still held
         self._mean = plan.mean_array()
         self._inv_std = plan.inv_std_array()
         kdtype = _fused.STORAGE_DTYPE[plan.out_dtype]
@@ -149,8 +158,9 @@ class FusedImageStage:
         )
         with self._lock:
             k = self._slot(out_index)
+            self._release(k)
         if B == 0:
-            return self.outputs[k][:0]
+            return self._lease(k, 0)
         if _fused.cpu_parallel_safe():
             kernel = self._kernel
             _fused.note_parallel_use()
@@ -166,9 +176,34 @@ class FusedImageStage:
             self._means[k],
             self._kviews[k][:B],
         )
-        return self.outputs[k][:B]
+        return self._lease(k, B)
 
     __call__ = run
+
+    # ---- slot lifetimes ---------------------------------------------------------------------
+    def _release(self, k: int) -> None:
+        """Make slot ``k`` safe to write: if a batch returned from it is still alive, the slot
+        gets a new buffer (the old one lives on with its holders). Called under the lock."""
+        lease = self._leases[k]
+        if lease is None or lease() is None:
+            return
+        self.held_replaced += 1
+        if self.device.is_cuda:
+            if self._used[k]:
+                self.events[k].synchronize()  # the held batch is complete before it is let go
+            new = self._cuda.device_array(self.out_shape, dtype=self.plan.storage_dtype)
+        else:
+            new = aligned_empty(self.out_shape, self.plan.storage_dtype)
+        kdtype = self._kviews[k].dtype
+        self.outputs[k] = new
+        self._kviews[k] = new.view(kdtype) if new.dtype != kdtype else new
+        self._leases[k] = None
+
+    def _lease(self, k: int, B: int):
+        """A new view of slot ``k``'s first ``B`` rows, watched through a weak reference."""
+        view = self.outputs[k][:B]
+        self._leases[k] = weakref.ref(view)
+        return view
 
     # ---- CUDA -------------------------------------------------------------------------------
     def _init_cuda(self, kdtype, src_capacity):
@@ -221,8 +256,9 @@ class FusedImageStage:
         B = self._check_batch(meta_h)
         with self._lock:
             k = self._slot(out_index)
+            self._release(k)
             if B == 0:
-                return self.outputs[k][:0]
+                return self._lease(k, 0)
             if self._used[k]:
                 self.events[k].synchronize()  # the slot's pinned buffers are free again
             src, windows, params, nsrc = self._cuda_inputs(src, meta_h, windows, params, B)
@@ -247,7 +283,7 @@ class FusedImageStage:
             ev.record(self.stream)
             self._used[k] = True
             self.event = ev
-            return self.outputs[k][:B]
+            return self._lease(k, B)
 
     def _cuda_inputs(self, src, meta_h, windows, params, B: int):
         """src, windows and params as device arrays (left there) or checked host arrays, and
