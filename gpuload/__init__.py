@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Client, ingest, pytorch, tensorflow
+from .client import Client, ingest, pytorch, tensorflow, torch_sampler
 from .errors import (
     CommitConflictError,
     DecodeError,
@@ -59,6 +59,7 @@ __all__ = [
     "ops",
     "pytorch",
     "tensorflow",
+    "torch_sampler",
 ]
 
 

@@ -14,7 +14,7 @@ from .ingest import ingest_into
 from .schema import Schema, validate_name
 from .spec import with_spec_options
 from .storage import Store, join_url
-from .table import Table, open_table
+from .table import Rows, Table, open_table
 from .vacuum import DEFAULT_GRACE_S, VacuumReport, vacuum_store
 from .versions import table_exists
 from .writer import DEFAULT_CHUNK_BYTES
@@ -147,9 +147,10 @@ def ingest(
     return Table(store, manifest, cache=cache, fetch=fetch)
 
 
-def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) -> Table:
-    """A Table from a Table, a table name (under the default Client root), a path or a URL."""
-    if isinstance(table, Table):
+def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) -> Table | Rows:
+    """A Table from a Table, a table name (under the default Client root), a path or a URL; a
+    subset of rows (``t[a:b]``, ``t.split()``) stays one (its front doors read only its rows)."""
+    if isinstance(table, (Table, Rows)):
         if storage_options:
             raise ValueError("storage_options= applies when a table is opened by name or URL")
         return table
@@ -157,7 +158,8 @@ def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) 
         table = os.fspath(table)
     if not isinstance(table, str):
         raise TypeError(
-            f"expected a gpuload Table, a table name, a path or a URL, not {type(table).__name__}"
+            f"expected a gpuload Table, rows of one (t[a:b]), a table name, a path or a URL, "
+            f"not {type(table).__name__}"
         )
     if "://" in table or os.sep in table or os.path.isdir(table):
         return open_table(table, storage_options=storage_options)
@@ -177,6 +179,28 @@ def pytorch(
     ``batch_size`` (for torch's DataLoader), an IterableDataset with ``iterable=True`` (shuffles
     and shards itself), else gpuload's batched fast path (threads, prefetch, fused image ops)."""
     return resolve_table(table, storage_options).pytorch(transform, iterable=iterable, **options)
+
+
+def torch_sampler(
+    table: Any,
+    *,
+    shuffle: bool | str = True,
+    seed: int | None = None,
+    epoch: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    uneven: str = "pad",
+    indices: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+):
+    """A resumable sampler for ``gpuload.pytorch(table)`` (the map-style dataset): seeded, a new
+    order each epoch, this rank's share only (``rank``/``world_size`` or torch.distributed).
+    ``StatefulDataLoader(ds, sampler=gpuload.torch_sampler(t, seed=0))`` (torchdata) resumes
+    exactly, workers included; ``seed=None`` draws one that travels in the state."""
+    return resolve_table(table, storage_options).torch_sampler(
+        shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+        uneven=uneven, indices=indices,
+    )  # fmt: skip
 
 
 @with_spec_options()

@@ -21,7 +21,7 @@ from .checksums import hash_bytes
 from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
 from .format import Manifest
-from .sampling import EpochOrder, Shuffle
+from .sampling import EpochOrder, RowSelection, Shuffle, SubsetOrder
 from .schema import Column, Schema
 from .storage import Store
 from .versions import read_manifest
@@ -476,10 +476,49 @@ class TableReader:
                 f"table {self.name!r}, column {col.name!r}: text is not UTF-8 ({e})"
             ) from None
 
-    def epoch_order(self, shuffle: Shuffle | bool | str, seed: int, epoch: int) -> EpochOrder:
-        """The row order of one epoch (see ``Shuffle`` for what ``shuffle=True`` means here)."""
+    def epoch_order(
+        self, shuffle: Shuffle | bool | str, seed: int, epoch: int, subset: np.ndarray | None = None
+    ) -> EpochOrder | SubsetOrder:
+        """The row order of one epoch (see ``Shuffle`` for what ``shuffle=True`` means here),
+        over every row or over ``subset`` (rows from ``select_rows``). A block shuffle of a
+        subset keeps its runs of rows from one chunk together, as it keeps chunks together."""
         mode = Shuffle.coerce(shuffle).resolve(self.is_cached)
-        return EpochOrder(len(self), mode, int(seed), int(epoch), self.chunk_rows)
+        if subset is None:
+            return EpochOrder(len(self), mode, int(seed), int(epoch), self.chunk_rows)
+        runs: tuple[int, ...] = ()
+        if mode == "block" and len(subset):
+            chunk = self._locate(subset)[0]
+            bounds = np.concatenate(
+                [[0], np.flatnonzero(chunk[1:] != chunk[:-1]) + 1, [len(chunk)]]
+            )
+            runs = tuple(np.diff(bounds).tolist())
+        return SubsetOrder(EpochOrder(len(subset), mode, int(seed), int(epoch), runs), subset)
+
+    def select_rows(self, key: Any) -> np.ndarray:
+        """Row numbers (int64) for a slice, row positions (negative count from the end) or a
+        boolean mask over this table; IndexError naming the table for anything outside it."""
+        key = key.key if isinstance(key, RowSelection) else key
+        n = len(self)
+        if isinstance(key, slice):
+            return np.arange(*key.indices(n), dtype=np.int64)
+        idx = np.asarray(key)
+        if idx.dtype == bool:
+            if idx.shape != (n,):
+                raise IndexError(
+                    f"boolean mask of shape {idx.shape} does not match the {n} rows of table "
+                    f"{self.name!r}"
+                )
+            return np.flatnonzero(idx).astype(np.int64)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"cannot select rows of table {self.name!r} with {idx.dtype} values")
+        rows = idx.astype(np.int64).ravel()
+        rows = np.where(rows < 0, rows + n, rows)
+        bad = np.flatnonzero((rows < 0) | (rows >= n))
+        if bad.size:
+            raise IndexError(
+                f"row {idx.ravel()[bad[0]]} out of range for table {self.name!r} with {n} rows"
+            )
+        return rows
 
     # -- async -----------------------------------------------------------------------------
     def _async_reader(self) -> _AsyncReader:

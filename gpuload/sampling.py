@@ -26,6 +26,8 @@ __all__ = [
     "Shuffle",
     "Tail",
     "coerce_enum",
+    "RowSelection",
+    "SubsetOrder",
 ]
 
 SHUFFLE_MODES = ("none", "full", "block")
@@ -264,3 +266,65 @@ def shard_for(total: int, rank: int = 0, world: int = 1, uneven: Tail | str = Ta
     if pad and total == 0:
         per = 0
     return Shard(start=rank * per, count=per, total=total)
+
+
+class RowSelection:
+    """A subset of a table's rows, as the user gave it: a slice, integer positions (negative
+    count from the end) or a boolean mask. Resolved against a table by
+    ``TableReader.select_rows``; shuffling, sharding and resume then run over the subset."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, key: Any) -> None:
+        if isinstance(key, RowSelection):
+            key = key.key
+        elif isinstance(key, range):
+            key = slice(key.start, key.stop, key.step)
+        elif not isinstance(key, slice):
+            arr = np.array(key)
+            if arr.dtype != bool and arr.dtype.kind not in "iu":
+                if arr.size or arr.ndim != 1:
+                    raise TypeError(
+                        f"indices must be integer row positions, a boolean mask or a slice, got "
+                        f"an array of {arr.dtype}"
+                    )
+                arr = arr.astype(np.int64)
+            if arr.ndim != 1:
+                raise ValueError(f"indices must be one-dimensional, got shape {arr.shape}")
+            arr.setflags(write=False)
+            key = arr
+        self.key = key
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RowSelection):
+            return NotImplemented
+        a, b = self.key, other.key
+        if isinstance(a, slice) or isinstance(b, slice):
+            return a == b
+        return a.dtype == b.dtype and np.array_equal(a, b)
+
+    def __hash__(self) -> int:
+        k = self.key
+        return hash((k.start, k.stop, k.step) if isinstance(k, slice) else k.tobytes())
+
+    def __repr__(self) -> str:
+        k = self.key
+        if isinstance(k, slice):
+            return f"RowSelection({k!r})"
+        what = "mask" if k.dtype == bool else "rows"
+        return f"RowSelection(<{len(k)} {what}>)"
+
+
+@dataclass(frozen=True)
+class SubsetOrder:
+    """An epoch's order over a subset of rows: ``order`` permutes positions in the subset,
+    ``rows`` maps them to the table's row numbers."""
+
+    order: EpochOrder
+    rows: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def at(self, positions) -> np.ndarray:
+        return self.rows[self.order.at(positions)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .decode.header import DEFAULT_MAX_PIXELS, validate_max_pixels
-from .sampling import Shuffle, Tail, coerce_enum
+from .sampling import RowSelection, Shuffle, Tail, coerce_enum
 
 __all__ = [
     "DecodeOptions",
     "LoaderSpec",
     "OnError",
+    "RowSelection",
     "Shuffle",
     "Tail",
     "refuse_unused",
@@ -85,6 +86,8 @@ class LoaderSpec:
       ranks share the epoch: they must agree on one order).
     - ``epoch``: the epoch the first pass uses (default 0); each further pass is the next.
     - ``columns``: the columns to load (None: all of them).
+    - ``indices``: a subset of rows (a slice, row positions or a boolean mask; ``t[a:b]`` and
+      ``t.split()`` pass it for you): every epoch, shard and resume runs over these rows only.
     - ``image``: image ops (``gpuload.ops``) run as one fused kernel per batch on every loaded
       image column; ``decoder``, ``decode_options`` and ``device`` say how and where.
     - ``drop_last``: leave out a last batch smaller than ``batch_size``.
@@ -101,6 +104,7 @@ class LoaderSpec:
     seed: int | None = None
     epoch: int | None = None
     columns: tuple[str, ...] | None = None
+    indices: RowSelection | slice | Sequence[int] | np.ndarray | None = None
     image: tuple[Any, ...] | None = None
     decoder: str = "auto"
     decode_options: DecodeOptions | None = None
@@ -125,6 +129,8 @@ class LoaderSpec:
             if v is not None and (not _is_int(v) or v < 0):
                 raise ValueError(f"{name} must be None or a non-negative integer, got {v!r}")
         set_(self, "columns", _columns(self.columns))
+        if self.indices is not None:
+            set_(self, "indices", RowSelection(self.indices))
         if self.image is not None:
             set_(self, "image", tuple(self.image) if _is_seq(self.image) else (self.image,))
         if self.decode_options is None:

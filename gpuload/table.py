@@ -36,23 +36,19 @@ class Table(TableReader):
     def __getitem__(self, key):
         if isinstance(key, (int, np.integer)):
             return Row(self, self.row_index(key))
-        if isinstance(key, slice):
-            return Rows(self, np.arange(*key.indices(len(self)), dtype=np.int64))
         if isinstance(key, str):
             raise TypeError(
                 f"table[{key!r}]: index rows with integers, slices or lists; "
                 f"read a column with table.batches(columns=[{key!r}]) or table[:][{key!r}]"
             )
-        idx = np.asarray(key)
-        if idx.dtype == bool:
-            if idx.shape != (len(self),):
-                raise IndexError(
-                    f"boolean mask of shape {idx.shape} does not match {len(self)} rows"
-                )
-            return Rows(self, np.flatnonzero(idx).astype(np.int64))
-        if idx.dtype.kind not in "iu":
-            raise TypeError(f"cannot index table {self.name!r} with {type(key).__name__}")
-        return Rows(self, np.array([self.row_index(i) for i in idx.ravel()], dtype=np.int64))
+        return Rows(self, self.select_rows(key))
+
+    def split(self, fractions: Sequence[float], seed: int = 0) -> list[Rows]:
+        """Disjoint subsets for train/val/test: ``t.split([0.8, 0.1, 0.1], seed=0)``. Each row
+        goes to one part, drawn by a seeded permutation (the same seed gives the same parts on
+        every machine); ``fractions`` sum to 1 (or are row counts summing to ``len(t)``). Each
+        part keeps its rows in table order (fast to read); loaders shuffle it."""
+        return [Rows(self, rows) for rows in split_rows_by(len(self), fractions, seed)]
 
     def __iter__(self) -> Iterator[Row]:
         for i in range(len(self)):
@@ -79,6 +75,13 @@ class Table(TableReader):
         from .adapters.torch import torch_front_door
 
         return torch_front_door(self, LoaderSpec(**options), transform, iterable=iterable)
+
+    def torch_sampler(self, **options: Any):
+        """``gpuload.torch_sampler(self, ...)``: resumable indices for ``gpuload.pytorch(self)``
+        with torch's DataLoader or torchdata's StatefulDataLoader."""
+        from .adapters.torch import torch_sampler
+
+        return torch_sampler(self, LoaderSpec(**options))
 
     @with_spec_options()
     def tensorflow(self, *, input_context: Any = None, **options: Any):
@@ -161,3 +164,53 @@ class Rows:
 
     def __repr__(self) -> str:
         return f"Rows({self.table.name!r}, {len(self)} rows)"
+
+    # -- the same streams as a table's, over these rows only ----------------------------------
+    def _subset(self, options: dict[str, Any]) -> dict[str, Any]:
+        if options.get("indices") is not None:
+            raise ValueError(
+                "indices= selects rows of a table; these are already a subset (t[...] or "
+                "t.split()): index the table once, or index these rows (rows[...])"
+            )
+        return {**options, "indices": self.indices}
+
+    @with_spec_options(exclude=("batch_size", "indices"))
+    def batches(self, batch_size: int, **options: Any) -> Loader:
+        """``Table.batches`` over these rows only (shuffle, shards and resume included)."""
+        return self.table.batches(batch_size, **self._subset(options))
+
+    @with_spec_options(exclude=("indices",))
+    def pytorch(self, transform: Callable | None = None, *, iterable: bool = False, **options: Any):
+        """``Table.pytorch`` over these rows only."""
+        return self.table.pytorch(transform, iterable=iterable, **self._subset(options))
+
+    def torch_sampler(self, **options: Any):
+        """``Table.torch_sampler`` over these rows only (for ``gpuload.pytorch(rows)``)."""
+        return self.table.torch_sampler(**self._subset(options))
+
+    @with_spec_options(exclude=("indices",))
+    def tensorflow(self, *, input_context: Any = None, **options: Any):
+        """``Table.tensorflow`` over these rows only."""
+        return self.table.tensorflow(input_context=input_context, **self._subset(options))
+
+
+def split_rows_by(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Row numbers of each part of ``n`` rows split by ``fractions`` (or counts), sorted."""
+    from .sampling import Permutation, derive_key
+
+    parts = [float(f) for f in fractions]
+    if not parts or any(not np.isfinite(f) or f < 0 for f in parts):
+        raise ValueError(f"split fractions must be non-negative numbers, got {list(fractions)}")
+    if all(float(f).is_integer() for f in parts) and sum(parts) == n and n != 1:
+        counts = [int(f) for f in parts]
+    elif abs(sum(parts) - 1.0) <= 1e-6:
+        counts = [int(np.floor(f * n)) for f in parts]
+        for i in range(n - sum(counts)):  # the rounding remainder, one row each, in turn
+            counts[i % len(counts)] += 1
+    else:
+        raise ValueError(
+            f"split fractions must sum to 1 (or be row counts summing to {n}), got {list(fractions)}"
+        )
+    order = Permutation(n, derive_key(int(seed), 0x5917))(np.arange(n, dtype=np.int64))
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    return [np.sort(order[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]

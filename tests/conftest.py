@@ -15,7 +15,7 @@ import pytest
 import gpuload
 from gpuload.device import cuda_available
 
-from .helpers import robot_columns
+from .helpers import ids_columns, robot_columns
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,3 +106,14 @@ def robot_table(tmp_path_factory):
         return made[key]
 
     return make
+
+
+IDS_ROWS = 101  # odd, so shards and batches never divide evenly
+
+
+@pytest.fixture(scope="session")
+def ids_table(tmp_path_factory):
+    """IDS_ROWS rows whose ``id`` is their row number (plus a small image and text), in small
+    chunks: what the loader invariants are checked on."""
+    root = tmp_path_factory.mktemp("ids")
+    return gpuload.ingest(root / "rows", ids_columns(IDS_ROWS), chunk_bytes=8 << 10)

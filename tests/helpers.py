@@ -35,6 +35,29 @@ def encode(img: np.ndarray, fmt: str = "JPEG", **kw) -> bytes:
     return buf.getvalue()
 
 
+def ids_columns(n: int) -> dict:
+    """Rows that say who they are: an int64 ``id`` (= row number), a small image and text."""
+    rng = np.random.default_rng(0)
+    return {
+        "id": np.arange(n, dtype=np.int64),
+        "image": [jpeg(rng, 16, 20) for _ in range(n)],
+        "text": [f"row {i}" for i in range(n)],
+    }
+
+
+def ids_of(batch) -> list[int]:
+    """The row ids in a batch (a dict with ``id``, or the ids themselves), as Python ints."""
+    x = batch["id"] if isinstance(batch, dict) else batch
+    if hasattr(x, "numpy"):
+        x = x.numpy()
+    return np.asarray(x).reshape(-1).tolist()
+
+
+def epoch_ids(loader) -> list[int]:
+    """The row ids of one pass over a loader, in order."""
+    return [i for b in loader for i in ids_of(b)]
+
+
 def jpeg(rng: np.random.Generator, h: int = 48, w: int = 64, quality: int = 85) -> bytes:
     return encode(textured_image(rng, h, w), "JPEG", quality=quality)
 

@@ -26,6 +26,7 @@ __all__ = ["tf_front_door", "column_spec"]
 ROWS = "a dataset of rows (no batch_size)"
 ROW_OPTIONS = (
     "columns",
+    "indices",
     "shuffle",
     "seed",
     "epoch",

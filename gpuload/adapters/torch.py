@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from ..device import resolve_device
 from ..distributed import resolve_rank_world
@@ -33,18 +33,27 @@ from ..loader import (
     make_loader,
     refuse_pointless_skip,
     split_rows,
+    subset_digest,
 )
 from ..reader import TableReader
-from ..sampling import shard_for
+from ..sampling import SubsetOrder, shard_for
 from ..spec import LoaderSpec, OnError, refuse_unused
 from ..stats import LoaderStats
 
-__all__ = ["torch_front_door", "TorchDataset", "TorchIterableDataset", "TorchLoader"]
+__all__ = [
+    "torch_front_door",
+    "torch_sampler",
+    "TorchDataset",
+    "TorchIterableDataset",
+    "TorchLoader",
+    "TorchSampler",
+]
 
 MAP_STYLE = "the map-style dataset (no batch_size, iterable=False)"
 ITERABLE = "the iterable dataset (iterable=True, no batch_size)"
 ITERABLE_OPTIONS = (
     "columns",
+    "indices",
     "shuffle",
     "seed",
     "epoch",
@@ -87,40 +96,72 @@ def torch_front_door(
     refuse_unused(
         spec,
         MAP_STYLE,
-        ("columns",),
+        ("columns", "indices"),
         "torch's DataLoader does the rest of the work here (batching, order, workers); "
-        f"{TO_BATCHED}, or iterable=True for {', '.join(ITERABLE_OPTIONS[1:])}",
+        f"{TO_BATCHED}, or iterable=True for {', '.join(ITERABLE_OPTIONS[2:])}",
     )
-    return TorchDataset(table, transform, spec.columns)
+    subset = table.select_rows(spec.indices) if spec.indices is not None else None
+    return TorchDataset(table, transform, spec.columns, subset=subset)
+
+
+SAMPLER_OPTIONS = ("shuffle", "seed", "epoch", "rank", "world_size", "uneven", "indices")
+
+
+def torch_sampler(table: TableReader, spec: LoaderSpec) -> TorchSampler:
+    """The resumable sampler for a map-style dataset over the same table (or rows of it)."""
+    refuse_unused(
+        spec,
+        "torch_sampler (indices for torch's DataLoader)",
+        SAMPLER_OPTIONS,
+        "columns, batching and the rest belong to the dataset and the DataLoader",
+    )
+    subset = table.select_rows(spec.indices) if spec.indices is not None else None
+    return TorchSampler(table, subset, spec)
 
 
 class TorchDataset(Dataset):
-    """Map-style dataset: ``ds[i]`` is a dict of the row's columns (or ``transform(row)``)."""
+    """Map-style dataset: ``ds[i]`` is a dict of the row's columns (or ``transform(row)``);
+    over a ``subset`` of rows (from ``select_rows``), ``ds[i]`` is the subset's i-th row."""
 
     def __init__(
         self,
         table: TableReader,
         transform: Callable | None = None,
         columns: Sequence[str] | None = None,
+        subset: np.ndarray | None = None,
     ) -> None:
         self.table = table
         self.transform = transform
         self.columns = list(columns) if columns is not None else None
+        self.subset = subset
         table.schema.select(self.columns, table.name)
 
     def __len__(self) -> int:
-        return len(self.table)
+        return len(self.subset) if self.subset is not None else len(self.table)
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """A whole batch in one coalesced read (torch's DataLoader calls this when present)."""
-        idx = np.asarray([self.table.row_index(i) for i in indices], dtype=np.int64)
+        if self.subset is None:
+            idx = self.table.select_rows(np.asarray(indices, dtype=np.int64))
+        else:
+            idx = self.subset[_positions(indices, len(self.subset), self.table.name)]
         data = self.table.read(idx, self.columns)
         if self.transform is None:
             return [r.to_dict() for r in split_rows(self.table, idx, data)]
         return apply_transform(self.table, self.transform, idx, data, OnError.RAISE, [0])
+
+
+def _positions(indices: Sequence[int], n: int, name: str) -> np.ndarray:
+    """Positions in a subset of ``n`` rows (negative count from the end); IndexError outside."""
+    pos = np.asarray(indices, dtype=np.int64)
+    pos = np.where(pos < 0, pos + n, pos)
+    bad = np.flatnonzero((pos < 0) | (pos >= n))
+    if bad.size:
+        raise IndexError(f"index {indices[bad[0]]} out of range for {n} rows of table {name!r}")
+    return pos
 
 
 class TorchIterableDataset(IterableDataset):
@@ -135,6 +176,7 @@ class TorchIterableDataset(IterableDataset):
         self.transform = transform
         self.columns = list(spec.columns) if spec.columns is not None else None
         table.schema.select(self.columns, table.name)
+        self.subset = table.select_rows(spec.indices) if spec.indices is not None else None
         self.shuffle = spec.shuffle
         # resolved here, in the parent: a spawned worker would not see an initialised process group
         self.rank, self.world_size = resolve_rank_world(spec.rank, spec.world_size)
@@ -152,8 +194,12 @@ class TorchIterableDataset(IterableDataset):
         self._epoch = int(epoch)
         self._explicit = True
 
+    def _shard(self):
+        total = len(self.subset) if self.subset is not None else len(self.table)
+        return shard_for(total, self.rank, self.world_size, self.uneven)
+
     def __len__(self) -> int:
-        return shard_for(len(self.table), self.rank, self.world_size, self.uneven).count
+        return self._shard().count
 
     def _next_epoch(self, in_worker: bool) -> int:
         epoch = self._epoch
@@ -174,8 +220,9 @@ class TorchIterableDataset(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        order = self.table.epoch_order(self.shuffle, self.seed, self._next_epoch(info is not None))
-        shard = shard_for(len(self.table), self.rank, self.world_size, self.uneven)
+        epoch = self._next_epoch(info is not None)
+        order = self.table.epoch_order(self.shuffle, self.seed, epoch, self.subset)
+        shard = self._shard()
         per = math.ceil(shard.count / nw) if shard.count else 0
         lo, hi = min(shard.count, wid * per), min(shard.count, (wid + 1) * per)
         for a in range(lo, hi, self.read_rows):
@@ -224,3 +271,113 @@ class TorchLoader:
 
     def close(self) -> None:
         self.loader.close()
+
+
+class TorchSampler(Sampler[int]):
+    """Indices for a map-style gpuload dataset: seeded, a new order each epoch, this rank's share
+    only (DDP-aware), and resumable. ``StatefulDataLoader(ds, sampler=...)`` (torchdata)
+    checkpoints and resumes it exactly, workers included; with torch's plain ``DataLoader``,
+    ``sampler.state_dict()`` counts the indices handed out, which equals the rows delivered
+    without worker processes (workers fetch ahead).
+
+    A completed pass moves the sampler to the next epoch; ``set_epoch`` picks one (as
+    ``DistributedSampler``). Creating an iterator changes nothing (DataLoader creates more than
+    one per pass), and a pass stopped early is not an epoch: the next pass repeats its order."""
+
+    chunk = 4096  # positions ordered per step
+
+    def __init__(self, table: TableReader, subset: np.ndarray | None, spec: LoaderSpec) -> None:
+        self.table = table
+        self.subset = subset
+        self.shuffle = spec.shuffle
+        self.rank, self.world_size = resolve_rank_world(spec.rank, spec.world_size)
+        self.seed = spec.seed if spec.seed is not None else draw_seed(self.world_size)
+        self.uneven = spec.uneven
+        self._epoch = spec.epoch or 0  # the epoch the next pass uses
+        self._resume = 0  # and the position it starts at (set by load_state_dict)
+        self._active: _SamplerIterator | None = None  # the pass under way
+        self._total = len(subset) if subset is not None else len(table)
+        self._shard = shard_for(self._total, self.rank, self.world_size, self.uneven)
+
+    def __len__(self) -> int:
+        return self._shard.count
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch, self._resume, self._active = int(epoch), 0, None
+
+    def __iter__(self) -> _SamplerIterator:
+        return _SamplerIterator(self, self._epoch, self._resume)
+
+    def positions(self, epoch: int, lo: int, hi: int) -> np.ndarray:
+        """Dataset positions at this rank's epoch positions [lo, hi)."""
+        order = self.table.epoch_order(self.shuffle, self.seed, epoch, self.subset)
+        order = order.order if isinstance(order, SubsetOrder) else order
+        return order.at(self._shard.positions(lo, hi))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next index comes from: the pass under way and how many indices it has
+        handed out (or the next pass), with the seed; plain JSON."""
+        it = self._active
+        epoch, yielded = (it.epoch, it.yielded) if it is not None else (self._epoch, self._resume)
+        return {"epoch": epoch, "yielded": yielded, "seed": self.seed, **self._identity()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The next pass continues the saved one after the indices it had handed out."""
+        self._check(state)
+        self._epoch, self._resume = int(state["epoch"]), int(state["yielded"])
+        self.seed, self._active = int(state["seed"]), None
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "num_rows": self._total,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "subset": subset_digest(self.subset),
+            "shuffle": self.shuffle.value,
+        }
+
+    def _check(self, state: Mapping[str, Any]) -> None:
+        for key, mine in self._identity().items():
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"cannot resume: the saved sampler had {key}={state.get(key)!r}, this one "
+                    f"has {mine!r}"
+                )
+        if not 0 <= int(state.get("yielded", 0)) <= self._shard.count:
+            raise ValueError(f"cannot resume: yielded={state.get('yielded')!r} out of range")
+
+
+class _SamplerIterator:
+    """One pass of a TorchSampler. Stateful on its own too: torchdata's StatefulDataLoader
+    snapshots sampler iterators alongside their sampler."""
+
+    def __init__(self, sampler: TorchSampler, epoch: int, yielded: int) -> None:
+        self.sampler, self.epoch, self.yielded = sampler, epoch, yielded
+        self._buf: list[int] = []
+
+    def __iter__(self) -> _SamplerIterator:
+        return self
+
+    def __next__(self) -> int:
+        s = self.sampler
+        if not self._buf:
+            n = len(s)
+            if self.yielded >= n:
+                if s._active is self:  # a completed pass: the sampler moves to the next epoch
+                    s._epoch, s._resume, s._active = self.epoch + 1, 0, None
+                raise StopIteration
+            hi = min(n, self.yielded + s.chunk)
+            self._buf = s.positions(self.epoch, self.yielded, hi).tolist()[::-1]
+        s._active = self
+        self.yielded += 1
+        return self._buf.pop()
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.sampler
+        return {"epoch": self.epoch, "yielded": self.yielded, "seed": s.seed, **s._identity()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the saved pass after the indices it had handed out."""
+        s = self.sampler
+        s.load_state_dict(state)
+        self.epoch, self.yielded, self._buf = s._epoch, s._resume, []

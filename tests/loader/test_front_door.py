@@ -20,29 +20,14 @@ tf = pytest.importorskip("tensorflow")
 import gpuload  # noqa: E402
 from gpuload import LoaderSpec, ops  # noqa: E402
 
+from ..conftest import IDS_ROWS  # noqa: E402
+from ..helpers import epoch_ids as _epoch  # noqa: E402
+from ..helpers import ids_of as _ids  # noqa: E402
 from ..helpers import jpeg  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-N = 101  # rows: odd, so shards and batches never divide evenly
+N = IDS_ROWS
 BS = 8
-
-
-@pytest.fixture(scope="module")
-def ids_table(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    cols = {
-        "id": np.arange(N, dtype=np.int64),
-        "image": [jpeg(rng, 16, 20) for _ in range(N)],
-        "text": [f"row {i}" for i in range(N)],
-    }
-    return gpuload.ingest(tmp_path_factory.mktemp("fd") / "rows", cols, chunk_bytes=8 << 10)
-
-
-def _ids(batch) -> list[int]:
-    x = batch["id"] if isinstance(batch, dict) else batch
-    if hasattr(x, "numpy"):
-        x = x.numpy()
-    return np.asarray(x).reshape(-1).tolist()
 
 
 FRONT_DOORS = {
@@ -55,10 +40,6 @@ FRONT_DOORS = {
     "tf rows": lambda t, **kw: t.tensorflow(columns=["id"], **kw),
 }
 RESUMABLE = ("t.batches", "torch fast path", "tf batches", "tf rows")
-
-
-def _epoch(loader) -> list[int]:
-    return [i for b in loader for i in _ids(b)]
 
 
 @pytest.mark.parametrize("door", FRONT_DOORS)
