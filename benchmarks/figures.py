@@ -52,6 +52,15 @@ def _both(name: str, id: str, metrics=("rows_s", "mb_s")) -> dict[str, str]:
     return {f"{name}_{m}": f"{id}:{m}" for m in metrics}
 
 
+def _memory(loader: str) -> dict[str, str]:
+    """Peak RSS and what one epoch added to it, for the table and the 4x table."""
+    return {
+        f"memory_{size}_{m}": f"memory.{loader}.{size}:{m}"
+        for size in ("1x", "4x")
+        for m in ("peak_rss_mb", "rss_growth_mb")
+    }
+
+
 _TABLES = {
     **_both("ingest", "ingest.gpuload.{rows}", ("rows_s", "mb_s", "disk_mb_s", "fraction_of_disk")),
     **_both("local_seq", "stream.local.seq.bs128"),
@@ -65,11 +74,7 @@ _TABLES = {
     **_both("s3_seq_nocache", "stream.s3.seq_nocache"),
     "s3_shuffle_cold": "stream.s3.shuffle.cold",
     "s3_shuffle_cached": "stream.s3.shuffle.cached",
-    **{
-        f"memory_{size}_{m}": f"memory.stream.{size}:{m}"
-        for size in ("1x", "4x")
-        for m in ("peak_rss_mb", "rss_growth_mb")
-    },
+    **_memory("stream"),
     "deeplake_ingest": "ingest.deeplake.{rows}",
     "deeplake_stream": "stream.deeplake.seq.bs128",
 }
@@ -82,11 +87,7 @@ _LOADER = {
     "s3_fast_path_epoch1": "loader.s3.fast.cold",
     "s3_fast_path_epoch2": "loader.s3.fast.cached",
     "deeplake_dataloader_w0_shuffle": "loader.deeplake.w0.shuffle",
-    **{
-        f"memory_{size}_{m}": f"memory.fast.{size}:{m}"
-        for size in ("1x", "4x")
-        for m in ("peak_rss_mb", "rss_growth_mb")
-    },
+    **_memory("fast"),
 }
 _E2E = {
     "limit_raw_libjpeg": "decode.raw_libjpeg",
@@ -103,7 +104,7 @@ _E2E = {
 
 FIGURES: dict[str, FigureSet] = {
     "tables": FigureSet(
-        "README 'What it does today' rows 1-3; RESULTS.md 'Tables (issue 2)'",
+        "README 'Figures' rows 1-3 and 10; RESULTS.md 'Tables (issue 2)'",
         ("ingest", "stream", "memory"),
         rows=20000,
         remote=True,
@@ -126,7 +127,7 @@ FIGURES: dict[str, FigureSet] = {
         },
     ),  # fmt: skip
     "loader": FigureSet(
-        "README 'What it does today' rows 4-6; RESULTS.md 'Loader (issue 3)'",
+        "README 'Figures' rows 4-6; RESULTS.md 'Loader (issue 3)'",
         ("stream", "memory"),
         rows=20000,
         remote=True,
@@ -139,7 +140,7 @@ FIGURES: dict[str, FigureSet] = {
         },
     ),
     "e2e": FigureSet(
-        "README 'What it does today' row 7; RESULTS.md 'Decode and augmentation (issue 4)'",
+        "README 'Figures' row 7; RESULTS.md 'Decode and augmentation (issue 4)'",
         ("e2e",),
         figures=_E2E,
         ratios={
@@ -153,7 +154,7 @@ FIGURES: dict[str, FigureSet] = {
     ),
     "codecs": FigureSet("RESULTS.md 'Decode backends' (every case, by id)", ("codecs",)),
     "kernel": FigureSet(
-        "README 'What it does today' row 8; RESULTS.md 'Fused kernel alone' (every case, by id)",
+        "README 'Figures' row 8; RESULTS.md 'Fused kernel alone' (every case, by id)",
         ("kernel",),
     ),
 }

@@ -5,26 +5,44 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from .client import Client, ingest
-from .errors import GpuloadError
+from . import __version__
+from .client import Client, ingest, is_location, table_location
+from .errors import GpuloadError, TableNotFoundError
+from .storage import Store
 from .table import Table, open_table
+from .versions import table_exists
 
 __all__ = ["main"]
 
+# API spellings in error messages, and what a command-line user types instead
+_CLI_SPELLING = (
+    ("mode='append'", "--mode append"),
+    ("mode='overwrite'", "--mode overwrite"),
+    ("storage_options=", "--storage-options"),
+)
 
-def _is_location(s: str) -> bool:
-    """A TABLE argument naming a path or URL rather than a table under the client root."""
-    return "://" in s or os.sep in s or s.startswith(".") or s.startswith("~")
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.root, storage_options=args.storage_options)
 
 
-def _open(spec: str, root: str | None) -> Table:
-    if _is_location(spec):
-        return open_table(spec)
-    return Client(root).open_table(spec)
+def _open(args: argparse.Namespace) -> Table:
+    if is_location(args.table):
+        return open_table(table_location(args.table, None), storage_options=args.storage_options)
+    return _client(args).open_table(args.table)
+
+
+def _store(args: argparse.Namespace) -> tuple[Store, str]:
+    """The store of an existing table and how to call it; TableNotFoundError otherwise."""
+    url = table_location(args.table, args.root, args.storage_options)
+    store = Store(url, args.storage_options)
+    if not table_exists(store):
+        where = url if is_location(args.table) else f"{args.table!r} under {_client(args).root}"
+        raise TableNotFoundError(f"no table at {where}")
+    return store, args.table
 
 
 def _human(n: float) -> str:
@@ -41,10 +59,11 @@ def cmd_ingest(args: argparse.Namespace) -> int:
         chunk_bytes=int(args.chunk_mb * (1 << 20)),
         progress=None if args.progress else False,
     )
-    if _is_location(args.table):
-        t = ingest(args.table, args.source, **kwargs)
+    if is_location(args.table):
+        url = table_location(args.table, None)
+        t = ingest(url, args.source, storage_options=args.storage_options, **kwargs)
     else:
-        t = Client(args.root).ingest(args.table, args.source, **kwargs)
+        t = _client(args).ingest(args.table, args.source, **kwargs)
     print(
         f"ingested {len(t)} rows into {t.url} (version {t.version}, {t.num_chunks} chunks, {_human(t.nbytes)})"
     )
@@ -52,7 +71,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    info = _open(args.table, args.root).info()
+    info = _open(args).info()
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -64,11 +83,16 @@ def cmd_info(args: argparse.Namespace) -> int:
     print("schema")
     for name, typ in info["schema"].items():
         print(f"  {name:<20} {typ:<16} {_human(info['column_bytes'].get(name, 0))}")
+        meta = info["column_metadata"].get(name)
+        if meta:
+            print(f"  {'':<20} metadata {json.dumps(meta, sort_keys=True)}")
+    if info["metadata"]:
+        print(f"metadata {json.dumps(info['metadata'], sort_keys=True)}")
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    client = Client(args.root)
+    client = _client(args)
     names = client.list_tables()
     if not names:
         print(f"no tables under {client.root}")
@@ -80,21 +104,32 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    Client(args.root).delete_table(args.table)
-    print(f"deleted {args.table}")
+    store, label = _store(args)
+    if not args.yes:
+        if not sys.stdin.isatty():
+            print(
+                f"gpuload: error: not deleting {label!r} without confirmation: there is no "
+                "terminal to ask on; pass --yes",
+                file=sys.stderr,
+            )
+            return 2
+        t = open_table(store.url, storage_options=args.storage_options)
+        answer = input(
+            f"delete table {label!r} ({len(t)} rows, {_human(t.nbytes)}, every version)? [y/N] "
+        )
+        if answer.strip().lower() not in ("y", "yes"):
+            print("not deleted")
+            return 1
+    store.remove_tree()
+    print(f"deleted {label}")
     return 0
 
 
 def cmd_vacuum(args: argparse.Namespace) -> int:
-    from .storage import Store
     from .vacuum import vacuum_store
 
-    older = args.older_than_hours * 3600.0
-    if _is_location(args.table):
-        label = os.path.basename(args.table.rstrip("/")) or args.table
-        report = vacuum_store(Store(args.table), label, older, args.dry_run)
-    else:
-        report = Client(args.root).vacuum(args.table, older, args.dry_run)
+    store, label = _store(args)
+    report = vacuum_store(store, label, args.older_than_hours * 3600.0, args.dry_run)
     print(report)
     for rel in report.removed:
         print(f"  {'would remove' if args.dry_run else 'removed'} {rel}")
@@ -102,8 +137,7 @@ def cmd_vacuum(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    t = _open(args.table, args.root)
-    report = t.verify()
+    report = _open(args).verify()
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -129,12 +163,35 @@ def _hours(text: str) -> float:
     return v
 
 
+def _json_object(text: str) -> dict:
+    try:
+        v = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(v, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return v
+
+
+TABLE_HELP = "a table name under --root, or a path or URL (anything with '/' or '://')"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="gpuload", description="GPU-first data loader: tables, ingest, benchmarks."
-    )
+        prog="gpuload",
+        description="GPU-first data loader: tables, ingest, benchmarks. " + TABLE_HELP.capitalize()
+        + " names a table in every command.",
+    )  # fmt: skip
+    p.add_argument("--version", action="version", version=f"gpuload {__version__}")
     p.add_argument(
         "--root", default=None, help="table root (default: $GPULOAD_ROOT or a local folder)"
+    )
+    p.add_argument(
+        "--storage-options",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="fsspec options for remote tables, e.g. '{\"anon\": true}' or an S3 endpoint",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,26 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "source", help="Parquet file or folder, image folder (class subfolders) or table path"
     )
-    s.add_argument("table", help="table name (under --root) or a path/URL")
+    s.add_argument("table", help=TABLE_HELP)
     s.add_argument("--mode", choices=("create", "append", "overwrite"), default="create")
     s.add_argument("--chunk-mb", type=float, default=32.0, help="target chunk size in MB")
     s.add_argument("--no-progress", dest="progress", action="store_false")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("info", help="schema, rows, size and chunks of a table")
-    s.add_argument("table")
+    s = sub.add_parser("info", help="schema, column metadata, rows, size and chunks of a table")
+    s.add_argument("table", help=TABLE_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_info)
 
     s = sub.add_parser("ls", help="list the tables under the root")
     s.set_defaults(func=cmd_ls)
 
-    s = sub.add_parser("rm", help="delete a table")
-    s.add_argument("table")
+    s = sub.add_parser("rm", help="delete a table (asks first)")
+    s.add_argument("table", help=TABLE_HELP)
+    s.add_argument(
+        "-y", "--yes", action="store_true", help="do not ask (needed without a terminal)"
+    )
     s.set_defaults(func=cmd_rm)
 
     s = sub.add_parser("vacuum", help="delete chunk files no commit names (left by killed writers)")
-    s.add_argument("table")
+    s.add_argument("table", help=TABLE_HELP)
     s.add_argument(
         "--older-than-hours",
         type=_hours,
@@ -175,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_vacuum)
 
     s = sub.add_parser("verify", help="read every chunk and check it against its checksums")
-    s.add_argument("table")
+    s.add_argument("table", help=TABLE_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
 
@@ -201,10 +261,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GpuloadError as e:
-        print(f"gpuload: error: {e}", file=sys.stderr)
+        print(f"gpuload: error: {_cli_spelling(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _cli_spelling(message: str) -> str:
+    """An error message with the API's option spellings replaced by the command line's."""
+    for api, flag in _CLI_SPELLING:
+        message = message.replace(api, flag)
+    return message
 
 
 if __name__ == "__main__":

@@ -19,7 +19,17 @@ from .vacuum import DEFAULT_GRACE_S, VacuumReport, vacuum_store
 from .versions import table_exists
 from .writer import DEFAULT_CHUNK_BYTES
 
-__all__ = ["Client", "default_root", "ingest", "pytorch", "resolve_table", "tensorflow"]
+__all__ = [
+    "Client",
+    "default_root",
+    "ingest",
+    "is_location",
+    "pytorch",
+    "resolve_table",
+    "table_location",
+    "tensorflow",
+    "torch_sampler",
+]
 
 
 def default_root() -> str:
@@ -147,6 +157,22 @@ def ingest(
     return Table(store, manifest, cache=cache, fetch=fetch)
 
 
+def is_location(arg: str) -> bool:
+    """The one naming rule (API and command line alike): a table argument is a path or URL when
+    it contains a path separator or ``://``, else the name of a table under the client's root
+    (``--root``): ``"training_data"`` is a name, ``"./training_data"`` a folder."""
+    return "://" in arg or "/" in arg or os.sep in arg
+
+
+def table_location(
+    arg: str, root: str | None, storage_options: Mapping[str, Any] | None = None
+) -> str:
+    """The URL a table argument names (see ``is_location``)."""
+    if is_location(arg):
+        return arg if "://" in arg else os.path.expanduser(arg)
+    return Client(root, storage_options=storage_options).table_url(arg)
+
+
 def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) -> Table | Rows:
     """A Table from a Table, a table name (under the default Client root), a path or a URL; a
     subset of rows (``t[a:b]``, ``t.split()``) stays one (its front doors read only its rows)."""
@@ -161,8 +187,8 @@ def resolve_table(table: Any, storage_options: Mapping[str, Any] | None = None) 
             f"expected a gpuload Table, rows of one (t[a:b]), a table name, a path or a URL, "
             f"not {type(table).__name__}"
         )
-    if "://" in table or os.sep in table or os.path.isdir(table):
-        return open_table(table, storage_options=storage_options)
+    if is_location(table):
+        return open_table(table_location(table, None), storage_options=storage_options)
     return Client(storage_options=storage_options).open_table(table)
 
 
@@ -172,13 +198,17 @@ def pytorch(
     transform: Callable | None = None,
     *,
     iterable: bool = False,
+    pin_memory: bool = False,
     storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ):
     """PyTorch access to a table (a Table, a name, a path or a URL): a map-style Dataset without
     ``batch_size`` (for torch's DataLoader), an IterableDataset with ``iterable=True`` (shuffles
-    and shards itself), else gpuload's batched fast path (threads, prefetch, fused image ops)."""
-    return resolve_table(table, storage_options).pytorch(transform, iterable=iterable, **options)
+    and shards itself), else gpuload's batched fast path (threads, prefetch, fused image ops).
+    ``pin_memory=True`` (batched): page-locked CPU batches where CUDA exists (a no-op without)."""
+    return resolve_table(table, storage_options).pytorch(
+        transform, iterable=iterable, pin_memory=pin_memory, **options
+    )
 
 
 def torch_sampler(

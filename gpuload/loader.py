@@ -41,6 +41,7 @@ __all__ = [
     "draw_seed",
     "refuse_pointless_skip",
     "subset_digest",
+    "transformed",
 ]
 
 log = logging.getLogger("gpuload.loader")
@@ -165,20 +166,19 @@ def split_rows(table: TableReader, rows: np.ndarray, data: Mapping[str, Any]) ->
     return out
 
 
-def apply_transform(
+def transformed(
     table: TableReader,
     transform: Callable,
     rows: np.ndarray,
     data: Mapping[str, Any],
     on_error: OnError,
     skipped: list[int],
-) -> list[Any]:
-    """Run a per-row transform; an error names the table and row (or drops the row with
-    on_error="skip", counted in ``skipped[0]``)."""
-    out = []
-    for row in split_rows(table, rows, data):
+) -> Iterator[tuple[int, Any]]:
+    """(position in ``rows``, transform(row)) for each row; an error names the table and row
+    (or drops the row with on_error="skip", counted in ``skipped[0]``)."""
+    for i, row in enumerate(split_rows(table, rows, data)):
         try:
-            out.append(transform(row))
+            out = transform(row)
         except Exception as e:
             if on_error is OnError.SKIP:
                 skipped[0] += 1
@@ -187,7 +187,19 @@ def apply_transform(
             raise TransformError(
                 f"transform raised on row {row.index} of table {table.name!r}: {type(e).__name__}: {e}"
             ) from e
-    return out
+        yield i, out
+
+
+def apply_transform(
+    table: TableReader,
+    transform: Callable,
+    rows: np.ndarray,
+    data: Mapping[str, Any],
+    on_error: OnError,
+    skipped: list[int],
+) -> list[Any]:
+    """Run a per-row transform over a batch (see ``transformed``)."""
+    return [out for _, out in transformed(table, transform, rows, data, on_error, skipped)]
 
 
 def collate_outputs(outputs: Sequence[Any]) -> Any:

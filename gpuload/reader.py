@@ -176,6 +176,7 @@ class TableReader:
             "chunks": self.num_chunks,
             "schema": {c.name: c.type_string() for c in self.schema},
             "column_bytes": col_bytes,
+            "column_metadata": {c.name: dict(c.metadata) for c in self.schema if c.metadata},
             "checksums": self.checksum_status(),
             "metadata": dict(self.schema.metadata),
         }

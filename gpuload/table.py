@@ -69,12 +69,23 @@ class Table(TableReader):
         return make_loader(self, spec)
 
     @with_spec_options()
-    def pytorch(self, transform: Callable | None = None, *, iterable: bool = False, **options: Any):
+    def pytorch(
+        self,
+        transform: Callable | None = None,
+        *,
+        iterable: bool = False,
+        pin_memory: bool = False,
+        **options: Any,
+    ):
         """PyTorch access (``gpuload.pytorch(self, ...)``): a map-style Dataset without
-        ``batch_size``, an IterableDataset with ``iterable=True``, else the batched fast path."""
-        from .adapters.torch import torch_front_door
+        ``batch_size``, an IterableDataset with ``iterable=True``, else the batched fast path.
+        ``pin_memory=True`` (batched, CPU batches): page-locked batches where CUDA exists, for
+        fast copies to the GPU; without CUDA there is nothing to pin for and batches are as
+        usual."""
+        from .adapters.torch import torch_front_door, torch_spec
 
-        return torch_front_door(self, LoaderSpec(**options), transform, iterable=iterable)
+        spec = torch_spec(options)
+        return torch_front_door(self, spec, transform, iterable=iterable, pin_memory=pin_memory)
 
     def torch_sampler(self, **options: Any):
         """``gpuload.torch_sampler(self, ...)``: resumable indices for ``gpuload.pytorch(self)``
@@ -180,9 +191,18 @@ class Rows:
         return self.table.batches(batch_size, **self._subset(options))
 
     @with_spec_options(exclude=("indices",))
-    def pytorch(self, transform: Callable | None = None, *, iterable: bool = False, **options: Any):
+    def pytorch(
+        self,
+        transform: Callable | None = None,
+        *,
+        iterable: bool = False,
+        pin_memory: bool = False,
+        **options: Any,
+    ):
         """``Table.pytorch`` over these rows only."""
-        return self.table.pytorch(transform, iterable=iterable, **self._subset(options))
+        return self.table.pytorch(
+            transform, iterable=iterable, pin_memory=pin_memory, **self._subset(options)
+        )
 
     def torch_sampler(self, **options: Any):
         """``Table.torch_sampler`` over these rows only (for ``gpuload.pytorch(rows)``)."""

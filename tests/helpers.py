@@ -5,6 +5,29 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
+
+DECODERS = ["cpu", "pil", "nvimgcodec", "dali"]
+
+
+def have_decoder(name: str) -> bool:
+    """Whether a decoder backend's library is installed (cpu and pil always are)."""
+    mod = {"nvimgcodec": "nvidia.nvimgcodec", "dali": "nvidia.dali"}.get(name)
+    if mod is None:
+        return True
+    try:
+        __import__(mod)
+        return True
+    except ImportError:
+        return False
+
+
+def decoder_params() -> list:
+    """pytest params of every decoder backend, each skipped where its library is missing."""
+    return [
+        pytest.param(b, marks=pytest.mark.skipif(not have_decoder(b), reason=f"{b} not installed"))
+        for b in DECODERS
+    ]
 
 
 def textured_image(rng: np.random.Generator, h: int, w: int, channels: int = 3) -> np.ndarray:

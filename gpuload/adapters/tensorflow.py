@@ -5,11 +5,15 @@ Without ``batch_size`` it yields rows (chain ``.batch()``); with ``batch_size`` 
 batches from gpuload's fast path (threads, prefetch, decode and fused image ops). Shuffling and
 sharding (``input_context`` from ``tf.distribute``, or rank/world) happen inside gpuload, seeded
 and different every epoch (each pass over the dataset is the next epoch). The dataset carries
-``state_dict()``, ``load_state_dict()``, ``set_epoch()`` and ``stats()`` of its loader.
+``state_dict()``, ``load_state_dict()``, ``set_epoch()`` and ``stats()`` of its loader, and
+``ds.handle``: the same methods on an object that outlives ``.map()``/``.prefetch()`` chains, whose
+``track(chain)`` counts what the end of the chain delivered, so a resume is exact even with
+prefetching after gpuload.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,7 +25,7 @@ from ..reader import TableReader
 from ..schema import Column
 from ..spec import LoaderSpec, refuse_unused
 
-__all__ = ["tf_front_door", "column_spec"]
+__all__ = ["tf_front_door", "column_spec", "TFHandle"]
 
 ROWS = "a dataset of rows (no batch_size)"
 ROW_OPTIONS = (
@@ -116,6 +120,10 @@ class _Cursor:
         self.batched = batched
         self.pending = 0  # rows of the current internal batch not yet handed to tf.data
         self.resumed = False
+        self.handle = TFHandle(self)
+        # with a tracked chain: the state after each element handed over and not yet delivered
+        self.in_flight: deque[dict[str, Any]] = deque()
+        self.delivered: dict[str, Any] | None = None
 
     def dataset(self, sized: bool) -> tf.data.Dataset:
         """The tf.data.Dataset, with the loader's methods. ``sized``: its cardinality is
@@ -133,11 +141,12 @@ class _Cursor:
         options = tf.data.Options()
         options.experimental_optimization.inject_prefetch = False
         ds = ds.with_options(options)
-        ds.state_dict = self.state_dict
-        ds.load_state_dict = self.load_state_dict
+        ds.state_dict = self.handle.state_dict
+        ds.load_state_dict = self.handle.load_state_dict
         ds.set_epoch = self.loader.set_epoch
         ds.stats = self.loader.stats
         ds.loader = self.loader
+        ds.handle = self.handle
         return ds
 
     def generate(self, sized: bool):
@@ -147,16 +156,24 @@ class _Cursor:
                 "load_state_dict() returned (tf.data fixes a dataset's length when it is built, "
                 "and a resumed pass is shorter)"
             )
+        if self.handle.tracking and self.delivered is None:
+            self.delivered = self.state_dict()  # nothing delivered yet: where this pass starts
         for batch in self.loader:  # each pass over the dataset is the loader's next epoch
             if self.batched:
+                self._handing_over()
                 yield {k: _to_tf_ready(_host(v)) for k, v in batch.items()}
                 continue
             host = {k: _host(v) for k, v in batch.items()}
             n = len(next(iter(host.values()))) if host else 0
             for i in range(n):
                 self.pending = n - i
+                self._handing_over()
                 yield {k: v[i] for k, v in host.items()}
             self.pending = 0
+
+    def _handing_over(self) -> None:
+        if self.handle.tracking:
+            self.in_flight.append(self.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
         state = self.loader.state_dict()
@@ -171,7 +188,66 @@ class _Cursor:
         self.pending = 0
         self.loader.load_state_dict(state)
         self.resumed = True
+        self.in_flight.clear()
+        self.delivered = None
         return self.dataset(sized=False)
+
+
+class TFHandle:
+    """The loader behind a gpuload tf.data dataset, reachable after the dataset is chained
+    (``ds.map(f).prefetch(2)`` is a new dataset without gpuload's methods): ``state_dict()``,
+    ``load_state_dict()``, ``set_epoch()``, ``stats()``.
+
+    Without ``track``, the state counts the elements gpuload handed to tf.data, which is what
+    the consumer received when nothing after gpuload reads ahead. ``track(chain)`` returns the
+    chain with a counter at its end: the state then counts what the chain delivered, exact
+    with ``.map()``, ``.prefetch()`` and parallel maps in between (any stage that yields one
+    element per element it reads; not ``.batch()``/``.filter()`` after gpuload)."""
+
+    def __init__(self, cursor: _Cursor) -> None:
+        self._cursor = cursor
+        self.tracking = False
+
+    def state_dict(self) -> dict[str, Any]:
+        c = self._cursor
+        if self.tracking:
+            if c.delivered is not None:
+                return dict(c.delivered)
+            if c.in_flight:  # handed over, nothing delivered yet: where the first one began
+                first = dict(c.in_flight[0])
+                first["position"] = max(0, first["position"] - 1)
+                return first
+        return c.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> tf.data.Dataset:
+        """Resume; returns the dataset to chain and iterate (see ``_Cursor.load_state_dict``)."""
+        return self._cursor.load_state_dict(state)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._cursor.loader.set_epoch(epoch)
+
+    def stats(self):
+        return self._cursor.loader.stats()
+
+    def track(self, chain: tf.data.Dataset) -> tf.data.Dataset:
+        """``chain`` with a counter at its end (see the class docstring); iterate the result."""
+        self.tracking = True
+        c = self._cursor
+
+        def delivered_one() -> int:
+            if c.in_flight:
+                c.delivered = c.in_flight.popleft()
+            return 0
+
+        def count(*elem):
+            tick = tf.py_function(delivered_one, [], tf.int64)
+            with tf.control_dependencies([tick]):
+                out = tf.nest.map_structure(tf.identity, elem)
+            return out[0] if len(out) == 1 else out
+
+        options = tf.data.Options()
+        options.experimental_optimization.inject_prefetch = False  # nothing after the counter
+        return chain.map(count).with_options(options)
 
 
 def _host(v: Any) -> Any:

@@ -34,6 +34,7 @@ from ..loader import (
     refuse_pointless_skip,
     split_rows,
     subset_digest,
+    transformed,
 )
 from ..reader import TableReader
 from ..sampling import SubsetOrder, shard_for
@@ -43,6 +44,7 @@ from ..stats import LoaderStats
 __all__ = [
     "torch_front_door",
     "torch_sampler",
+    "torch_spec",
     "TorchDataset",
     "TorchIterableDataset",
     "TorchLoader",
@@ -65,12 +67,37 @@ ITERABLE_OPTIONS = (
 TO_BATCHED = "pass batch_size= for gpuload's batched fast path, which honours every option"
 
 
+# torch DataLoader options, and what gpuload's batched loader uses instead
+TORCH_NAMES = {
+    "num_workers": "num_threads=",
+    "prefetch_factor": "prefetch=",
+    "persistent_workers": "nothing (its threads live as long as the loader)",
+}
+
+
+def torch_spec(options: Mapping[str, Any]) -> LoaderSpec:
+    """The LoaderSpec of a torch front door's options; torch's DataLoader option names get one
+    clear error saying what gpuload uses instead, and why."""
+    used = [n for n in TORCH_NAMES if n in options]
+    if used:
+        instead = "; ".join(f"{n} -> {TORCH_NAMES[n]}" for n in used)
+        raise TypeError(
+            f"{', '.join(f'{n}={options[n]!r}' for n in used)}: gpuload's batched loader "
+            f"(batch_size=) assembles batches on threads in this process, not in worker "
+            f"processes, so it takes other options ({instead}). For torch's DataLoader with "
+            f"worker processes, leave out batch_size= and pass these to "
+            f"DataLoader(gpuload.pytorch(t), ...)"
+        )
+    return LoaderSpec(**options)
+
+
 def torch_front_door(
     table: TableReader,
     spec: LoaderSpec,
     transform: Callable | None = None,
     *,
     iterable: bool = False,
+    pin_memory: bool = False,
 ):
     """The dataset or loader a spec asks for (see the module docstring)."""
     if spec.batch_size is not None:
@@ -81,8 +108,23 @@ def torch_front_door(
             )
         dev = resolve_device(spec.device)
         tdev = torch.device("cuda", dev.index) if dev.is_cuda else torch.device("cpu")
-        loader = make_loader(table, spec, transform=transform, export=lambda b: to_torch(b, tdev))
-        return TorchLoader(loader, tdev)
+        if pin_memory and dev.is_cuda:
+            raise ValueError(
+                "pin_memory=True pins host batches for fast copies to the GPU; with "
+                f"device={spec.device!r} the batches are made on the GPU already"
+            )
+        pin = pin_memory and torch.cuda.is_available()  # without CUDA: nothing to pin for
+
+        def export(b):
+            out = to_torch(b, tdev)
+            return _pinned(out) if pin else out
+
+        return TorchLoader(make_loader(table, spec, transform=transform, export=export), tdev)
+    if pin_memory:
+        raise ValueError(
+            "pin_memory=True: gpuload's datasets hand rows to torch's DataLoader, which pins "
+            "batches itself: pass pin_memory=True to DataLoader(...)"
+        )
     if iterable:
         refuse_unused(spec, ITERABLE, ITERABLE_OPTIONS, TO_BATCHED)
         if transform is None:
@@ -117,6 +159,18 @@ def torch_sampler(table: TableReader, spec: LoaderSpec) -> TorchSampler:
     )
     subset = table.select_rows(spec.indices) if spec.indices is not None else None
     return TorchSampler(table, subset, spec)
+
+
+def _pinned(batch: Any) -> Any:
+    """CPU tensors of a batch copied into page-locked memory (what DataLoader(pin_memory=True)
+    does), so ``.to("cuda", non_blocking=True)`` overlaps the copy."""
+    if isinstance(batch, torch.Tensor):
+        return batch.pin_memory() if batch.device.type == "cpu" else batch
+    if isinstance(batch, dict):
+        return {k: _pinned(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_pinned(v) for v in batch)
+    return batch
 
 
 class TorchDataset(Dataset):
@@ -167,7 +221,10 @@ def _positions(indices: Sequence[int], n: int, name: str) -> np.ndarray:
 class TorchIterableDataset(IterableDataset):
     """Iterable dataset that shuffles itself (seeded, a new order per epoch) and shards itself
     across ranks and DataLoader workers: every row exactly once per epoch across all of them
-    (with ``uneven="pad"``, the last rank's shortfall is padded from the start)."""
+    (with ``uneven="pad"``, the last rank's shortfall is padded from the start).
+
+    ``state_dict()`` / ``load_state_dict()`` resume exactly: in this process, or per worker
+    through torchdata's StatefulDataLoader (which saves and restores each worker's copy)."""
 
     read_rows = 256  # rows fetched per read
 
@@ -188,11 +245,14 @@ class TorchIterableDataset(IterableDataset):
         self._epoch = spec.epoch or 0
         self._explicit = spec.epoch is not None
         self._warned = False
+        self._at: list[int] | None = None  # [epoch, position in this copy's share] while iterating
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Use this epoch's order next (call it every epoch when workers are not persistent)."""
         self._epoch = int(epoch)
         self._explicit = True
+        self._resume = None
 
     def _shard(self):
         total = len(self.subset) if self.subset is not None else len(self.table)
@@ -201,7 +261,12 @@ class TorchIterableDataset(IterableDataset):
     def __len__(self) -> int:
         return self._shard().count
 
-    def _next_epoch(self, in_worker: bool) -> int:
+    def _next_epoch(self, in_worker: bool) -> tuple[int, int]:
+        """(epoch, start position) of the pass that begins now."""
+        if self._resume is not None:
+            (epoch, start), self._resume = self._resume, None
+            self._epoch = epoch + 1
+            return epoch, start
         epoch = self._epoch
         if not self._explicit:
             # No set_epoch: advance per iteration. In a persistent worker (or num_workers=0) this
@@ -215,27 +280,64 @@ class TorchIterableDataset(IterableDataset):
                     "the first order",
                     stacklevel=3,
                 )
-        return epoch
+        return epoch, 0
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        epoch = self._next_epoch(info is not None)
+        epoch, start = self._next_epoch(info is not None)
         order = self.table.epoch_order(self.shuffle, self.seed, epoch, self.subset)
         shard = self._shard()
         per = math.ceil(shard.count / nw) if shard.count else 0
         lo, hi = min(shard.count, wid * per), min(shard.count, (wid + 1) * per)
-        for a in range(lo, hi, self.read_rows):
+        self._at = at = [epoch, start]
+        for a in range(min(hi, lo + start), hi, self.read_rows):
             rows = order.at(shard.positions(a, min(hi, a + self.read_rows)))
             data = self.table.read(rows, self.columns)
             if self.transform is None:
-                yield from (r.to_dict() for r in split_rows(self.table, rows, data))
+                for r in split_rows(self.table, rows, data):
+                    at[1] += 1
+                    yield r.to_dict()
                 continue
-            skipped = [0]
-            yield from apply_transform(
+            skipped, base = [0], at[1]
+            for i, out in transformed(
                 self.table, self.transform, rows, data, self.on_error, skipped
-            )
+            ):
+                at[1] = base + i + 1
+                yield out
+            at[1] = base + len(rows)
             self.skipped += skipped[0]
+        self._at = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this copy stands (plain JSON): the pass under way and the rows of its share
+        already handed out, or the next pass."""
+        epoch, pos = self._at if self._at is not None else (self._epoch, 0)
+        if self._resume is not None:
+            epoch, pos = self._resume
+        return {"epoch": epoch, "position": pos, "seed": self.seed, **self._identity()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """The next pass continues the saved one after the rows it had handed out."""
+        for key, mine in self._identity().items():
+            if state.get(key) != mine:
+                raise ValueError(
+                    f"cannot resume: the saved dataset had {key}={state.get(key)!r}, this one "
+                    f"has {mine!r}"
+                )
+        self.seed = int(state["seed"])
+        self._resume = (int(state["epoch"]), int(state["position"]))
+        self._at = None
+
+    def _identity(self) -> dict[str, Any]:
+        total = len(self.subset) if self.subset is not None else len(self.table)
+        return {
+            "num_rows": total,
+            "subset": subset_digest(self.subset),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "shuffle": self.shuffle.value,
+        }
 
 
 class TorchLoader:
@@ -249,6 +351,14 @@ class TorchLoader:
 
     def __iter__(self):
         return iter(self.loader)
+
+    def __getitem__(self, index: Any) -> Any:
+        raise TypeError(
+            "gpuload.pytorch(t, batch_size=N) is already a loader: iterate it (for batch in "
+            "loader) and it batches, shuffles and prefetches on its own threads. To use torch's "
+            "DataLoader instead, leave out batch_size= (gpuload.pytorch(t) is a map-style "
+            "Dataset; iterable=True an IterableDataset) and give the DataLoader batch_size="
+        )
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -6,10 +6,12 @@ import argparse
 
 
 def _demo_table(args: argparse.Namespace) -> int:
+    from ..client import table_location
     from ..demo import make_demo_table
 
     t = make_demo_table(
-        args.dest,
+        table_location(args.dest, args.root, args.storage_options),
+        storage_options=args.storage_options,
         rows=args.rows,
         seed=args.seed,
         mode=args.mode,
@@ -28,7 +30,9 @@ def register_demo(sub) -> None:
         "demo-table",
         help="generate the robot-like demo table (480x640 JPEG, float32[14], label, text)",
     )
-    s.add_argument("dest", help="path or URL of the table to create")
+    s.add_argument(
+        "dest", help="the table to create: a name under --root, or a path or URL ('/' or '://')"
+    )
     s.add_argument("--rows", type=int, default=10_000)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--mode", choices=("create", "overwrite"), default="create")
@@ -38,8 +42,17 @@ def register_demo(sub) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from ..client import table_location
     from .runner import config_from_args, execute
 
+    if args.storage_options:
+        raise SystemExit(
+            "gpuload bench: --storage-options is not passed on to the benchmark's measurements; "
+            "copy the table first (gpuload --storage-options JSON ingest URL NAME) and "
+            "benchmark the copy (gpuload bench NAME), or use --remote for a loopback S3 run"
+        )
+    if args.table is not None:
+        args.table = table_location(args.table, args.root)
     return execute(config_from_args(args))
 
 

@@ -110,3 +110,68 @@ def test_a_resume_that_does_not_fit_is_refused(ids_table):
         gpuload.torch_sampler(ids_table, seed=1, rank=0, world_size=2).load_state_dict(state)
     with pytest.raises(ValueError, match="out of range"):
         s.load_state_dict({**state, "yielded": N + 1})
+
+
+# -- the iterable dataset ------------------------------------------------------------------------
+def test_iterable_dataset_resumes_from_its_own_state(ids_table):
+    """Without workers the DataLoader pulls exactly a batch of rows at a time, so the dataset's
+    state after k batches resumes after exactly those rows (a drawn seed travels in it)."""
+    for stop in (1, 5, 12):
+        ds = gpuload.pytorch(ids_table, iterable=True, shuffle=True, columns=["id"])
+        it = iter(torch.utils.data.DataLoader(ds, batch_size=BS))
+        seen = [i for _ in range(stop) for i in ids_of(next(it))]
+        state = json.loads(json.dumps(ds.state_dict()))
+        whole = epoch_ids(
+            torch.utils.data.DataLoader(
+                gpuload.pytorch(ids_table, iterable=True, shuffle=True, seed=ds.seed,
+                                columns=["id"]), batch_size=BS)
+        )  # fmt: skip
+        again = gpuload.pytorch(ids_table, iterable=True, shuffle=True, columns=["id"])
+        again.load_state_dict(state)
+        dl = torch.utils.data.DataLoader(again, batch_size=BS)
+        assert seen + epoch_ids(dl) == whole, stop
+        assert sorted(epoch_ids(dl)) == list(range(N))  # then the next epoch, whole
+
+
+@pytest.mark.timeout(240)
+def test_iterable_dataset_with_stateful_dataloader_and_two_workers(ids_table):
+    pytest.importorskip("torchdata")
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    def make():
+        ds = gpuload.pytorch(ids_table, iterable=True, shuffle=True, seed=6, columns=["id"])
+        return StatefulDataLoader(ds, batch_size=BS, num_workers=2, multiprocessing_context="fork")
+
+    whole = epoch_ids(make())
+    assert sorted(whole) == list(range(N))
+    for stop in (2, 7):
+        first = make()
+        it = iter(first)
+        seen = [i for _ in range(stop) for i in ids_of(next(it))]
+        state = first.state_dict()
+        del it
+        resumed = make()
+        resumed.load_state_dict(state)
+        assert seen + epoch_ids(resumed) == whole, stop
+
+
+def test_iterable_resume_with_a_skipping_transform_counts_rows_not_outputs(ids_table):
+    """Rows a transform skips still count as handed out: the resume neither repeats nor
+    loses any."""
+
+    def odd_only(row):
+        if int(row["id"]) % 2 == 0:
+            raise ValueError("even")
+        return {"id": row["id"]}
+
+    def make(**kw):
+        return gpuload.pytorch(ids_table, odd_only, iterable=True, shuffle=True, seed=2,
+                               on_error="skip", columns=["id"], **kw)  # fmt: skip
+
+    whole = epoch_ids(torch.utils.data.DataLoader(make(), batch_size=BS))
+    ds = make()
+    it = iter(torch.utils.data.DataLoader(ds, batch_size=BS))
+    seen = [i for _ in range(3) for i in ids_of(next(it))]
+    again = make()
+    again.load_state_dict(ds.state_dict())
+    assert seen + epoch_ids(torch.utils.data.DataLoader(again, batch_size=BS)) == whole

@@ -31,32 +31,17 @@ from gpuload.decode._samples import encode_jpeg, encode_png, photo_jpegs, photo_
 from gpuload.device import Device
 from gpuload.errors import DecodeError, MissingDependencyError
 
+from ..helpers import DECODERS as BACKENDS
+from ..helpers import decoder_params as backend_param
+from ..helpers import have_decoder as _have
+
 pytest.importorskip("skimage")
 
-BACKENDS = ["cpu", "pil", "nvimgcodec", "dali"]
 # Mean absolute difference (0-255 scale) allowed against PIL's decode of the same JPEG. All four
 # use libjpeg-turbo's accurate IDCT with fancy upsampling; measured differences are 0.0.
 PARITY_MEAN_TOL = 0.5
 # DCT-scaled decode against PIL's box-filter reduction of the full decode: different filters.
 SCALE_MEAN_TOL = 6.0
-
-
-def _have(name: str) -> bool:
-    mod = {"nvimgcodec": "nvidia.nvimgcodec", "dali": "nvidia.dali"}.get(name)
-    if mod is None:
-        return True
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
-
-
-def backend_param():
-    return [
-        pytest.param(b, marks=pytest.mark.skipif(not _have(b), reason=f"{b} not installed"))
-        for b in BACKENDS
-    ]
 
 
 _decoders: dict = {}

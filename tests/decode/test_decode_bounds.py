@@ -25,10 +25,10 @@ from gpuload.decode.header import DEFAULT_MAX_PIXELS
 from gpuload.errors import DecodeError
 from gpuload.testing.faults import hostile_image
 
+from ..helpers import decoder_params as backend_param
 from ..helpers import encode, textured_image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BACKENDS = ["cpu", "pil", "nvimgcodec", "dali"]
 HUGE = 65535  # 65535 x 65535 x 3 bytes: a 12 GiB image, 15 GiB of staging with headroom
 LIMIT_RE = r"too many pixels.*over the limit of 89478485 \(DecodeOptions.max_pixels\)"
 
@@ -74,24 +74,6 @@ HOSTILE = {
     "gif": lambda: gif_claiming(HUGE, HUGE),
     "webp": lambda: webp_claiming(16384, 16384),
 }
-
-
-def _have(name: str) -> bool:
-    mod = {"nvimgcodec": "nvidia.nvimgcodec", "dali": "nvidia.dali"}.get(name)
-    if mod is None:
-        return True
-    try:
-        __import__(mod)
-        return True
-    except ImportError:
-        return False
-
-
-def backend_param():
-    return [
-        pytest.param(b, marks=pytest.mark.skipif(not _have(b), reason=f"{b} not installed"))
-        for b in BACKENDS
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
