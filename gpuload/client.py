@@ -227,10 +227,11 @@ def torch_sampler(
     order each epoch, this rank's share only (``rank``/``world_size`` or torch.distributed).
     ``StatefulDataLoader(ds, sampler=gpuload.torch_sampler(t, seed=0))`` (torchdata) resumes
     exactly, workers included; ``seed=None`` draws one that travels in the state."""
-    return resolve_table(table, storage_options).torch_sampler(
-        shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-        uneven=uneven, indices=indices,
-    )  # fmt: skip
+    kw = dict(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+              uneven=uneven)  # fmt: skip
+    if indices is not None:  # a subset given as rows (t[...]) refuses a second one
+        kw["indices"] = indices
+    return resolve_table(table, storage_options).torch_sampler(**kw)
 
 
 @with_spec_options()

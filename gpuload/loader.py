@@ -324,9 +324,11 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         """Use this epoch's order for the next iteration (as DistributedSampler.set_epoch).
-        Without it, each new iteration is the next epoch."""
+        Without it, each new iteration is the next epoch. After ``load_state_dict``, setting
+        the saved epoch keeps the resume position (training loops call it every epoch)."""
+        if int(epoch) != self._epoch:
+            self._start = 0
         self._epoch = int(epoch)
-        self._start = 0
         self._stopped = None
 
     def stats(self) -> LoaderStats:

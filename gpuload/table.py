@@ -87,12 +87,25 @@ class Table(TableReader):
         spec = torch_spec(options)
         return torch_front_door(self, spec, transform, iterable=iterable, pin_memory=pin_memory)
 
-    def torch_sampler(self, **options: Any):
+    def torch_sampler(
+        self,
+        *,
+        shuffle: bool | str = True,
+        seed: int | None = None,
+        epoch: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        uneven: str = "pad",
+        indices: Any = None,
+    ):
         """``gpuload.torch_sampler(self, ...)``: resumable indices for ``gpuload.pytorch(self)``
-        with torch's DataLoader or torchdata's StatefulDataLoader."""
+        with torch's DataLoader or torchdata's StatefulDataLoader (shuffled by default, as
+        torch's RandomSampler and DistributedSampler)."""
         from .adapters.torch import torch_sampler
 
-        return torch_sampler(self, LoaderSpec(**options))
+        spec = LoaderSpec(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank,
+                          world_size=world_size, uneven=uneven, indices=indices)  # fmt: skip
+        return torch_sampler(self, spec)
 
     @with_spec_options()
     def tensorflow(self, *, input_context: Any = None, **options: Any):
@@ -224,9 +237,13 @@ def split_rows_by(n: int, fractions: Sequence[float], seed: int) -> list[np.ndar
     if all(float(f).is_integer() for f in parts) and sum(parts) == n and n != 1:
         counts = [int(f) for f in parts]
     elif abs(sum(parts) - 1.0) <= 1e-6:
-        counts = [int(np.floor(f * n)) for f in parts]
-        for i in range(n - sum(counts)):  # the rounding remainder, one row each, in turn
-            counts[i % len(counts)] += 1
+        exact = [f * n for f in parts]
+        counts = [int(np.floor(x)) for x in exact]
+        # the rounding remainder: a row each to the parts with the largest fractions left over
+        # (so a part asked for 0 rows gets none)
+        by_rest = sorted(range(len(parts)), key=lambda i: counts[i] - exact[i])
+        for i in by_rest[: n - sum(counts)]:
+            counts[i] += 1
     else:
         raise ValueError(
             f"split fractions must sum to 1 (or be row counts summing to {n}), got {list(fractions)}"

@@ -249,10 +249,12 @@ class TorchIterableDataset(IterableDataset):
         self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Use this epoch's order next (call it every epoch when workers are not persistent)."""
+        """Use this epoch's order next (call it every epoch when workers are not persistent).
+        After ``load_state_dict``, setting the saved epoch keeps the resume position."""
         self._epoch = int(epoch)
         self._explicit = True
-        self._resume = None
+        if self._resume is not None and self._resume[0] != self._epoch:
+            self._resume = None
 
     def _shard(self):
         total = len(self.subset) if self.subset is not None else len(self.table)
@@ -413,7 +415,11 @@ class TorchSampler(Sampler[int]):
         return self._shard.count
 
     def set_epoch(self, epoch: int) -> None:
-        self._epoch, self._resume, self._active = int(epoch), 0, None
+        """Use this epoch's order next. After ``load_state_dict``, setting the saved epoch keeps
+        the resume position (a training loop calls ``set_epoch(e)`` at every epoch's start)."""
+        if int(epoch) != self._epoch:
+            self._resume = 0
+        self._epoch, self._active = int(epoch), None
 
     def __iter__(self) -> _SamplerIterator:
         return _SamplerIterator(self, self._epoch, self._resume)

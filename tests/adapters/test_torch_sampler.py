@@ -44,6 +44,9 @@ def test_every_row_once_new_order_each_epoch_and_seeds_reproduce(ids_table):
     assert epoch_ids(_loader(ds, s2)) == e1
     plain = gpuload.torch_sampler(ids_table, shuffle=False)
     assert list(plain) == list(range(N))
+    # shuffled by default, as torch's RandomSampler, through every door
+    assert list(ids_table.torch_sampler(seed=3)) == list(gpuload.torch_sampler(ids_table, seed=3))
+    assert list(ids_table[:50].torch_sampler(seed=3)) != list(range(50))
 
 
 def test_ranks_get_disjoint_equal_shares(ids_table):
@@ -175,3 +178,39 @@ def test_iterable_resume_with_a_skipping_transform_counts_rows_not_outputs(ids_t
     again = make()
     again.load_state_dict(ds.state_dict())
     assert seen + epoch_ids(torch.utils.data.DataLoader(again, batch_size=BS)) == whole
+
+
+def test_set_epoch_of_the_saved_epoch_keeps_the_resume_position(ids_table):
+    """A training loop calls set_epoch(e) at each epoch's start, also the first one after a
+    resume: that must not restart the saved epoch (every resumable path)."""
+
+    def fast():
+        return gpuload.pytorch(ids_table, batch_size=BS, shuffle=True, seed=1, columns=["id"])
+
+    def iterable():
+        return gpuload.pytorch(ids_table, iterable=True, shuffle=True, seed=1, columns=["id"])
+
+    def sampler():
+        return gpuload.torch_sampler(ids_table, seed=1)
+
+    ds = gpuload.pytorch(ids_table, columns=["id"])
+    passes = {
+        "fast path": (fast, lambda x: x),
+        "iterable": (iterable, lambda x: torch.utils.data.DataLoader(x, batch_size=BS)),
+        "sampler": (sampler, lambda s: torch.utils.data.DataLoader(ds, batch_size=BS, sampler=s)),
+    }
+    for name, (make, loader_of) in passes.items():
+        first = make()
+        first.set_epoch(2)
+        it = iter(loader_of(first))
+        seen = [i for _ in range(3) for i in ids_of(next(it))]
+        state = first.state_dict()
+        again = make()
+        again.load_state_dict(state)
+        again.set_epoch(2)
+        rest = epoch_ids(loader_of(again))
+        whole = make()
+        whole.set_epoch(2)
+        assert seen + rest == epoch_ids(loader_of(whole)), name
+        again.set_epoch(3)  # another epoch: from its start
+        assert sorted(epoch_ids(loader_of(again))) == list(range(N)), name

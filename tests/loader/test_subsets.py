@@ -122,6 +122,7 @@ def test_split_is_deterministic_disjoint_and_complete(ids_table):
     other = ids_table.split([0.8, 0.1, 0.1], seed=1)
     assert not np.array_equal(parts[1].indices, other[1].indices)
     assert ids[1] != list(range(81, 91))  # drawn, not the last rows
+    assert [len(p) for p in ids_table.split([0.0, 0.5, 0.5])] == [0, 51, 50]  # none for 0
     counts = ids_table.split([90, 11], seed=0)
     assert [len(p) for p in counts] == [90, 11]
     for bad in ([0.5, 0.4], [-0.1, 1.1], [50, 50]):
