@@ -114,9 +114,12 @@ def cmd_rm(args: argparse.Namespace) -> int:
             )
             return 2
         t = open_table(store.url, storage_options=args.storage_options)
-        answer = input(
-            f"delete table {label!r} ({len(t)} rows, {_human(t.nbytes)}, every version)? [y/N] "
-        )
+        try:
+            answer = input(
+                f"delete table {label!r} ({len(t)} rows, {_human(t.nbytes)}, every version)? [y/N] "
+            )
+        except EOFError:  # Ctrl-D: no
+            answer = ""
         if answer.strip().lower() not in ("y", "yes"):
             print("not deleted")
             return 1
