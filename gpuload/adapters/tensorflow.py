@@ -210,13 +210,8 @@ class TFHandle:
 
     def state_dict(self) -> dict[str, Any]:
         c = self._cursor
-        if self.tracking:
-            if c.delivered is not None:
-                return dict(c.delivered)
-            if c.in_flight:  # handed over, nothing delivered yet: where the first one began
-                first = dict(c.in_flight[0])
-                first["position"] = max(0, first["position"] - 1)
-                return first
+        if self.tracking and c.delivered is not None:
+            return dict(c.delivered)  # the state after the last element the chain delivered
         return c.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> tf.data.Dataset:
