@@ -2,20 +2,31 @@
 
 ``concurrent.futures.ThreadPoolExecutor`` joins its worker threads when the interpreter exits,
 so one read stalled on a dead server keeps a Ctrl-C'd training script from exiting until the
-read times out. gpuload's pools run daemon threads instead: at exit they are abandoned, and
-every storage operation has its own timeouts anyway. Threads start on demand, never at import.
+read times out. gpuload's pools run daemon threads instead, and every storage operation has its
+own timeouts anyway. Threads start on demand, never at import.
+
+At exit a pool cancels what has not started and gives running tasks a short grace period
+(``EXIT_GRACE_S``) before the interpreter abandons them: a thread killed while inside native
+code (a decoder, the Numba kernel, LLVM loading a compiled function) aborts the whole process
+("terminate called without an active exception"), which a script that stops iterating a loader
+early and exits must never see; a read stalled on a dead server still does not hold exit up.
 """
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import queue
 import threading
+import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["DaemonThreadPool"]
+__all__ = ["DaemonThreadPool", "EXIT_GRACE_S"]
+
+EXIT_GRACE_S = 1.0  # under the 2 s a Ctrl-C during a stalled read may take to exit
 
 _STOP = object()
 _names = itertools.count()
@@ -34,6 +45,7 @@ class DaemonThreadPool:
         self._idle = 0
         self._lock = threading.Lock()
         self._shutdown = False
+        self._at_exit: Callable[[], None] | None = None
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Run ``fn(*args, **kwargs)`` on a pool thread; returns its Future."""
@@ -48,6 +60,9 @@ class DaemonThreadPool:
                 )
                 self._threads.append(t)
                 t.start()
+                if self._at_exit is None:
+                    self._at_exit = _exit_hook(self)
+                    atexit.register(self._at_exit)
             else:
                 self._idle -= 1  # one idle thread will take it
         return fut
@@ -68,11 +83,17 @@ class DaemonThreadPool:
             with self._lock:
                 self._idle += 1
 
-    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
-        """Stop the threads once the queue drains (cancelling what has not started, if asked)."""
+    def shutdown(
+        self, wait: bool = True, cancel_futures: bool = False, timeout: float | None = None
+    ) -> None:
+        """Stop the threads once the queue drains (cancelling what has not started, if asked);
+        ``wait``: join them, for at most ``timeout`` seconds in all."""
         with self._lock:
             self._shutdown = True
             threads = list(self._threads)
+            hook, self._at_exit = self._at_exit, None
+        if hook is not None:
+            atexit.unregister(hook)
         if cancel_futures:
             while True:
                 try:
@@ -84,6 +105,20 @@ class DaemonThreadPool:
         for _ in threads:
             self._queue.put(_STOP)
         if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
             for t in threads:
                 if t is not threading.current_thread():
-                    t.join()
+                    t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+
+def _exit_hook(pool: DaemonThreadPool) -> Callable[[], None]:
+    """What runs at exit for a pool still alive then (held weakly: a pool dropped earlier is
+    not kept alive by it)."""
+    ref = weakref.ref(pool)
+
+    def at_exit() -> None:
+        p = ref()
+        if p is not None:
+            p.shutdown(wait=True, cancel_futures=True, timeout=EXIT_GRACE_S)
+
+    return at_exit
