@@ -4,6 +4,7 @@ accept a Table, a table name, a path or a URL."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -211,27 +212,25 @@ def pytorch(
     )
 
 
-def torch_sampler(
-    table: Any,
-    *,
-    shuffle: bool | str = True,
-    seed: int | None = None,
-    epoch: int | None = None,
-    rank: int | None = None,
-    world_size: int | None = None,
-    uneven: str = "pad",
-    indices: Any = None,
-    storage_options: Mapping[str, Any] | None = None,
-):
+def torch_sampler(table: Any, *, storage_options: Mapping[str, Any] | None = None, **options: Any):
     """A resumable sampler for ``gpuload.pytorch(table)`` (the map-style dataset): seeded, a new
     order each epoch, this rank's share only (``rank``/``world_size`` or torch.distributed).
     ``StatefulDataLoader(ds, sampler=gpuload.torch_sampler(t, seed=0))`` (torchdata) resumes
-    exactly, workers included; ``seed=None`` draws one that travels in the state."""
-    kw = dict(shuffle=shuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
-              uneven=uneven)  # fmt: skip
-    if indices is not None:  # a subset given as rows (t[...]) refuses a second one
-        kw["indices"] = indices
-    return resolve_table(table, storage_options).torch_sampler(**kw)
+    exactly, workers included; ``seed=None`` draws one that travels in the state. The options
+    are ``Table.torch_sampler``'s."""
+    return resolve_table(table, storage_options).torch_sampler(**options)
+
+
+def _front_door_signature(method: Callable, fn: Callable) -> inspect.Signature:
+    """``fn(table, <method's options>, storage_options=None)``: the signature help() shows for
+    a module-level front door that forwards to a Table method."""
+    own = list(inspect.signature(method).parameters.values())[1:]  # without self
+    first = inspect.Parameter("table", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    so = inspect.signature(fn).parameters["storage_options"]
+    return inspect.Signature([first, *own, so])
+
+
+torch_sampler.__signature__ = _front_door_signature(Table.torch_sampler, torch_sampler)  # type: ignore[attr-defined]
 
 
 @with_spec_options()
