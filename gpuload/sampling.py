@@ -9,11 +9,11 @@ stay within a bounded set of chunks at a time.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypeVar
 
+import numba
 import numpy as np
 
 __all__ = [
@@ -108,7 +108,8 @@ def derive_key(*parts: int) -> int:
     return int(h)
 
 
-def _feistel_scalar(positions, n, half, keys):  # pragma: no cover - compiled by _feistel_jit
+@numba.njit(cache=True, nogil=True)
+def _feistel_many(positions, n, half, keys):  # pragma: no cover - compiled
     """Keyed bijection of [0, n) at each position: a balanced Feistel network on 2*half bits
     (round function: splitmix64 of the right half xor the round key), with cycle walking for
     values >= n. Same arithmetic as _mix64, in scalar uint64 (wrapping) form."""
@@ -134,60 +135,11 @@ def _feistel_scalar(positions, n, half, keys):  # pragma: no cover - compiled by
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _feistel_jit():
-    """The compiled scalar loop, made on first need: importing Numba and loading the cached
-    machine code costs ~0.7 s in a fresh process, which a first batch should not pay."""
-    import numba
-
-    return numba.njit(cache=True, nogil=True)(_feistel_scalar)
-
-
-_GOLDEN, _M1, _M2 = (
-    np.uint64(0x9E3779B97F4A7C15),
-    np.uint64(0xBF58476D1CE4E5B9),
-    np.uint64(0x94D049BB133111EB),
-)
-_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-
-
-def _feistel_vector(positions: np.ndarray, n: int, half: int, keys: np.ndarray) -> np.ndarray:
-    """The same bijection as ``_feistel_scalar``, vectorised with numpy (no compilation):
-    every position goes through the rounds together (in-place uint64 arithmetic, wrapping);
-    those that land >= n walk again."""
-    mask, sh, un = np.uint64((1 << half) - 1), np.uint64(half), np.uint64(n)
-    x = positions.astype(np.uint64)
-    out = np.empty(x.shape[0], dtype=np.int64)
-    todo = np.arange(x.shape[0])
-    while todo.size:
-        left, right = x >> sh, x & mask
-        for k in keys:
-            z = right ^ k  # splitmix64 of (right xor key), as _mix64
-            z += _GOLDEN
-            z ^= z >> _S30
-            z *= _M1
-            z ^= z >> _S27
-            z *= _M2
-            z ^= z >> _S31
-            z &= mask
-            z ^= left
-            left, right = right, z
-        x = (left << sh) | right
-        done = x < un
-        out[todo[done]] = x[done].astype(np.int64)
-        todo, x = todo[~done], x[~done]
-    return out
-
-
 class Permutation:
-    """A keyed bijection of [0, n), evaluated on arrays of positions without materialising it,
-    by a compiled loop (Numba, about 50 ns a position). Its first few calls use a vectorised
-    numpy version of the same arithmetic instead (~0.6 ms a batch), so a loader's first batches
-    do not wait ~0.7 s for Numba to load; the compiled loop is loaded by a later call."""
+    """A keyed bijection of [0, n), evaluated on arrays of positions without materialising it
+    (compiled with Numba: about 50 ns a position)."""
 
     ROUNDS = 6
-    JIT_MIN = 1 << 16  # positions per call from which the compiled loop pays for loading it
-    VECTOR_CALLS = 8  # calls answered by numpy before the compiled loop is loaded
 
     def __init__(self, n: int, key: int) -> None:
         if n < 0:
@@ -197,20 +149,13 @@ class Permutation:
         bits += bits % 2  # even split into two halves
         self.half = bits // 2
         self.keys = np.array([derive_key(key, r) for r in range(self.ROUNDS)], dtype=np.uint64)
-        self._calls = 0
 
     def __call__(self, positions) -> np.ndarray:
         """Rows at the given positions (array-like of ints in [0, n))."""
         p = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
         if p.size and (p.min() < 0 or p.max() >= self.n):
             raise IndexError(f"positions out of range for a permutation of {self.n}")
-        # The first calls of a permutation (a loader's first batches) take the numpy path
-        # unless the compiled loop is loaded already; later ones load it (once per process).
-        self._calls += 1
-        early = self._calls <= self.VECTOR_CALLS and _feistel_jit.cache_info().currsize == 0
-        if early and p.size < self.JIT_MIN:
-            return _feistel_vector(p, self.n, self.half, self.keys)
-        return _feistel_jit()(p, self.n, self.half, self.keys)
+        return _feistel_many(p, self.n, self.half, self.keys)
 
 
 @dataclass(frozen=True)

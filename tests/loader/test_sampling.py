@@ -91,39 +91,3 @@ def test_shard_arguments_validated():
         shard_for(10, 3, 3)
     with pytest.raises(ValueError):
         shard_for(10, 0, 2, "nope")
-
-
-@pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097, 100_003, (1 << 20) + 3])
-def test_numpy_and_compiled_permutations_are_one_function(n):
-    """A loader's first calls use the numpy version, later ones the compiled loop: they must
-    give the same rows, or an epoch would change order part-way through."""
-    from gpuload.sampling import _feistel_jit, _feistel_vector
-
-    rng = np.random.default_rng(n)
-    p = Permutation(n, int(rng.integers(0, 2**63)))
-    pos = rng.integers(0, n, size=min(n, 5000)).astype(np.int64)
-    vec = _feistel_vector(pos, p.n, p.half, p.keys)
-    assert np.array_equal(vec, _feistel_jit()(pos, p.n, p.half, p.keys))
-    assert np.array_equal(p(pos), vec)  # through the public call, whichever path it takes
-    everything = np.arange(n, dtype=np.int64)
-    assert np.array_equal(np.sort(_feistel_vector(everything, p.n, p.half, p.keys)), everything)
-
-
-def test_a_permutation_answers_its_first_calls_without_numba(tmp_path):
-    """The first batch of a shuffled loader does not wait for Numba: importing gpuload and
-    permuting a batch's positions loads no Numba (checked in a fresh process)."""
-    import subprocess
-    import sys
-
-    code = (
-        "import sys, numpy as np\n"
-        "from gpuload.sampling import Permutation\n"
-        "p = Permutation(10**6, 7)\n"
-        "for k in range(Permutation.VECTOR_CALLS):\n"
-        "    p(np.arange(k * 128, (k + 1) * 128))\n"
-        "assert 'numba' not in sys.modules, 'numba was imported'\n"
-        "p(np.arange(128))\n"
-        "assert 'numba' in sys.modules\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
