@@ -190,18 +190,6 @@ def transformed(
         yield i, out
 
 
-def apply_transform(
-    table: TableReader,
-    transform: Callable,
-    rows: np.ndarray,
-    data: Mapping[str, Any],
-    on_error: OnError,
-    skipped: list[int],
-) -> list[Any]:
-    """Run a per-row transform over a batch (see ``transformed``)."""
-    return [out for _, out in transformed(table, transform, rows, data, on_error, skipped)]
-
-
 def collate_outputs(outputs: Sequence[Any]) -> Any:
     """Collate transform outputs: dicts by key, tuples/lists by position, else a list."""
     if not outputs:
@@ -458,9 +446,12 @@ class Loader:
         if self.transform is not None:
             with clock.time("transform"):
                 skipped = [0]
-                outs = apply_transform(
-                    self.table, self.transform, rows, data, self.spec.on_error, skipped
-                )
+                outs = [
+                    out
+                    for _, out in transformed(
+                        self.table, self.transform, rows, data, self.spec.on_error, skipped
+                    )
+                ]
                 self._count("skipped", skipped[0])
             with clock.time("collate"):
                 batch = collate_outputs(outs)

@@ -28,7 +28,6 @@ from ..distributed import resolve_rank_world
 from ..export import to_torch
 from ..loader import (
     Loader,
-    apply_transform,
     draw_seed,
     make_loader,
     refuse_pointless_skip,
@@ -205,7 +204,8 @@ class TorchDataset(Dataset):
         data = self.table.read(idx, self.columns)
         if self.transform is None:
             return [r.to_dict() for r in split_rows(self.table, idx, data)]
-        return apply_transform(self.table, self.transform, idx, data, OnError.RAISE, [0])
+        outs = transformed(self.table, self.transform, idx, data, OnError.RAISE, [0])
+        return [out for _, out in outs]
 
 
 def _positions(indices: Sequence[int], n: int, name: str) -> np.ndarray:
@@ -216,6 +216,16 @@ def _positions(indices: Sequence[int], n: int, name: str) -> np.ndarray:
     if bad.size:
         raise IndexError(f"index {indices[bad[0]]} out of range for {n} rows of table {name!r}")
     return pos
+
+
+def _refuse_other(state: Mapping[str, Any], identity: Mapping[str, Any], what: str) -> None:
+    """ValueError unless a saved state was made over the same rows, shuffle and sharding."""
+    for key, mine in identity.items():
+        if state.get(key) != mine:
+            raise ValueError(
+                f"cannot resume: the saved {what} had {key}={state.get(key)!r}, this one has "
+                f"{mine!r}"
+            )
 
 
 class TorchIterableDataset(IterableDataset):
@@ -321,12 +331,7 @@ class TorchIterableDataset(IterableDataset):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """The next pass continues the saved one after the rows it had handed out."""
-        for key, mine in self._identity().items():
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"cannot resume: the saved dataset had {key}={state.get(key)!r}, this one "
-                    f"has {mine!r}"
-                )
+        _refuse_other(state, self._identity(), "dataset")
         self.seed = int(state["seed"])
         self._resume = (int(state["epoch"]), int(state["position"]))
         self._at = None
@@ -453,12 +458,7 @@ class TorchSampler(Sampler[int]):
         }
 
     def _check(self, state: Mapping[str, Any]) -> None:
-        for key, mine in self._identity().items():
-            if state.get(key) != mine:
-                raise ValueError(
-                    f"cannot resume: the saved sampler had {key}={state.get(key)!r}, this one "
-                    f"has {mine!r}"
-                )
+        _refuse_other(state, self._identity(), "sampler")
         if not 0 <= int(state.get("yielded", 0)) <= self._shard.count:
             raise ValueError(f"cannot resume: yielded={state.get('yielded')!r} out of range")
 
