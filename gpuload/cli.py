@@ -1,4 +1,5 @@
-"""The ``gpuload`` command line: ingest, info, ls, rm, vacuum, verify (and demo-table, bench)."""
+"""The ``gpuload`` command line: ingest, info, ls, rm, vacuum, verify, warmup (and demo-table,
+bench)."""
 
 from __future__ import annotations
 
@@ -156,6 +157,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    """Compile the fused CPU kernel of each ``--image`` pipeline into the kernel cache, so a
+    container image or cluster node built with it starts its first batch without compiling."""
+    import time
+
+    from .kernels.fused import kernel_cache_dir
+    from .ops import compile_ops, parse_ops, warm_up
+
+    try:
+        plans = [compile_ops(parse_ops(text)) for text in args.image]
+    except ValueError as e:
+        raise GpuloadError(str(e)) from None
+    where = kernel_cache_dir()
+    if where is None:
+        raise GpuloadError("the kernel cache is off (GPULOAD_KERNEL_CACHE=0): nothing to warm")
+    for text, plan in zip(args.image, plans):
+        t = time.perf_counter()
+        warm_up(plan, "cpu").result()
+        print(f"{text}: ready in {time.perf_counter() - t:.1f} s")
+    print(f"kernel cache: {where}")
+    return 0
+
+
 def _hours(text: str) -> float:
     try:
         v = float(text)
@@ -241,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("table", help=TABLE_HELP)
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_verify)
+
+    s = sub.add_parser(
+        "warmup",
+        help="compile the image kernels a training job will use into the kernel cache "
+        "(run it when building a container image; see docs/LOADER.md)",
+    )
+    s.add_argument(
+        "--image",
+        action="append",
+        required=True,
+        metavar="OPS",
+        help="one pipeline's image ops as Python calls, e.g. \"RandomResizedCrop(224), "
+        'RandomHorizontalFlip(), Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))"; '
+        "repeat for each pipeline",
+    )
+    s.set_defaults(func=cmd_warmup)
 
     for register in _extra_commands():
         register(sub)

@@ -221,6 +221,9 @@ class Loader:
     epoch (as with torch's DataLoader); ``set_epoch`` picks one; ``state_dict`` resumes exactly.
     Built by ``make_loader``."""
 
+    READ_AHEAD = 8  # batches whose cache blocks a remote table downloads ahead
+    REMOTE_THREADS = 4  # assembling threads for bytes-only batches of an uncached remote table
+
     def __init__(
         self,
         reader: TableReader,
@@ -257,9 +260,15 @@ class Loader:
         # (decode and kernel release the GIL) plus one thread to overlap each batch's Python work
         # (headers, parameters, export): 3 threads measured best on 2 cores. Bytes-only batches
         # are Python-bound: one assembling thread (a second one contends for the GIL and made
-        # shuffled reads slower); remote reads still run concurrently inside the fetcher.
+        # shuffled reads slower, local or from the block cache); remote reads still run
+        # concurrently inside the fetcher, and a cached remote table reads ahead (_read_ahead).
+        # A remote table read without the cache waits on the network for every batch: there
+        # REMOTE_THREADS batches are fetched at once (2.1k -> 4.0k rows/s at 20 ms a request).
         cores = os.cpu_count() or 1
-        default = min(cores + 1, 16) if image_stage is not None else 1
+        if image_stage is not None:
+            default = min(cores + 1, 16)
+        else:
+            default = 1 if reader.is_cached else self.REMOTE_THREADS
         self.num_threads = spec.num_threads or default
         # batches submitted ahead of the consumer, and the output buffer sets they cycle
         # through: those in flight + the one the user holds + one spare
@@ -280,6 +289,8 @@ class Loader:
         self._clock = StageClock()
         self._counts = {"batches": 0, "rows": 0, "skipped": 0}
         self._first_batch_s: float | None = None
+        if image_stage is not None:  # compile the kernel while the caller gets ready to iterate
+            image_stage.warm_up()
 
     # -- sizes -----------------------------------------------------------------------------
     @property
@@ -466,6 +477,18 @@ class Loader:
             }
         return batch, hi - lo
 
+    def _read_ahead(self, ep: _Epoch, b: int) -> None:
+        """Remote tables with the block cache: start downloading the blocks of the
+        ``READ_AHEAD`` batches from batch ``b`` on, so their round trips overlap the batches
+        being assembled (the fetcher skips blocks cached or in flight and bounds the
+        downloads outstanding)."""
+        if not self.table.prefetches:
+            return
+        for k in range(b, min(b + self.READ_AHEAD, ep.nbatches)):
+            lo = ep.start + k * self.batch_size
+            hi = min(lo + self.batch_size, ep.shard.count)
+            self.table.prefetch(ep.order.at(ep.shard.positions(lo, hi)), self.columns)
+
     def _count(self, key: str, n: int) -> None:
         if n:
             with self._lock:
@@ -499,6 +522,7 @@ class Loader:
                     slot, self._slot = self._slot, (self._slot + 1) % self.ring_size
                     pending.append((next_b, pool.submit(self._assemble, ep, next_b, slot)))
                     next_b += 1
+                    self._read_ahead(ep, next_b)
                 if not pending:
                     break
                 _, fut = pending.popleft()

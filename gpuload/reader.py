@@ -439,6 +439,26 @@ class TableReader:
         self.fetch_rows(np.asarray(indices, dtype=np.int64), reads, dest, column, view)
         return view, dest
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether ``prefetch`` does anything: the table is remote with the block cache on."""
+        return self._fetcher.cache is not None
+
+    def prefetch(self, indices, columns: Sequence[str] | None = None) -> int:
+        """Start downloading the cache blocks that reading ``columns`` of rows ``indices``
+        will need, without waiting (see ``Fetcher.prefetch``); returns the downloads started."""
+        if not self.prefetches:
+            return 0
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if not idx.size:
+            return 0
+        started = 0
+        for col in self.schema.select(columns, self.name):
+            if not self._is_small(col):
+                plan, _ = self.read_plan(idx, col)
+                started += self._fetcher.prefetch(plan)
+        return started
+
     def read(self, indices, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
         """Rows ``indices`` as a dict of columns: bytes/str lists, stacked numpy arrays."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)

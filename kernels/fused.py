@@ -103,6 +103,7 @@ __all__ = [
     "PARAM_SATURATION",
     "CONTRAST_GRID",
     "get_cpu_kernel",
+    "compile_cpu_kernel",
     "get_cuda_kernels",
     "launch_cuda",
     "check_inputs",
@@ -498,6 +499,15 @@ def get_cpu_kernel(spec: KernelSpec, mode: str = "separable", parallel: bool = T
             k = getattr(_module("cpu", spec, parallel), _CPU_DRIVERS[mode])
             _KERNELS[key] = k
         return k
+
+
+def compile_cpu_kernel(kernel, args) -> None:
+    """Compile (or load from the kernel cache) ``kernel``'s specialisation for arguments typed
+    like ``args`` without running it: what a later call with arrays of the same types,
+    layouts and flags then uses as is."""
+    kernel.compile(tuple(numba.typeof(a) for a in args))
+    if kernel.targetoptions.get("parallel"):
+        note_parallel_use()  # making a parallel kernel starts the threading layer already
 
 
 # The process that started Numba's threading layer (set when a parallel CPU kernel first runs).

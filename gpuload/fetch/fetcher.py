@@ -14,6 +14,7 @@ fork.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -39,6 +40,8 @@ __all__ = ["FetchOptions", "Fetcher", "Read", "ReadPlan"]
 T = TypeVar("T")
 _IOV_MAX = 1024
 _POOL_NAME = "gpuload-fetch"
+
+log = logging.getLogger("gpuload.fetch")
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,7 @@ class Fetcher:
         self._evicted: list[int] = []
         self._active = 0
         self._inflight: dict[tuple[str, int], Future] = {}
+        self._prefetching = 0  # downloads started by prefetch() and not finished
         self._scratch = threading.local()
         self._pages = PageTables(self.checksums)
         self._sized: set[str] = set()
@@ -116,6 +120,7 @@ class Fetcher:
             "cache_misses": 0,
             "verified_bytes": 0,
             "refetches": 0,
+            "prefetched": 0,
         }
 
     def __getstate__(self):
@@ -538,7 +543,8 @@ class Fetcher:
         self._run_all([lambda g=g: job(g) for g in range(len(groups))])
 
     # -- remote, cached in blocks ----------------------------------------------------------
-    def _read_cached(self, plan: ReadPlan, view: memoryview) -> None:
+    def _blocks_of(self, plan: ReadPlan) -> dict[str, set[int]]:
+        """The cache blocks each file's reads in ``plan`` touch."""
         bs = self.cache_options.block_bytes
         keep = plan.length > 0
         first = plan.start // bs
@@ -546,7 +552,51 @@ class Fetcher:
         needed: dict[str, set[int]] = {}
         for fi, b0, b1 in zip(plan.fidx[keep].tolist(), first[keep].tolist(), last[keep].tolist()):
             needed.setdefault(plan.files[fi], set()).update(range(b0, b1 + 1))
-        self._ensure_blocks(needed)
+        return needed
+
+    def prefetch(self, plan: ReadPlan) -> int:
+        """Start downloading the cache blocks ``plan`` will read, without waiting: a loader
+        calls it for batches it will assemble later, so their round trips overlap the current
+        ones. At most ``max_in_flight`` such downloads are outstanding (the rest are left to
+        the read itself); a no-op without the block cache. A failed download is not reported
+        here: the read that needs the block waits for it and raises its error. Returns the
+        downloads started."""
+        if self.cache is None or not len(plan):
+            return 0
+        pool = self._executor()
+        needed = self._blocks_of(plan)
+        started = 0
+        with self._lock:
+            # half the pool at most, so the reads a batch waits for now are not queued behind
+            room = max(1, self.options.max_in_flight // 2) - self._prefetching
+            for file, blocks in needed.items():
+                for b in sorted(blocks):
+                    if room <= 0:
+                        break
+                    if (file, b) in self._inflight or os.path.exists(
+                        self.cache.block_path(file, b)
+                    ):
+                        continue
+                    fut: Future = Future()
+                    self._inflight[(file, b)] = fut
+                    self._prefetching += 1
+                    self.stats["prefetched"] += 1
+                    room -= 1
+                    started += 1
+                    pool.submit(self._prefetch_one, file, b, fut)
+        return started
+
+    def _prefetch_one(self, file: str, b: int, fut: Future) -> None:
+        try:
+            self._download(file, [b], fut)
+        except BaseException as e:  # noqa: BLE001 - the read waiting on ``fut`` raises it
+            log.debug("prefetching block %d of %s failed: %s", b, file, e)
+        finally:
+            with self._lock:
+                self._prefetching -= 1
+
+    def _read_cached(self, plan: ReadPlan, view: memoryview) -> None:
+        self._ensure_blocks(self._blocks_of(plan))
         for fi, s0, ln, d in zip(
             plan.fidx.tolist(), plan.start.tolist(), plan.length.tolist(), plan.dest.tolist()
         ):

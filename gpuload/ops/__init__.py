@@ -26,7 +26,7 @@ from gpuload.kernels.fused import (
     PARAM_Y0,
 )
 from gpuload.ops.plan import ImagePlan, compile_ops, supported_op_names
-from gpuload.ops.stage import FusedImageStage, aligned_empty
+from gpuload.ops.stage import FusedImageStage, aligned_empty, wait_for_warmups, warm_up
 from gpuload.ops.transforms import (
     SUPPORTED_OPS,
     CenterCrop,
@@ -37,6 +37,7 @@ from gpuload.ops.transforms import (
     Resize,
     ToDtype,
     ToLayout,
+    parse_ops,
 )
 
 __all__ = [
@@ -51,9 +52,12 @@ __all__ = [
     "SUPPORTED_OPS",
     "ImagePlan",
     "compile_ops",
+    "parse_ops",
     "supported_op_names",
     "FusedImageStage",
     "aligned_empty",
+    "warm_up",
+    "wait_for_warmups",
     "NUM_PARAMS",
     "PARAM_Y0",
     "PARAM_X0",

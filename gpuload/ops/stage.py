@@ -17,8 +17,12 @@ dropped before the ring comes round, nothing is allocated.
 
 from __future__ import annotations
 
+import logging
+import os
 import threading
 import weakref
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_futures
 
 import numpy as np
 
@@ -26,8 +30,96 @@ from gpuload.collate import aligned_empty
 from gpuload.device import Device, resolve_device
 from gpuload.kernels import fused as _fused
 from gpuload.ops.plan import ImagePlan
+from gpuload.threads import DaemonThreadPool
 
-__all__ = ["FusedImageStage", "aligned_empty"]
+__all__ = ["FusedImageStage", "aligned_empty", "warm_up", "wait_for_warmups"]
+
+log = logging.getLogger("gpuload.ops")
+
+
+class _Warmups:
+    """Kernel compilations started when a stage is built, so they overlap the first batch's
+    reads and decodes (and whatever the caller does before iterating) instead of following them.
+
+    One daemon thread per process, made on first use. A fork waits for them first: a child
+    must not inherit Numba's compiler lock held by a thread it does not have."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pool: DaemonThreadPool | None = None
+        self.pid = 0
+        self.pending: set[Future] = set()
+        self.hooked = False
+
+    def submit(self, fn, *args) -> Future:
+        with self.lock:
+            if self.pool is None or self.pid != os.getpid():
+                self.pool = DaemonThreadPool(1, thread_name_prefix="gpuload-kernel-warmup")
+                self.pid = os.getpid()
+                self.pending = set()
+            if not self.hooked:
+                os.register_at_fork(before=self.wait)
+                self.hooked = True
+            fut = self.pool.submit(fn, *args)
+            self.pending.add(fut)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, fut: Future) -> None:
+        with self.lock:
+            self.pending.discard(fut)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every warm-up of this process; True when none is left running."""
+        with self.lock:
+            pending = list(self.pending) if self.pid == os.getpid() else []
+        return not wait_futures(pending, timeout=timeout).not_done
+
+
+_WARMUPS = _Warmups()
+
+
+def wait_for_warmups(timeout: float | None = None) -> bool:
+    """Wait for the kernel compilations that building stages started; True when all ended."""
+    return _WARMUPS.wait(timeout)
+
+
+def cpu_kernel_for(spec) -> object:
+    """The CPU kernel a stage of ``spec`` runs here: the parallel build, or the serial one in a
+    forked child of a process that ran OpenMP (never an abort)."""
+    return _fused.get_cpu_kernel(spec, parallel=_fused.cpu_parallel_safe())
+
+
+def warm_up(plan: ImagePlan, device: str | Device = "cpu") -> Future | None:
+    """Start compiling (or loading from the kernel cache) the CPU kernel that a stage of
+    ``plan`` runs, for the exact argument types ``run`` passes, on a background thread, and
+    return its Future (None on CUDA, which compiles on first launch). A stage's first ``run``
+    finds it ready or waits for it; outputs are the same as without it (it compiles, never
+    runs). Loaders call this when they are built, so compilation overlaps what the caller
+    does before iterating and the first batch's reads and decodes."""
+    if resolve_device(device).is_cuda:
+        return None
+    out = aligned_empty(plan.out_shape(1), plan.storage_dtype)
+    args = (
+        np.zeros(1, np.uint8),  # src, meta, windows, params: as FusedImageStage._host passes them
+        np.zeros((1, 4), np.int64),
+        np.zeros((1, 4), np.float32),
+        np.zeros((1, _fused.NUM_PARAMS), np.float32),
+        plan.mean_array(),
+        plan.inv_std_array(),
+        np.zeros(1, np.float32),  # the per-slot means scratch
+        out.view(_fused.STORAGE_DTYPE[plan.out_dtype]),
+    )
+    spec = plan.kernel_spec
+    return _WARMUPS.submit(_compile_quietly, cpu_kernel_for(spec), args, spec)
+
+
+def _compile_quietly(kernel, args, spec) -> None:
+    """A warm-up compilation; a failure is left for the first real call to raise in context."""
+    try:
+        _fused.compile_cpu_kernel(kernel, args)
+    except Exception as e:  # noqa: BLE001 - the first run() compiles again and raises it there
+        log.debug("warming the CPU kernel for %r failed (%s: %s)", spec, type(e).__name__, e)
 
 
 def _check_status(status: int, B: int, what: str = "") -> None:
@@ -101,6 +193,14 @@ class FusedImageStage:
             self.events = [None] * depth
             self.event = None
 
+    def warm_up(self) -> Future | None:
+        """Start compiling this stage's kernel in the background (``warm_up``)."""
+        return warm_up(self.plan, self.device)
+
+    def _cpu_kernel(self):
+        """The CPU kernel ``run`` calls (see ``cpu_kernel_for``)."""
+        return self._kernel if _fused.cpu_parallel_safe() else cpu_kernel_for(self.spec)
+
     # ---------------------------------------------------------------------------------------
     def _slot(self, out_index):
         if out_index is None:
@@ -161,11 +261,9 @@ class FusedImageStage:
             self._release(k)
         if B == 0:
             return self._lease(k, 0)
-        if _fused.cpu_parallel_safe():
-            kernel = self._kernel
+        kernel = self._cpu_kernel()
+        if kernel is self._kernel:
             _fused.note_parallel_use()
-        else:  # a forked child of a process that ran OpenMP: the serial build, never an abort
-            kernel = _fused.get_cpu_kernel(self.spec, parallel=False)
         kernel(
             src,
             meta,

@@ -17,6 +17,7 @@ __all__ = [
     "ToDtype",
     "ToLayout",
     "SUPPORTED_OPS",
+    "parse_ops",
     "OUT_DTYPES",
     "LAYOUTS",
 ]
@@ -236,3 +237,35 @@ SUPPORTED_OPS = (
     ToDtype,
     ToLayout,
 )
+
+
+def parse_ops(text: str) -> list:
+    """Ops written as Python calls, e.g. ``"RandomResizedCrop(224), RandomHorizontalFlip()"``,
+    with or without the ``ops.`` prefix, for command lines and config files.
+    Only calls of the supported ops with literal arguments are accepted: nothing is evaluated
+    (``ast.literal_eval`` on each argument), so a string from a config is never executed."""
+    import ast
+
+    known = {op.__name__: op for op in SUPPORTED_OPS}
+    try:
+        tree = ast.parse(f"[{text}]", mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse image ops {text!r}: {e.msg}") from None
+    out = []
+    for node in tree.elts:
+        func = node.func if isinstance(node, ast.Call) else None
+        name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+        if name not in known:
+            raise ValueError(
+                f"image ops must be calls of {sorted(known)}, got {ast.unparse(node)!r}"
+            )
+        try:
+            args = [ast.literal_eval(a) for a in node.args]
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+        except ValueError:
+            raise ValueError(
+                f"the arguments of {ast.unparse(node)!r} must be literals (numbers, strings, "
+                "tuples)"
+            ) from None
+        out.append(known[name](*args, **kwargs))
+    return out
