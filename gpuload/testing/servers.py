@@ -23,13 +23,20 @@ from urllib.parse import unquote, urlsplit
 from xml.sax.saxutils import escape
 
 __all__ = [
+    "EARLY_FAULTS",
     "FAULT_KINDS",
+    "Fault",
     "S3_ERROR_CODES",
     "FaultPlan",
     "FaultRule",
     "LoopbackS3",
     "RangeHTTPServer",
     "S3FaultProxy",
+    "fault_fits",
+    "file_chunks",
+    "mangle",
+    "parse_range",
+    "read_at",
 ]
 
 _MOTO_CHILD = r"""
@@ -113,7 +120,7 @@ class LoopbackS3:
 # The fault schedule
 
 #: Faults that end or delay a request before any response byte is sent (any method).
-_EARLY = frozenset({"reset", "status", "stall"})
+EARLY_FAULTS = frozenset({"reset", "status", "stall"})
 #: Faults that damage the body of a GET response (ranged or not).
 _BODY = frozenset({"truncate", "reset_mid", "bitflip"})
 #: Faults that damage the answer to a GET with a Range header.
@@ -188,7 +195,7 @@ class FaultRule:
 
 
 @dataclass
-class _Fault:
+class Fault:
     """A fault decided for one request; ``source`` lets an inapplicable one be given back."""
 
     kind: str
@@ -297,18 +304,18 @@ class FaultPlan:
 
     # -- used by the servers ----------------------------------------------------------------
 
-    def _count_request(self, ranged: bool) -> None:
+    def count_request(self, ranged: bool) -> None:
         with self.lock:
             self.requests += 1
             self.range_requests += int(ranged)
 
-    def _count_bytes(self, n: int) -> None:
+    def count_bytes(self, n: int) -> None:
         with self.lock:
             self.bytes_served += n
 
-    def _decide(
+    def decide(
         self, op: str, target: str, applicable: frozenset[str], default: tuple[str, ...]
-    ) -> _Fault | None:
+    ) -> Fault | None:
         """The fault for this request, if any (counted as injected)."""
         with self.lock:
             kind = self.kind
@@ -316,9 +323,9 @@ class FaultPlan:
             if kind in applicable and top.matches(op, target, default):
                 if self.fail_next > 0:
                     self.fail_next -= 1
-                    return self._hit(_Fault(kind, self.status, self.stall_s, "fail_next"))
+                    return self._hit(Fault(kind, self.status, self.stall_s, "fail_next"))
                 if self.probability > 0 and self._rng.random() < self.probability:
-                    return self._hit(_Fault(kind, self.status, self.stall_s, None))
+                    return self._hit(Fault(kind, self.status, self.stall_s, None))
             for rule in self.rules:
                 if rule.kind not in applicable or not rule.matches(op, target, default):
                     continue
@@ -328,14 +335,14 @@ class FaultPlan:
                     continue
                 if rule.count is not None:
                     rule.count -= 1
-                return self._hit(_Fault(rule.kind, rule.status, rule.stall_s, rule))
+                return self._hit(Fault(rule.kind, rule.status, rule.stall_s, rule))
         return None
 
-    def _hit(self, fault: _Fault) -> _Fault:
+    def _hit(self, fault: Fault) -> Fault:
         self.injected[fault.kind] = self.injected.get(fault.kind, 0) + 1
         return fault
 
-    def _refund(self, fault: _Fault) -> None:
+    def _refund(self, fault: Fault) -> None:
         """Undo a fault that turned out not to apply (the proxy learns that from upstream)."""
         with self.lock:
             self.injected[fault.kind] -= 1
@@ -351,10 +358,10 @@ class FaultPlan:
 # Shared response machinery
 
 
-def _fits(kind: str, *, get: bool, ranged: bool, n: int, start: int, size: int) -> bool:
+def fault_fits(kind: str, *, get: bool, ranged: bool, n: int, start: int, size: int) -> bool:
     """Whether ``kind`` can apply to a GET (or not) answered with ``n`` body bytes at ``start``
     of a ``size``-byte object."""
-    if kind in _EARLY:
+    if kind in EARLY_FAULTS:
         return True
     if not get or n < 1:
         return False
@@ -390,7 +397,7 @@ class _Mangled:
     end: str = "keep"
 
 
-def _mangle(
+def mangle(
     kind: str, status: int, body: bytes, start: int, size: int, read_at: Callable[[int, int], bytes]
 ) -> _Mangled:
     """Apply a body or range fault to the true answer (``body`` at ``start`` of ``size``)."""
@@ -408,7 +415,7 @@ def _mangle(
     if kind == "ignore_range":
         return _Mangled(200, read_at(0, size), size, None)
     other = _other_start(start, n, size)
-    assert other is not None  # _fits checked it
+    assert other is not None  # fault_fits checked it
     claim = honest if kind == "wrong_range_lying" else f"bytes {other}-{other + n - 1}/{size}"
     return _Mangled(206, read_at(other, n), n, claim)
 
@@ -435,7 +442,7 @@ def _drop(handler: BaseHTTPRequestHandler, rst: bool) -> None:
 
 
 def _early_fault(
-    handler: BaseHTTPRequestHandler, fault: _Fault, send_error: Callable[[int], None]
+    handler: BaseHTTPRequestHandler, fault: Fault, send_error: Callable[[int], None]
 ) -> bool:
     """Apply a fault that comes before the response; True when it ended the request."""
     if fault.kind == "reset":
@@ -481,14 +488,14 @@ def _send(
                 break
     finally:
         if status in (200, 206):
-            plan._count_bytes(sent)
+            plan.count_bytes(sent)
     if end == "close":
         handler.close_connection = True
     elif end == "reset":
         _drop(handler, rst=True)
 
 
-def _file_chunks(path: str, start: int, n: int, block: int = 1 << 20) -> Iterator[bytes]:
+def file_chunks(path: str, start: int, n: int, block: int = 1 << 20) -> Iterator[bytes]:
     with open(path, "rb") as fh:
         fh.seek(start)
         while n > 0:
@@ -499,8 +506,8 @@ def _file_chunks(path: str, start: int, n: int, block: int = 1 << 20) -> Iterato
             yield data
 
 
-def _read_at(path: str, start: int, n: int) -> bytes:
-    return b"".join(_file_chunks(path, start, n))
+def read_at(path: str, start: int, n: int) -> bytes:
+    return b"".join(file_chunks(path, start, n))
 
 
 class _Server(ThreadingHTTPServer):
@@ -582,7 +589,7 @@ class _Server(ThreadingHTTPServer):
 _RANGE_RE = re.compile(r"bytes=(\d*)-(\d*)$")
 
 
-def _parse_range(header: str, size: int) -> tuple[int, int] | int:
+def parse_range(header: str, size: int) -> tuple[int, int] | int:
     """(start, end) inclusive, or the HTTP status to answer (400 malformed, 416 unsatisfiable)."""
     m = _RANGE_RE.match(header.strip())
     if not m or m.groups() == ("", ""):
@@ -615,23 +622,25 @@ class _FileHandler(SimpleHTTPRequestHandler):
     def _serve(self, head: bool) -> None:
         plan = self.server.plan
         rng = None if head else self.headers.get("Range")
-        plan._count_request(rng is not None)
+        plan.count_request(rng is not None)
         path = self.translate_path(self.path)
         size = os.path.getsize(path) if os.path.isfile(path) else None
-        span = _parse_range(rng, size) if rng is not None and size is not None else None
+        span = parse_range(rng, size) if rng is not None and size is not None else None
         start, end = span if isinstance(span, tuple) else (0, (size or 0) - 1)
         n = end - start + 1
         applicable = frozenset(
             k
             for k in FAULT_KINDS
-            if k in _EARLY
+            if k in EARLY_FAULTS
             or (
                 size is not None
                 and not isinstance(span, int)
-                and _fits(k, get=not head, ranged=span is not None, n=n, start=start, size=size)
+                and fault_fits(
+                    k, get=not head, ranged=span is not None, n=n, start=start, size=size
+                )
             )
         )
-        fault = plan._decide(self.command, unquote(self.path), applicable, ("GET", "HEAD"))
+        fault = plan.decide(self.command, unquote(self.path), applicable, ("GET", "HEAD"))
         if not _pause(self, plan.latency_s):
             _drop(self, rst=False)
             return
@@ -647,7 +656,7 @@ class _FileHandler(SimpleHTTPRequestHandler):
             self.send_error(400, "bad Range")
         elif span == 416:
             self._send_headers_only(416, [("Content-Range", f"bytes */{size}")])
-        elif fault is not None and fault.kind not in _EARLY:
+        elif fault is not None and fault.kind not in EARLY_FAULTS:
             self._send_fault(path, fault, start, n, size, partial=span is not None)
         else:
             self._send_file(path, start, n, size, partial=span is not None, head=head)
@@ -672,18 +681,18 @@ class _FileHandler(SimpleHTTPRequestHandler):
         headers = self._file_headers(path, n)
         if partial:
             headers.append(("Content-Range", f"bytes {start}-{start + n - 1}/{size}"))
-        _send(self, 206 if partial else 200, headers, b"" if head else _file_chunks(path, start, n))
+        _send(self, 206 if partial else 200, headers, b"" if head else file_chunks(path, start, n))
 
     def _send_fault(
-        self, path: str, fault: _Fault, start: int, n: int, size: int, *, partial: bool
+        self, path: str, fault: Fault, start: int, n: int, size: int, *, partial: bool
     ) -> None:
-        m = _mangle(
+        m = mangle(
             fault.kind,
             206 if partial else 200,
-            _read_at(path, start, n),
+            read_at(path, start, n),
             start,
             size,
-            lambda off, k: _read_at(path, off, k),
+            lambda off, k: read_at(path, off, k),
         )
         headers = self._file_headers(path, m.length)
         if m.content_range:
@@ -799,11 +808,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         body = self._read_body()
         op = self._op()
         ranged = op == "GET" and "Range" in self.headers
-        plan._count_request(ranged)
+        plan.count_request(ranged)
         applicable = (
-            _EARLY | (_BODY if op == "GET" else frozenset()) | (_RANGED if ranged else frozenset())
+            EARLY_FAULTS
+            | (_BODY if op == "GET" else frozenset())
+            | (_RANGED if ranged else frozenset())
         )
-        fault = plan._decide(op, unquote(self.path), applicable, ("GET",))
+        fault = plan.decide(op, unquote(self.path), applicable, ("GET",))
         if not _pause(self, plan.latency_s):
             _drop(self, rst=False)
             return
@@ -815,13 +826,13 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         try:
             resp = self._upstream(headers, body)
         except (OSError, http.client.HTTPException):
-            if fault is not None and fault.kind not in _EARLY:
+            if fault is not None and fault.kind not in EARLY_FAULTS:
                 plan._refund(fault)
             self._s3_error(502)
             return
         if fault is not None and fault.kind == "ignore_range" and resp.status != 200:
             plan._refund(fault)  # e.g. a 404: nothing to ignore
-        if fault is None or fault.kind in _EARLY or fault.kind == "ignore_range":
+        if fault is None or fault.kind in EARLY_FAULTS or fault.kind == "ignore_range":
             self._relay(resp)
         else:
             self._relay_faulted(resp, fault, headers)
@@ -891,7 +902,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         _send(self, resp.status, headers, body, reason=resp.reason)
 
     def _relay_faulted(
-        self, resp: http.client.HTTPResponse, fault: _Fault, headers: list[tuple[str, str]]
+        self, resp: http.client.HTTPResponse, fault: Fault, headers: list[tuple[str, str]]
     ) -> None:
         """Relay a GET answer damaged by a body or range fault (unchanged if it cannot apply)."""
         data = resp.read()
@@ -901,7 +912,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             for k, v in resp.getheaders()
             if k.lower() not in _HOP_BY_HOP and k.lower() not in ("content-length", "content-range")
         ]
-        ok = span is not None and _fits(
+        ok = span is not None and fault_fits(
             fault.kind,
             get=True,
             ranged=resp.status == 206,
@@ -916,7 +927,7 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             _send(self, resp.status, [*keep, ("Content-Length", str(len(data)))], data)
             return
         try:
-            m = _mangle(
+            m = mangle(
                 fault.kind,
                 resp.status,
                 data,

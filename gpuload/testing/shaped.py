@@ -29,15 +29,15 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 from .servers import (
-    _EARLY,
+    EARLY_FAULTS,
     FAULT_KINDS,
+    Fault,
     FaultPlan,
-    _Fault,
-    _file_chunks,
-    _fits,
-    _mangle,
-    _parse_range,
-    _read_at,
+    fault_fits,
+    file_chunks,
+    mangle,
+    parse_range,
+    read_at,
 )
 
 if TYPE_CHECKING:
@@ -223,18 +223,18 @@ class _Core:
 
     # -- counters --------------------------------------------------------------------------
 
-    def _count_request(self, plan: FaultPlan | None, ranged: bool, *, to_plan: bool) -> None:
+    def count_request(self, plan: FaultPlan | None, ranged: bool, *, to_plan: bool) -> None:
         with self.lock:
             self.counts["requests"] += 1
             self.counts["range_requests"] += int(ranged)
         if plan is not None and to_plan:
-            plan._count_request(ranged)
+            plan.count_request(ranged)
 
-    def _count_bytes(self, plan: FaultPlan | None, n: int) -> None:
+    def count_bytes(self, plan: FaultPlan | None, n: int) -> None:
         with self.lock:
             self.counts["bytes_served"] += n
         if plan is not None:
-            plan._count_bytes(n)
+            plan.count_bytes(n)
 
     def _in_flight(self, delta: int) -> None:
         with self.lock:
@@ -265,34 +265,34 @@ class _Core:
         web = _web()
         get, head = request.method == "GET", request.method == "HEAD"
         if not (get or head):
-            self._count_request(plan, False, to_plan=False)
+            self.count_request(plan, False, to_plan=False)
             return await _finish(request, web.Response(status=405, headers={"Allow": "GET, HEAD"}))
         rng = request.headers.get("Range") if get else None
         path = self._file_of(request.path)
         size = os.path.getsize(path) if path is not None else None
-        span = _parse_range(rng, size) if rng is not None and size is not None else None
+        span = parse_range(rng, size) if rng is not None and size is not None else None
         start, end = span if isinstance(span, tuple) else (0, (size or 0) - 1)
         n = end - start + 1
-        self._count_request(plan, rng is not None, to_plan=True)
+        self.count_request(plan, rng is not None, to_plan=True)
         fault = None
         if plan is not None:
             applicable = frozenset(
                 k
                 for k in FAULT_KINDS
-                if k in _EARLY
+                if k in EARLY_FAULTS
                 or (
                     size is not None
                     and not isinstance(span, int)
-                    and _fits(k, get=get, ranged=span is not None, n=n, start=start, size=size)
+                    and fault_fits(k, get=get, ranged=span is not None, n=n, start=start, size=size)
                 )
             )
-            fault = plan._decide(
+            fault = plan.decide(
                 request.method, unquote(request.raw_path), applicable, ("GET", "HEAD")
             )
         latency = plan.latency_s if plan is not None else 0.0
         if not await self._pause(self.shaping.delay_s + latency):
             return _drop(request, rst=False)
-        if fault is not None and fault.kind in _EARLY:
+        if fault is not None and fault.kind in EARLY_FAULTS:
             early = await self._early_fault(request, fault)
             if early is not None:
                 return early
@@ -305,7 +305,7 @@ class _Core:
                 request, web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
             )
         partial = span is not None
-        if fault is not None and fault.kind not in _EARLY:  # a body or range fault
+        if fault is not None and fault.kind not in EARLY_FAULTS:  # a body or range fault
             return await self._send_fault(request, plan, fault, path, start, n, size, partial)
         return await self._send_file(request, plan, path, start, n, size, partial, head)
 
@@ -334,7 +334,7 @@ class _Core:
         return False
 
     async def _early_fault(
-        self, request: web.BaseRequest, fault: _Fault
+        self, request: web.BaseRequest, fault: Fault
     ) -> web.StreamResponse | None:
         """Apply a fault that comes before the response: the answer that ends the request, or
         None when a finite stall is over and the request is answered normally."""
@@ -375,7 +375,7 @@ class _Core:
         await resp.prepare(request)
         if not head:
             block = _PIECE if self._link is not None else _BLOCK
-            await self._write_body(resp, plan, _file_chunks(path, start, n, block), None)
+            await self._write_body(resp, plan, file_chunks(path, start, n, block), None)
         await resp.write_eof()
         return resp
 
@@ -383,22 +383,22 @@ class _Core:
         self,
         request: web.BaseRequest,
         plan: FaultPlan | None,
-        fault: _Fault,
+        fault: Fault,
         path: str,
         start: int,
         n: int,
         size: int,
         partial: bool,
     ) -> web.StreamResponse:
-        """A GET answer damaged by a body or range fault (see servers._mangle): ``limit`` bytes
+        """A GET answer damaged by a body or range fault (see servers.mangle): ``limit`` bytes
         of the damaged body, then the connection kept, closed or reset."""
-        m = _mangle(
+        m = mangle(
             fault.kind,
             206 if partial else 200,
-            _read_at(path, start, n),
+            read_at(path, start, n),
             start,
             size,
-            lambda off, k: _read_at(path, off, k),
+            lambda off, k: read_at(path, off, k),
         )
         resp = _web().StreamResponse(status=m.status, headers=self._headers(path, m.length))
         if m.content_range:
@@ -434,7 +434,7 @@ class _Core:
                 if limit is not None and sent >= limit:
                     break
         finally:
-            self._count_bytes(plan, sent)
+            self.count_bytes(plan, sent)
         return sent
 
 
