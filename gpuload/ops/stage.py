@@ -36,6 +36,8 @@ __all__ = ["FusedImageStage", "aligned_empty", "warm_up", "wait_for_warmups"]
 
 log = logging.getLogger("gpuload.ops")
 
+FORK_WAIT_S = 300.0  # how long a fork waits for kernel warm-ups before going ahead anyway
+
 
 class _Warmups:
     """Kernel compilations started when a stage is built, so they overlap the first batch's
@@ -58,7 +60,7 @@ class _Warmups:
                 self.pid = os.getpid()
                 self.pending = set()
             if not self.hooked:
-                os.register_at_fork(before=self.wait)
+                os.register_at_fork(before=self.before_fork)
                 self.hooked = True
             fut = self.pool.submit(fn, *args)
             self.pending.add(fut)
@@ -68,6 +70,14 @@ class _Warmups:
     def _done(self, fut: Future) -> None:
         with self.lock:
             self.pending.discard(fut)
+
+    def before_fork(self) -> None:
+        if not self.wait(FORK_WAIT_S):
+            log.warning(
+                "forking while a kernel has compiled for %.0f s: the child may hang if it "
+                "compiles a kernel too (fork after ops.wait_for_warmups(), or use spawn)",
+                FORK_WAIT_S,
+            )
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for every warm-up of this process; True when none is left running."""
