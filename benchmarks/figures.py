@@ -6,8 +6,9 @@ case it comes from (gpuload/bench/suites.py), and the command that measures it a
 
 SET is one of ``FIGURES`` below. The set's suites run through ``gpuload bench`` (every case in
 fresh processes, warm-up excluded, median with min-max of R); the JSON holds each figure under
-its name with the case id it came from, the ratios between figures of the same run, and the
-run's machine, versions and method. Figures not made here: ``gpuload bench --out
+its name with the case id it came from, the ratios between figures of the same run, the goals
+a figure is held to (``startup``: the image fast path's time to first batch), and the run's
+machine, versions and method. Figures not made here: ``gpuload bench --out
 benchmarks/results/bench-default`` (the README's main command) and ``bench_faults.py``
 (fault injection, with its own counters).
 """
@@ -35,14 +36,17 @@ class FigureSet:
     """Figures of one section of RESULTS.md: ``figures`` maps a figure's name to its case id
     (``"id"`` or ``"id:metric"``, rows/s by default; ``{rows}`` is the table's rows), or is
     empty to take every case of the suites under its id. ``ratios``: name -> (figure, over
-    figure, target or None)."""
+    figure, target or None). ``goals``: name -> (figure, the most its median may be: a time).
+    ``only`` / ``skip``: case id prefixes to run / leave out; ``remote``: run with --remote."""
 
     quoted: str
     suites: tuple[str, ...]
     rows: int = 5000
     figures: dict[str, str] = field(default_factory=dict)
     ratios: dict[str, tuple[str, str, float | None]] = field(default_factory=dict)
+    goals: dict[str, tuple[str, float]] = field(default_factory=dict)
     only: tuple[str, ...] | None = None
+    skip: tuple[str, ...] | None = None
     remote: bool = False
     batch_sizes: tuple[int, ...] = (64, 128, 256)
     loader_workers: int | None = None
@@ -101,6 +105,70 @@ _E2E = {
     "deeplake_pytorch": "e2e.deeplake",
     "dali_cpu": "e2e.dali",
 }
+# The startup suite's rows: gpuload's cold and warm, the peers' one row (no on-disk cache).
+_STARTUP_ROWS = (
+    *(f"gpuload.{c}.{p}" for c in ("image", "plain", "dataloader", "tf") for p in ("cold", "warm")),
+    "torch_pil",
+    "dali",
+)
+_STARTUP = {
+    f"{row.replace('gpuload.', '').replace('.', '_')}_{m}": f"startup.{row}:{m}"
+    for row in _STARTUP_ROWS
+    for m in ("first_batch_s", "process_s")
+}
+
+# The HTTP object server rows (--remote) at each delay, first epoch (cold) and second (cached),
+# with the server's counters for the first; the local rows they are compared with.
+_HTTP_ROWS = {
+    "seq": ("stream", "seq", True),
+    "shuffle": ("stream", "shuffle", True),
+    "seq_nocache": ("stream", "seq_nocache", False),
+    "shuffle_nocache": ("stream", "shuffle_nocache", False),
+    "fast_path": ("loader", "fast", True),
+    "image": ("e2e", "image", True),
+}
+_LOCAL_ROWS = {
+    "seq": "stream.local.seq.bs128",
+    "shuffle": "stream.local.shuffle.bs128",
+    "fast_path": "loader.fast.shuffle",
+    "image": "e2e.gpuload.on",
+}
+
+
+def _http_figures(ms: int) -> dict[str, str]:
+    """Figures of the rows read from the HTTP server at ``ms`` ms per request."""
+    out = {}
+    for name, (prefix, case, cached) in _HTTP_ROWS.items():
+        id = f"{prefix}.http{ms}.{case}"
+        first = f"{id}.cold" if cached else id
+        out[f"http{ms}_{name}_epoch1"] = first
+        if cached:
+            out[f"http{ms}_{name}_epoch2"] = f"{id}.cached"
+        for m in ("server_requests", "peak_in_flight"):
+            out[f"http{ms}_{name}_epoch1_{m}"] = f"{first}:{m}"
+    return out
+
+
+def _http_ratios() -> dict[str, tuple[str, str, float | None]]:
+    """First epochs over local disk (the issue's goals at 20 ms: sequential >= 0.5, shuffled
+    >= 0.3, the image fast path >= 0.9) and over the same row at 0 ms."""
+    goals = {"seq": 0.5, "shuffle": 0.3, "image": 0.9}
+    out: dict[str, tuple[str, str, float | None]] = {}
+    for ms in (20, 50):
+        for name in _HTTP_ROWS:
+            fig = f"http{ms}_{name}_epoch1"
+            local = _LOCAL_ROWS.get(name.replace("_nocache", ""))
+            if local is not None:
+                target = goals.get(name) if ms == 20 else None
+                out[f"{fig}_over_local"] = (fig, f"local_{name.replace('_nocache', '')}", target)
+            out[f"{fig}_over_http0"] = (fig, f"http0_{name}_epoch1", None)
+    return out
+
+
+_REMOTE = {
+    **{f"local_{name}": id for name, id in _LOCAL_ROWS.items()},
+    **{k: v for ms in (0, 20, 50) for k, v in _http_figures(ms).items()},
+}
 
 FIGURES: dict[str, FigureSet] = {
     "tables": FigureSet(
@@ -131,7 +199,13 @@ FIGURES: dict[str, FigureSet] = {
         ("stream", "memory"),
         rows=20000,
         remote=True,
-        only=("loader.", "memory.fast."),
+        only=(
+            "loader.fast.",
+            "loader.dataloader.",
+            "loader.deeplake.",
+            "loader.s3.",
+            "memory.fast.",
+        ),
         batch_sizes=(128,),
         loader_workers=2,
         figures=_LOADER,
@@ -151,6 +225,25 @@ FIGURES: dict[str, FigureSet] = {
                 for alt in ("torch_dataloader_pil", "deeplake_pytorch", "dali_cpu")
             },
         },
+    ),
+    "startup": FigureSet(
+        "RESULTS.md 'Time to first batch': fresh process, cold and warm caches",
+        ("startup",),
+        figures=_STARTUP,
+        goals={
+            "image_cold_first_batch": ("image_cold_first_batch_s", 2.0),
+            "image_warm_first_batch": ("image_warm_first_batch_s", 0.3),
+        },
+    ),
+    "remote": FigureSet(
+        "RESULTS.md 'Remote throughput': the HTTP object server at 0, 20 and 50 ms per request",
+        ("stream", "e2e"),
+        remote=True,
+        only=(*_LOCAL_ROWS.values(), "stream.http", "loader.http", "e2e.http"),
+        skip=("e2e.gpuload.on.noverify",),
+        batch_sizes=(128,),
+        figures=_REMOTE,
+        ratios=_http_ratios(),
     ),
     "codecs": FigureSet("RESULTS.md 'Decode backends' (every case, by id)", ("codecs",)),
     "kernel": FigureSet(
@@ -187,13 +280,13 @@ class Results:
 
 def run_suites(
     suites, rows: int, repeats: int, workdir: str, only=None, remote=False,
-    batch_sizes=(64, 128, 256), loader_workers=None, device: str = "cpu",
+    batch_sizes=(64, 128, 256), loader_workers=None, device: str = "cpu", skip=None,
 ) -> Results:  # fmt: skip
     """``gpuload bench`` on a demo table of ``rows`` rows, selected suites and case prefixes."""
     cfg = BenchConfig(
         rows=rows, repeats=repeats, suites=list(suites), batch_sizes=list(batch_sizes),
         remote=remote, cache_dir=workdir, only=list(only) if only else None, device=device,
-        loader_workers=loader_workers,
+        loader_workers=loader_workers, startup_repeats=repeats, skip=list(skip) if skip else None,
     )  # fmt: skip
     return Results(run(cfg))
 
@@ -203,7 +296,7 @@ def measure(fs: FigureSet, rows: int | None, repeats: int, workdir: str) -> dict
     n = rows or fs.rows
     only = [p.format(rows=n) for p in fs.only] if fs.only else None
     r = run_suites(fs.suites, n, repeats, workdir, only, fs.remote, fs.batch_sizes,
-                   fs.loader_workers)  # fmt: skip
+                   fs.loader_workers, skip=fs.skip)  # fmt: skip
     wanted = {k: v.format(rows=n) for k, v in fs.figures.items()} or {
         e["id"]: e["id"] for e in r.doc["results"]
     }
@@ -220,10 +313,15 @@ def measure(fs: FigureSet, rows: int | None, repeats: int, workdir: str) -> dict
             ratios[name] = (
                 v if target is None else {"value": v, "target": target, "met": v >= target}
             )
+    goals = {}
+    for name, (fig, most) in fs.goals.items():
+        if isinstance(figures.get(fig), dict):
+            v = figures[fig]["median"]
+            goals[name] = {"value": v, "at_most": most, "met": v <= most}
     doc = r.doc
     return {"quoted": fs.quoted, "machine": doc["machine"], "versions": doc["versions"],
             "rows": n, "repeats": repeats, "method": doc["method"], "figures": figures,
-            "ratios": ratios}  # fmt: skip
+            "ratios": ratios, **({"goals": goals} if goals else {})}  # fmt: skip
 
 
 def write_json(res: dict[str, Any], out: str | None) -> None:
@@ -233,6 +331,13 @@ def write_json(res: dict[str, Any], out: str | None) -> None:
         with open(out, "w") as f:
             f.write(text + "\n")
     print(text)
+
+
+def _text(v) -> str:
+    """A figure as ``median (min-max)``: whole numbers for rates, 2-3 decimals for seconds."""
+    if not isinstance(v, dict):
+        return str(v)
+    return fmt(v, 0 if v["median"] >= 100 else 2 if v["median"] >= 1 else 3)
 
 
 def main() -> None:
@@ -246,7 +351,7 @@ def main() -> None:
     res = measure(FIGURES[a.set], a.rows, a.repeats, a.workdir)
     write_json(res, a.out)
     for name, v in res["figures"].items():
-        print(f"{name:44s} {fmt(v) if isinstance(v, dict) else v}", file=sys.stderr)
+        print(f"{name:44s} {_text(v)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

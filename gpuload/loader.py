@@ -516,7 +516,9 @@ class Loader:
         next_b = 0
         try:
             while True:
-                while next_b < ep.nbatches and len(pending) < self.prefetch_depth:
+                # the loader's very first batch is assembled alone, with the cores to itself
+                depth = 1 if self._first_batch_s is None else self.prefetch_depth
+                while next_b < ep.nbatches and len(pending) < depth:
                     # output slots rotate across epochs, so a new epoch's first batches do not
                     # land in the slots of the last ones (still held by the consumer)
                     slot, self._slot = self._slot, (self._slot + 1) % self.ring_size

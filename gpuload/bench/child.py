@@ -1,7 +1,8 @@
 """One measurement, in a fresh process: ``python -m gpuload.bench.child TASK 'JSON ARGS'``.
 
 Every task builds what it measures, runs a warm-up that is excluded, times the rest with a
-:class:`~gpuload.bench.measure.Meter` and prints one record per phase (see ``emit``). The
+:class:`~gpuload.bench.measure.Meter` and prints one record per phase (see ``emit``); but
+``startup``, which times a fresh process's imports, build and first two batches, warm-up none. The
 system-specific parts live in ``gpuload.bench.systems`` (one module per compared system, found
 by name and imported only by the child that runs it, so a peer's import cost and state never
 leak into another measurement); the tasks here are the ones every system shares: decode only,
@@ -17,10 +18,12 @@ import sys
 import time
 
 from .harness import (
+    batch_nbytes,
     batch_rows,
     cores,
     forever,
     image_of,
+    run_epochs,
     run_timed,
     stage_record,
     torch_sync,
@@ -62,9 +65,11 @@ def e2e_loader(a: dict):
 
 
 def e2e(a: dict) -> dict:
-    """Images/s of augmented float32 NCHW batches (batch 128) delivered as tensors."""
+    """Images/s of augmented float32 NCHW batches (batch 128) delivered as tensors; whole
+    epochs, each its own phase, when ``a["epochs"]`` (a remote table, cold then cached)."""
     epoch, sync, loader = e2e_loader(a)
-    return run_timed(
+    run = run_epochs if a.get("epochs") else run_timed
+    return run(
         a,
         epoch,
         rows=lambda b: batch_rows(image_of(b)),
@@ -72,6 +77,82 @@ def e2e(a: dict) -> dict:
         sync=sync,
         stats=loader.stats if loader is not None else None,
     )
+
+
+# What a fresh process may hold before a task runs: startup records name the ones the harness
+# itself brought in (``python -m gpuload.bench.child`` imports the gpuload package first).
+HEAVY_MODULES = ("gpuload", "numpy", "numba", "torch", "tensorflow", "nvidia.dali", "PIL")
+
+
+def _files_under(path: str) -> int:
+    """Files anywhere under ``path`` (0 when it does not exist)."""
+    return sum(len(files) for _, _, files in os.walk(path))
+
+
+def _two_batches(a: dict, build) -> dict:
+    """Build a loader with ``build`` (timed), then take the first two batches of its first epoch,
+    nothing warmed up, each after a device sync; the usual record fields over those two."""
+    tree = process_tree()
+    t0 = time.perf_counter()
+    epoch, sync, loader = build(a, int(a.get("workers") or cores()))
+    t1, w1, c1 = time.perf_counter(), time.time(), tree.cpu_times()
+    gen = forever(epoch)  # a table of one batch gives its second from the next epoch
+    batches, marks = [], []
+    for _ in range(2):
+        batches.append(next(gen))
+        if sync is not None:
+            sync()
+        marks.append((time.perf_counter(), time.time()))
+    gen.close()
+    stats = loader.stats() if loader is not None else None
+    return {
+        "rows": sum(batch_rows(b) for b in batches),
+        "bytes": sum(batch_nbytes(b) for b in batches),
+        "wall_s": max(marks[1][0] - t1, 1e-9),
+        "cpu_s": type(tree).cpu_delta(c1, tree.cpu_times()),
+        "peak_rss": tree.peak_rss(),
+        "window": [w1, time.time()],
+        "build_s": t1 - t0,
+        "first_batch_s": marks[0][0] - t1,
+        "second_batch_s": marks[1][0] - marks[0][0],
+        "first_batch_at": marks[0][1],
+        "loader_first_batch_s": stats.time_to_first_batch_s if stats is not None else None,
+    }
+
+
+def startup(a: dict) -> dict:
+    """Time to first batch in a fresh process, nothing warmed up: import the framework and the
+    loader (``a["imports"]``, timed), build the loader ``a["kind"]`` (``systems.LOADERS``),
+    then its first and second batch. ``a["spawned"]``: the parent's ``time.time()`` as it
+    started this process (process start -> first batch); the harness's own imports before the
+    task (``preimported``) fall in ``harness_s``, not ``import_s``."""
+    import importlib
+
+    started = time.time()
+    pre = [m for m in HEAVY_MODULES if m in sys.modules]
+    t0 = time.perf_counter()
+    for mod in a.get("imports", ()):
+        importlib.import_module(mod)
+    build = load(LOADERS, a["kind"], "end-to-end loader")
+    import_s = time.perf_counter() - t0
+    from gpuload.fetch.cache import default_cache_dir  # where this process's caches are
+
+    kernels = _files_under(os.path.join(default_cache_dir(), "kernels"))
+    numba_dir = os.environ.get("NUMBA_CACHE_DIR")
+    numba_files = _files_under(numba_dir) if numba_dir else None
+    rec = _two_batches(a, build)
+    spawned = float(a.get("spawned") or started)
+    rec.update(
+        import_s=import_s,
+        process_s=rec.pop("first_batch_at") - spawned,
+        harness_s=started - spawned,
+        kernel_cache_files_at_start=kernels,
+        numba_cache_files_at_start=numba_files,
+        preimported=pre,
+        cold=bool(a.get("cold")),
+        cache_dir=os.environ.get("GPULOAD_CACHE_DIR"),
+    )
+    return {"": rec}
 
 
 def _train_batches(a: dict, dev):

@@ -49,7 +49,7 @@ def _bench(args: argparse.Namespace) -> int:
         raise SystemExit(
             "gpuload bench: --storage-options is not passed on to the benchmark's measurements; "
             "copy the table first (gpuload --storage-options JSON ingest URL NAME) and "
-            "benchmark the copy (gpuload bench NAME), or use --remote for a loopback S3 run"
+            "benchmark the copy (gpuload bench NAME), or use --remote for loopback HTTP and S3 runs"
         )
     if args.table is not None:
         args.table = table_location(args.table, args.root)

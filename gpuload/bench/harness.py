@@ -5,6 +5,7 @@ times from gpuload's own loader stats, and the torch plumbing the end-to-end loa
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ __all__ = [
     "open_src",
     "run_epochs",
     "run_timed",
+    "ServerProbe",
     "stage_record",
     "to_device",
     "device_epochs",
@@ -150,16 +152,79 @@ def run_timed(
     return {"": m.result(**stage_record(stats, before))}
 
 
-def run_epochs(a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes, stats=None) -> dict:
-    """Whole epochs, each its own phase ("epoch1", "epoch2", ...), nothing excluded (for cold
-    versus cached reads of a remote table)."""
+class ServerProbe:
+    """The HTTP object server's counters between :meth:`start` and :meth:`stop`, from its
+    stats page (``gpuload.testing.shaped.STATS_PATH``): requests answered, bytes served, the
+    seconds in between and the most requests in flight at once (``start`` restarts the server's
+    peak, so it is exact for the stretch as long as only this client reads the server)."""
+
+    def __init__(self, server_url: str) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(server_url)
+        self.host, self.port = u.hostname, u.port
+        self._before: dict | None = None
+        self._t0 = 0.0
+
+    def _read(self, reset: bool = False) -> dict:
+        import http.client
+        import json
+
+        from gpuload.testing.shaped import STATS_PATH
+
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            conn.request("GET", STATS_PATH + ("?reset_peak=1" if reset else ""))
+            return json.loads(conn.getresponse().read())
+        finally:
+            conn.close()
+
+    def start(self) -> None:
+        """Read the counters now and restart the server's peak."""
+        self._before, self._t0 = self._read(reset=True), time.perf_counter()
+
+    def stop(self) -> dict:
+        """The stretch's counters (empty when it was not started)."""
+        if self._before is None:
+            return {}
+        wall = time.perf_counter() - self._t0
+        after, b, self._before = self._read(), self._before, None
+        return {
+            "server_requests": after["requests"] - b["requests"],
+            "server_bytes": after["bytes_served"] - b["bytes_served"],
+            "server_wall_s": wall,
+            "peak_in_flight": after["peak_in_flight"],
+        }
+
+
+def run_epochs(
+    a: dict, make_epoch, rows=batch_rows, nbytes=batch_nbytes, stats=None, sync=None
+) -> dict:
+    """Whole epochs, each its own phase ("epoch1", "epoch2", ...), for cold versus cached reads
+    of a remote table; nothing excluded but ``a["warmup"]`` batches of the first epoch (0 by
+    default). ``a["server"]``: the URL of the HTTP object server read from, whose counters over
+    each epoch go into its record (:class:`ServerProbe`)."""
     out = {}
+    probe = ServerProbe(a["server"]) if a.get("server") else None
     for e in range(a["epochs"]):
-        before = stats() if stats is not None else None
-        m = Meter(warmup=0, min_time=None)
+        if probe is not None:  # the server's counters cover the whole epoch, warm-up included
+            probe.start()
+        m = Meter(warmup=int(a.get("warmup") or 0) if e == 0 else 0, min_time=None, sync=sync)
+        before = stats() if stats is not None and m.timing else None
         for b in make_epoch(e):
             m.tick(rows(b), nbytes(b))
-        out[f"epoch{e + 1}"] = m.result(**stage_record(stats, before))
+            if before is None and stats is not None and m.timing:  # stage times: timed part
+                before = stats()
+        m.finish()
+        if m.rows == 0:
+            raise RuntimeError(
+                f"epoch {e + 1} timed no batch: the table is smaller than the warm-up"
+            )
+        server = probe.stop() if probe is not None else {}
+        rec = m.result(**stage_record(stats, before), **server)
+        if e:  # the loader's time to first batch is its first epoch's
+            rec.pop("first_batch_s", None)
+        out[f"epoch{e + 1}"] = rec
     return out
 
 

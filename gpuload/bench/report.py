@@ -26,11 +26,31 @@ NOTES = {
         "x limit: images/s over raw libjpeg-turbo with the same threads; RRC windows: the "
         "e2e suite's RandomResizedCrop windows, decoded as the loader asks for them."
     ),
+    "startup": (
+        "first batch s: from the loader's iteration start (iter / first next) to the first "
+        "batch in hand (after a device sync); stats() s: the same as the loader's own "
+        "stats().time_to_first_batch_s (gpuload's torch and TF loaders); build s: making the "
+        "loader or pipeline; import s: the framework and gpuload modules the script imports; "
+        "python + harness s: process spawn to the task's first line (interpreter start and the "
+        "harness's own import of gpuload); process start to first batch s: spawn to first batch. "
+        "kernel / Numba files at start: files under $GPULOAD_CACHE_DIR/kernels and "
+        "$NUMBA_CACHE_DIR as the task began (0 / 0 when cold)."
+    ),
     "e2e": (
         "x limit: images/s over the limit (raw libjpeg-turbo full-size decode on all cores, "
         "decode suite); gpuload ÷ this: gpuload's default fast path over this row."
     ),
 }
+
+REMOTE_NOTE = (
+    "HTTP object server rows: rows/s over whole epochs (the image row: images/s from the batch "
+    "its label names on, as the local row excludes its warm-up). MB/s served: response bytes "
+    "the server sent over the epoch's wall time. requests / peak in flight: the server's own "
+    "counters over the whole epoch (peak: exact where the epoch raised the server's record, else "
+    "'>=' the most seen polling it every 10 ms). first batch s: the loader's own stats(). x local: "
+    "over the same read from local disk in this run (steady state, warm page cache); x http0: "
+    "over the same row and epoch at 0 ms (the loopback HTTP stack's ceiling)."
+)
 
 STAGE_TITLE = "Where gpuload's loaders spend their time"
 STAGE_NOTE = (
@@ -65,6 +85,10 @@ def _med(s: dict | None) -> str:
 
 def _f2(s: dict | None) -> str:
     return f"{s['median']:.2f}" if s else "-"
+
+
+def _int(s: dict | None) -> str:
+    return f"{s['median']:.0f}" if s else "-"
 
 
 def _pct(s: dict | None) -> str:
@@ -108,6 +132,43 @@ _STREAM = [
     *_CPU_RSS,
     ("ratio", _stream_ratio),
 ]
+
+
+def _peak(e: dict) -> str:
+    """Peak requests in flight (median of the runs)."""
+    return _int(e["metrics"].get("peak_in_flight"))
+
+
+# The HTTP object server's groups (entries whose info names the server): its counters and
+# the ratios to local disk and to the same server without added delay.
+_REMOTE = [
+    ("batch", lambda e: str(e.get("batch_size") or "-")),
+    ("rows/s", _met("rows_s")),
+    ("MB/s served", _met("served_mb_s", lambda s: "0" if s and not s["median"] else _med(s))),
+    ("first batch s", _met("first_batch_s", _f2)),
+    ("requests", _met("server_requests", _int)),
+    ("peak in flight", _peak),
+    *_CPU_RSS,
+    ("x local", _ratio("x_local")),
+    ("x http0", _ratio("x_http0")),
+]
+
+
+def _columns(suite: str, entries: list[dict]) -> list[tuple[str, Any]]:
+    """A group's columns: its suite's, or the HTTP object server's for the remote groups."""
+    if any((e.get("info") or {}).get("server") == "http" for e in entries):
+        return _REMOTE
+    return COLUMNS.get(suite, [("rows/s", _met("rows_s"))])
+
+
+def _cache_files(e: dict) -> str:
+    """Files in the gpuload kernel cache / Numba's cache as a startup run began (medians)."""
+    m = e["metrics"]
+    return " / ".join(
+        _int(m.get(k)) for k in ("kernel_cache_files_at_start", "numba_cache_files_at_start")
+    )
+
+
 COLUMNS: dict[str, list[tuple[str, Any]]] = {
     "ingest": [
         ("rows", lambda e: f"{e['info']['rows']:,}"),
@@ -149,6 +210,16 @@ COLUMNS: dict[str, list[tuple[str, Any]]] = {
         ("compile s", _met("compile_s", _f2)),
         *_CPU_RSS,
     ],
+    "startup": [
+        ("first batch s", _met("first_batch_s")),
+        ("stats() s", _met("loader_first_batch_s")),
+        ("second batch s", _met("second_batch_s")),
+        ("build s", _met("build_s")),
+        ("import s", _met("import_s")),
+        ("python + harness s", _met("harness_s")),
+        ("process start to first batch s", _met("process_s")),
+        ("kernel / Numba files at start", _cache_files),
+    ],
     "train": [
         ("steps/s", _met("steps_s")),
         ("images/s", _met("rows_s")),
@@ -170,7 +241,7 @@ def _groups(doc: dict) -> list[tuple[str, str, list[dict]]]:
 
 def _rows(doc: dict, suite: str, entries: list[dict]) -> tuple[list[str], list[list[str]]]:
     """A group's table: full rows for measured entries, [label, status text] for the others."""
-    cols = COLUMNS.get(suite, [("rows/s", _met("rows_s"))])
+    cols = _columns(suite, entries)
     if doc["machine"].get("gpu", "none") != "none":
         cols = cols + GPU_COLUMNS
     rows = []
@@ -238,6 +309,8 @@ def terminal(doc: dict) -> str:
         lines += [_fmt_row(r, widths) for r in rows]
     if c.get("device") == "cpu" and any(e["suite"] == "train" for e in doc["results"]):
         lines += ["", "note (training): " + NOTES["train"]]
+    if any(_columns(s, es) is _REMOTE for s, _, es in _groups(doc)):
+        lines += ["", "note (remote): " + REMOTE_NOTE]
     missing = sorted({e["system"] for e in doc["results"] if e["status"] == "missing"})
     if missing:
         hint = "(pip install 'gpuload[peers]', or gpuload bench --install-peers)"
@@ -288,6 +361,8 @@ def markdown(doc: dict, images: dict[str, str]) -> str:
         out += [f"## {title}", "", *_md_table(*_rows(doc, suite, entries))]
         if suite in NOTES and (suite != "train" or c.get("device") == "cpu"):
             out += [NOTES[suite], ""]
+        if _columns(suite, entries) is _REMOTE and REMOTE_NOTE not in out:  # the first one
+            out += [REMOTE_NOTE, ""]
         if suite in images and last_of[suite] == gi:
             out += [f"![{suite}]({images[suite]})", ""]
             if suite == "stream" and "stream_batch_sizes" in images:
@@ -442,9 +517,48 @@ def _batch_size_chart(entries: list[dict], path: str, context: str) -> bool:
     return True
 
 
+STARTUP_PARTS = (  # metric, legend, colour: the parts of process start -> first batch
+    ("harness_s", "python + harness", "#c7c7c7"),
+    ("import_s", "imports", "#9ecae1"),
+    ("build_s", "build", "#4292c6"),
+    ("first_batch_s", "first batch", GPULOAD_COLOR),
+)
+
+
+def _startup_chart(entries: list[dict], path: str, context: str) -> bool:
+    """Process start -> first batch per startup case, stacked by part (medians), whiskers the
+    min-max of the whole; cold and warm rows side by side."""
+    data = [e for e in entries if e["status"] == "ok" and "process_s" in e["metrics"]][::-1]
+    if not data:
+        return False
+    fig, ax = _pyplot().subplots(figsize=(10, 0.42 * len(data) + 1.6))
+    y = range(len(data))
+    left = [0.0] * len(data)
+    for key, name, color in STARTUP_PARTS:
+        w = [e["metrics"].get(key, {}).get("median", 0.0) for e in data]
+        ax.barh(y, w, left=left, color=color, label=name)
+        left = [a + b for a, b in zip(left, w)]
+    med, lo, hi = zip(*(_spread(e["metrics"]["process_s"]) for e in data))
+    ax.errorbar(med, y, xerr=[lo, hi], fmt="none", ecolor="black", capsize=3)
+    for yi, v, h, e in zip(y, med, hi, data):  # processes per row differ here (cold: fewer)
+        n = e["metrics"]["process_s"]["n"]
+        ax.text(
+            v + h, yi, f"  {v:.2f} s ({n} process{'es' if n > 1 else ''})", va="center", fontsize=7
+        )
+    ax.set_yticks(list(y))
+    ax.set_yticklabels([e["label"][:70] for e in data], fontsize=7)
+    ax.set_xlim(0, max(m + h for m, h in zip(med, hi)) * 1.2)
+    ax.set_xlabel("seconds from process start to the first batch (median; whiskers min-max)")
+    ax.set_title("Time to first batch in a fresh process, cold and warm caches", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, path, context)
+    return True
+
+
 EXTRA_CHARTS = (  # (name, chart, suites it draws from); a chart returns False when it has nothing
     ("stream_batch_sizes", _batch_size_chart, ("stream",)),
     ("latency", _latency_chart, ("stream", "e2e")),
+    ("startup", _startup_chart, ("startup",)),
 )
 
 

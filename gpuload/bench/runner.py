@@ -1,13 +1,14 @@
 """``gpuload bench``: the standalone benchmark runner.
 
     gpuload bench [TABLE] [--rows N] [--device auto|cpu|cuda] [--batch-sizes 64,128,256]
-                  [--suite ingest,stream,decode,e2e,train] [--remote] [--out DIR] [--json]
-                  [--repeats R] [--quick]
+                  [--suite ingest,stream,decode,e2e,train,startup] [--remote] [--out DIR]
+                  [--json] [--repeats R] [--startup-repeats R] [--quick]
 
 With no TABLE it generates the demo table (480x640 JPEG + float32[14] + label + text) in a
 cache folder first, reused by later runs. Every measurement runs in a fresh process, ``R``
 times, round-robin over the suite's measurements (so a burst of load from elsewhere hits them
-all alike); warm-up is excluded in each process; the report quotes the median with min-max.
+all alike); warm-up is excluded in each process (the startup suite, which times a fresh
+process's first batches, excludes nothing); the report quotes the median with min-max.
 Peers (torch DataLoader + PIL, Deeplake, DALI) run on the same rows in the same run; one that
 is not installed is reported as missing, one without the hardware it needs as not run.
 """
@@ -35,6 +36,9 @@ DEFAULT_ROWS = 5000
 QUICK_ROWS = 500
 DEFAULT_REPEATS = 3
 DEFAULT_TRAIN_REPEATS = 1  # the training runs are long; see --train-repeats
+# One process per startup row keeps the suite under ~2 minutes of a default run on 2 cores
+# (2 per row: ~2.8 min); --startup-repeats or benchmarks/figures.py startup for the spread.
+DEFAULT_STARTUP_REPEATS = 1
 LATENCY_SAMPLE = 400
 
 
@@ -51,6 +55,7 @@ class BenchConfig:
     json: bool = False
     repeats: int | None = None
     train_repeats: int | None = None
+    startup_repeats: int | None = None
     quick: bool = False
     cache_dir: str | None = None
     train_steps: int | None = None
@@ -76,6 +81,11 @@ class BenchConfig:
             return self.train_repeats
         return min(self.resolved_repeats(), DEFAULT_TRAIN_REPEATS)
 
+    def resolved_startup_repeats(self) -> int:
+        if self.startup_repeats is not None:
+            return min(self.resolved_repeats(), self.startup_repeats)
+        return min(self.resolved_repeats(), DEFAULT_STARTUP_REPEATS)
+
 
 class Log:
     """Messages on stderr that do not break a progress bar."""
@@ -96,7 +106,33 @@ class Log:
 # result is a rate, a duration, a size or a ratio, and must be > 0.
 # A loader stage's share of the time may be 0 too (no decode without image ops).
 STAGE_NAMES = STAGES
-ZERO_ALLOWED = frozenset({"rss_growth_mb", "wait_pct", *(f"stage_{s}_pct" for s in STAGE_NAMES)})
+# A startup run's cache may hold no file at all (it should not, when cold). A cached epoch
+# from the HTTP object server may send it no request at all (every block in the disk cache).
+SERVER_KEYS = ("server_requests", "peak_in_flight", "served_mb_s")
+ZERO_ALLOWED = frozenset(
+    {
+        "rss_growth_mb",
+        "wait_pct",
+        "kernel_cache_files_at_start",
+        "numba_cache_files_at_start",
+        *SERVER_KEYS,
+        *(f"stage_{s}_pct" for s in STAGE_NAMES),
+    }
+)
+# What a startup run measured (seconds, and what its caches held at the start).
+STARTUP_KEYS = (
+    "first_batch_s",
+    "loader_first_batch_s",
+    "second_batch_s",
+    "build_s",
+    "import_s",
+    "harness_s",
+    "process_s",
+    "kernel_cache_files_at_start",
+    "numba_cache_files_at_start",
+)
+# Facts a record states besides numbers, kept per repetition in the entry ("notes").
+NOTE_KEYS = ("preimported", "cold", "cache_dir")
 
 
 def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
@@ -123,8 +159,16 @@ def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
         m["wait_pct"] = 100.0 * rec["wait_fraction"]
     if "gpu_mem_peak" in rec:
         m["gpu_mem_alloc_mb"] = rec["gpu_mem_peak"] / 1e6
-    if rec.get("first_batch_s") is not None:
-        m["first_batch_s"] = rec["first_batch_s"]
+    for k in STARTUP_KEYS:  # first_batch_s: also what a loader's stats() said elsewhere
+        if rec.get(k) is not None:
+            m[k] = rec[k]
+    if "server_requests" in rec:  # the HTTP object server's own counters over the phase
+        m.update(
+            server_requests=rec["server_requests"],
+            peak_in_flight=rec["peak_in_flight"],
+            served_mb_s=rec["server_bytes"] / rec["server_wall_s"] / 1e6,
+            server_wall_s=rec["server_wall_s"],  # the epoch as the server's counters saw it
+        )
     total = sum((rec.get("stages") or {}).values())
     if total > 0:
         for k in STAGE_NAMES:
@@ -188,18 +232,47 @@ def _progress_bar(total: int, progress: bool | None, log):
 
 
 def _run_once(m: S.Measurement, resources: S.Resources) -> dict:
-    """One fresh-process run of ``m``; ChildError or RuntimeError (a resource) on failure."""
+    """One fresh-process run of ``m``; ChildError or RuntimeError (a resource) on failure.
+    Placeholders in its environment (a fresh cache folder per run) resolve as its arguments'."""
     cleanup: list[str] = []
     try:
-        args, cleanup = resources.resolve(m.args)
-        return run_child(m.task, args, timeout=m.timeout, env=m.env or None)
+        env, cleanup = resources.resolve(m.env)
+        args, more = resources.resolve(m.args)  # last: "@now" is the spawn time
+        cleanup += more
+        return run_child(m.task, args, timeout=m.timeout, env=env or None)
     finally:
         for d in cleanup:
             shutil.rmtree(d, ignore_errors=True)
 
 
+def _reps(m: S.Measurement, repeats: int) -> int:
+    """Measured runs of ``m`` when its suite runs ``repeats`` times."""
+    return min(repeats, m.max_repeats) if m.max_repeats else repeats
+
+
+def _attempt(m: S.Measurement, resources, failed: dict, what: str, log, bar) -> dict | None:
+    """One run of ``m`` (its record), or None with the failure noted in ``failed``."""
+    if bar is not None:
+        bar.set_description(f"{m.id} ({what})")
+    t0 = time.perf_counter()
+    rec = None
+    try:
+        rec = _run_once(m, resources)
+        status = "ok"
+    except ChildError as e:
+        failed[m.id] = (e.short, str(e)[-3000:])
+        status = "FAILED: " + e.short
+    except RuntimeError as e:  # a resource could not be prepared
+        failed[m.id] = (str(e), str(e))
+        status = "FAILED: " + str(e)
+    if bar is None:
+        log(f"  {m.id} {what}: {status} ({time.perf_counter() - t0:.1f} s)")
+    return rec
+
+
 def _repeat_all(runnable, resources, reps_of, bar, log):
-    """Every runnable measurement ``reps_of(suite)`` times, round-robin within each suite.
+    """Every runnable measurement ``reps_of(suite)`` times (at most its ``max_repeats``),
+    round-robin within each suite, its ``prime_runs`` unmeasured runs just before its first.
     Returns (records by id, {id: (short, long) failure})."""
     recs: dict[str, list[dict]] = {m.id: [] for m in runnable}
     failed: dict[str, tuple[str, str]] = {}
@@ -209,22 +282,15 @@ def _repeat_all(runnable, resources, reps_of, bar, log):
         R = reps_of(suite)
         for rep in range(R):
             for m in ms:
+                if rep >= _reps(m, R):
+                    continue
+                for k in range(m.prime_runs if rep == 0 else 0):
+                    if m.id not in failed:
+                        _attempt(m, resources, failed, f"unmeasured run {k + 1}", log, bar)
                 if m.id not in failed:
-                    if bar is not None:
-                        bar.set_description(f"{m.id} ({rep + 1}/{R})")
-                    t0 = time.perf_counter()
-                    try:
-                        recs[m.id].append(_run_once(m, resources))
-                        status = "ok"
-                    except ChildError as e:
-                        failed[m.id] = (e.short, str(e)[-3000:])
-                        status = "FAILED: " + e.short
-                    except RuntimeError as e:  # a resource could not be prepared
-                        failed[m.id] = (str(e), str(e))
-                        status = "FAILED: " + str(e)
-                    if bar is None:
-                        dt = time.perf_counter() - t0
-                        log(f"  {m.id} run {rep + 1}/{R}: {status} ({dt:.1f} s)")
+                    rec = _attempt(m, resources, failed, f"run {rep + 1}/{_reps(m, R)}", log, bar)
+                    if rec is not None:
+                        recs[m.id].append(rec)
                 if bar is not None:
                     bar.update(1)
     return recs, failed
@@ -240,6 +306,7 @@ def _ok_entry(m: S.Measurement, phase: str, suffix: str, recs, cores: int, gpu_s
         per.append(pm)
     keys = [k for k in per[0] if all(k in p for p in per)]
     lat = [x * 1e3 for r in reps for x in (r.get("latencies") or [])]
+    notes = [{k: r[k] for k in NOTE_KEYS if k in r} for r in reps]
     return _entry(
         m,
         suffix,
@@ -248,6 +315,7 @@ def _ok_entry(m: S.Measurement, phase: str, suffix: str, recs, cores: int, gpu_s
         reps=per,
         latency_ms=_downsample(lat, LATENCY_SAMPLE) if lat else [],
         rows_timed=sum(r["rows"] for r in reps),
+        **({"notes": notes} if any(notes) else {}),
     )
 
 
@@ -273,7 +341,7 @@ def run_measurements(
     log = log or Log()
     skip = _unrunnable(measurements, has_gpu)
     runnable = [m for m in measurements if m.id not in skip]
-    bar = _progress_bar(sum(reps_of(m.suite) for m in runnable), progress, log)
+    bar = _progress_bar(sum(_reps(m, reps_of(m.suite)) for m in runnable), progress, log)
     try:
         recs, failed = _repeat_all(runnable, resources, reps_of, bar, log)
     finally:
@@ -334,14 +402,18 @@ def add_ratios(entries: list[dict], measurements: list[S.Measurement]) -> dict[s
     each entry ("ratios") and returned flat as {"id:name": value}. A ratio whose reference did
     not run is left out."""
     by_id = {e["id"]: e for e in entries}
-    declared = {i: m.ratios for m in measurements for i in m.ids()}
+    declared = {
+        m.id + sfx: [(r, r.ref_for(sfx)) for r in m.ratios]
+        for m in measurements
+        for sfx in m.phases.values()
+    }
     flat: dict[str, float] = {}
     for e in entries:
         if e["status"] != "ok":
             continue
         v = e["metrics"]["rows_s"]["median"]
-        for r in declared.get(e["id"], ()):
-            ref = _med(by_id, r.ref)
+        for r, ref_id in declared.get(e["id"], ()):
+            ref = _med(by_id, ref_id)
             if not ref or v <= 0:
                 continue
             value = ref / v if r.inverse else v / ref
@@ -467,6 +539,18 @@ def _prepare(measurements, resources: S.Resources, has_gpu: bool, log) -> None:
                     log(f"  {e}")
 
 
+def _suite_repeats(cfg: BenchConfig) -> dict[str, int]:
+    """Suites whose rows run fewer fresh processes than the others (long or one-shot rows)."""
+    return {"train": cfg.resolved_train_repeats(), "startup": cfg.resolved_startup_repeats()}
+
+
+def _repeats_text(cfg: BenchConfig) -> str:
+    """ "3 fresh processes (train 1, startup 2)": the run's repeats and the suites' own."""
+    R = cfg.resolved_repeats()
+    own = [f"{s} {n}" for s, n in _suite_repeats(cfg).items() if s in cfg.suites and n != R]
+    return f"{R} fresh processes" + (f" ({', '.join(own)})" if own else "")
+
+
 def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
     """Run the benchmark; returns the results document (what results.json holds)."""
     from .machine import GpuSampler
@@ -505,13 +589,14 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         gpu=has_gpu,
         ingest_rows=sorted({min(n, rows) for n in (1000, 2000, rows)}),
         loader_workers=cfg.loader_workers,
+        startup_repeats=cfg.resolved_startup_repeats(),
     )
     measurements = _measurements(cfg, ctx)
     about = _document(cfg, ctx, table, source, mean_image, started, prep)  # load before the runs
     log(
         f"gpuload bench: {rows:,} rows ({table.nbytes / 1e6:,.0f} MB, mean JPEG {mean_image / 1e3:.1f} kB) "
         f"from {path}; device {device}; {cores} cores; suites {','.join(cfg.suites)}; "
-        f"{len(measurements)} measurements x {cfg.resolved_repeats()} fresh processes"
+        f"{len(measurements)} measurements x {_repeats_text(cfg)}"
     )
     resources = S.Resources(ctx, workdir, log=log)
     sampler = GpuSampler() if has_gpu else None
@@ -527,7 +612,7 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
             log=log,
             progress=cfg.progress,
             gpu_sampler=sampler,
-            suite_repeats={"train": cfg.resolved_train_repeats()},
+            suite_repeats=_suite_repeats(cfg),
         )
     finally:
         resources.close()
@@ -542,12 +627,24 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
     return about
 
 
+REMOTE_METHOD = (
+    " Remote rows (--remote) read the same table from two servers on 127.0.0.1, started once "
+    "for the run: an HTTP object server (gpuload.testing.shaped: aiohttp's web server in a "
+    "child process, Range requests) that waits the stated delay before every answer, and the "
+    "S3 API served by moto (for the S3 code path only: moto is CPU-bound at ~200 requests/s). "
+    "Each remote row times whole epochs with gpuload's defaults (concurrency, coalescing, block "
+    "cache in a fresh empty folder: the first epoch cold, the second cached); requests and peak "
+    "in flight are the HTTP server's own counters over the epoch."
+)
+
+
 def _document(cfg, ctx: S.Context, table, source: str, mean_image: float, started: str, prep):
     """The results document around the entries: machine (with its load, taken before the
     runs), versions, configuration, table. ``prep`` is filled in later (same dict)."""
     from .machine import machine, versions
 
     repeats, train_repeats = cfg.resolved_repeats(), cfg.resolved_train_repeats()
+    startup = ctx.startup_repeats
     return {
         "format": "gpuload-bench/1",
         "started": started,
@@ -565,6 +662,7 @@ def _document(cfg, ctx: S.Context, table, source: str, mean_image: float, starte
             "remote": cfg.remote,
             "repeats": repeats,
             "train_repeats": train_repeats,
+            "startup_repeats": startup,
             "quick": cfg.quick,
             "timing": asdict(ctx.timing),
             "python": platform.python_version(),
@@ -581,16 +679,18 @@ def _document(cfg, ctx: S.Context, table, source: str, mean_image: float, starte
         },
         "prepare_s": prep,
         "method": (
-            f"Each measurement runs {repeats} time(s) ({train_repeats} for the training runs), "
-            f"each time in a fresh Python process "
+            f"Each measurement runs {repeats} time(s) ({train_repeats} for the training runs, "
+            f"{startup} for the startup rows), each time in a fresh Python process "
             f"(round-robin over a suite's measurements); in each process a warm-up is excluded "
             f"(JIT compilation, worker start-up, first reads), then batches are timed for at "
-            f"least a minimum window. Figures are the median with min-max over the processes. "
+            f"least a minimum window; the startup suite excludes nothing: it times the first "
+            f"two batches of a fresh process, with empty (cold) or filled (warm) caches. "
+            f"Figures are the median with min-max over the processes. "
             f"rows/s (images/s for decode, e2e, train); MB/s and Gb/s of the bytes delivered "
             f"(encoded bytes for ingest/stream/decode, output tensors for e2e); batch latency = "
             f"time between successive batches at the consumer; CPU = CPU time of the process "
             f"and its workers over wall time and all {ctx.cores} cores; peak RSS = peak resident "
-            f"memory of the process tree."
+            f"memory of the process tree." + (REMOTE_METHOD if ctx.remote else "")
         ),
         "results": [],
         "ratios": {},
@@ -630,7 +730,9 @@ def _arguments() -> tuple[tuple[tuple[str, ...], dict], ...]:
         (("--suite", "--suites"), dict(dest="suites", type=_csv, default=list(S.DEFAULT_SUITES),
             help=f"comma list of {','.join(S.SUITES)} (default: {','.join(S.DEFAULT_SUITES)})")),
         (("--remote",), dict(action="store_true",
-            help="also stream from a loopback S3 endpoint (moto) started for the run")),
+            help="also stream from an HTTP object server (aiohttp in a child process) at "
+                 f"{'/'.join(map(str, S.HTTP_DELAYS_MS))} ms per request and from the S3 API "
+                 "on moto, both on 127.0.0.1 and started for the run")),
         (("--out",), dict(default=None, help="write results.json, report.md and PNG plots here")),
         (("--json",), dict(action="store_true",
             help="print results.json on stdout (the table goes to stderr)")),
@@ -638,6 +740,9 @@ def _arguments() -> tuple[tuple[tuple[str, ...], dict], ...]:
             help=f"fresh processes per measurement (default {DEFAULT_REPEATS}; 1 with --quick)")),
         (("--train-repeats",), dict(type=int, default=None,
             help=f"fresh processes per training run (default {DEFAULT_TRAIN_REPEATS}, at most --repeats)")),
+        (("--startup-repeats",), dict(type=int, default=None,
+            help=f"fresh processes per startup row (default {DEFAULT_STARTUP_REPEATS}, at most "
+                 "--repeats; cold rows that compile the kernel: 1)")),
         (("--quick",), dict(action="store_true",
             help=f"a ~1-minute run: {QUICK_ROWS} rows, 1 repeat, short windows")),
         (("--train-steps",), dict(type=int, default=None,
@@ -661,8 +766,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(a: argparse.Namespace) -> BenchConfig:
     if a.repeats is not None and a.repeats < 1:
         raise SystemExit("gpuload bench: --repeats must be >= 1")
-    if a.train_repeats is not None and a.train_repeats < 1:
-        raise SystemExit("gpuload bench: --train-repeats must be >= 1")
+    for flag in ("train_repeats", "startup_repeats"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            raise SystemExit(f"gpuload bench: --{flag.replace('_', '-')} must be >= 1")
     if a.rows is not None and a.rows < 1:
         raise SystemExit("gpuload bench: --rows must be >= 1")
     return BenchConfig(
@@ -677,6 +783,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         json=a.json,
         repeats=a.repeats,
         train_repeats=a.train_repeats,
+        startup_repeats=a.startup_repeats,
         quick=a.quick,
         cache_dir=a.cache_dir,
         train_steps=a.train_steps,

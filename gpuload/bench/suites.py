@@ -3,12 +3,14 @@
 A :class:`Measurement` names a child task (:mod:`gpuload.bench.child`) and its arguments; the
 runner runs each one ``repeats`` times, each time in a fresh process. Arguments may refer to
 prepared resources with ``"@name"`` placeholders (a JPEG-file copy of the rows for the plain
-PIL baseline, local Deeplake copies, a 4x table, a loopback S3 copy), which
-:class:`Resources` builds once, on demand, in the benchmark's cache folder.
+PIL baseline, local Deeplake copies, a 4x table, a loopback S3 copy, the HTTP object servers
+of ``--remote``), which :class:`Resources` builds once, on demand, in the benchmark's cache
+folder (the servers: for the run).
 
 Suites: ``ingest``, ``stream`` (raw ``batches()`` and the loaders without decode), ``decode``,
 ``e2e`` (decode + RandomResizedCrop + flip + normalize into tensors), ``train`` (a small CNN),
-and, not run by default: ``memory`` (peak memory as the table grows), ``codecs`` (every decode
+``startup`` (time to first batch in a fresh process, cold and warm caches), and, not run by
+default: ``memory`` (peak memory as the table grows), ``codecs`` (every decode
 backend and ROI/DCT mode at 1 thread and all cores) and ``kernel`` (the fused CPU kernel alone).
 """
 
@@ -36,8 +38,8 @@ __all__ = [
     "ensure_demo",
 ]
 
-SUITES = ("ingest", "stream", "decode", "e2e", "train", "memory", "codecs", "kernel")
-DEFAULT_SUITES = ("ingest", "stream", "decode", "e2e", "train")
+SUITES = ("ingest", "stream", "decode", "e2e", "train", "startup", "memory", "codecs", "kernel")
+DEFAULT_SUITES = ("ingest", "stream", "decode", "e2e", "train", "startup")
 
 INSTALL = {
     "torch": "pip install torch",
@@ -47,6 +49,7 @@ INSTALL = {
     "nvidia.nvimgcodec": "pip install nvidia-nvimgcodec-cu12 (or pip install 'gpuload[peers]')",
     "s3fs": "pip install s3fs (or pip install 'gpuload[peers]')",
     "moto": "pip install 'moto[server]' (or pip install 'gpuload[peers]')",
+    "aiohttp": "pip install aiohttp (or pip install 'gpuload[http]')",
     "PIL": "pip install pillow",
     "simplejpeg": "pip install simplejpeg",
 }
@@ -83,12 +86,18 @@ class Timing:
 class Ratio:
     """A ratio declared on a measurement: this row's rate over the row ``ref`` (or ``ref``'s
     over this row's, ``inverse``), named ``name`` in results.json. ``ceiling``: what it cannot
-    exceed on an idle machine (a value above it, beyond noise, means the machine was busy)."""
+    exceed on an idle machine (a value above it, beyond noise, means the machine was busy).
+    ``{phase}`` in ``ref`` stands for the phase suffix of the id it is declared on (the same
+    phase of another row: ``.cold`` with ``.cold``)."""
 
     name: str
     ref: str
     inverse: bool = False
     ceiling: float | None = None
+
+    def ref_for(self, suffix: str) -> str:
+        """The reference id for the phase whose id suffix is ``suffix``."""
+        return self.ref.replace("{phase}", suffix)
 
 
 @dataclass
@@ -110,9 +119,11 @@ class Measurement:
     uses_gpu: bool = False
     phases: dict[str, str] = field(default_factory=lambda: {"": ""})  # child phase -> id suffix
     timeout: float = 300.0
-    env: dict[str, str] = field(default_factory=dict)  # the child's extra environment
+    env: dict[str, str] = field(default_factory=dict)  # the child's extra environment ("@name" ok)
     info: dict[str, Any] = field(default_factory=dict)
     ratios: tuple[Ratio, ...] = ()
+    max_repeats: int | None = None  # fewer fresh processes than the run's repeats (slow cases)
+    prime_runs: int = 0  # unmeasured runs before the first measured one (to fill a warm cache)
 
     @property
     def is_peer(self) -> bool:
@@ -140,6 +151,7 @@ class Context:
     gpu: bool
     ingest_rows: list[int]
     loader_workers: int | None = None  # DataLoader workers in the stream suite (default: cores)
+    startup_repeats: int | None = None  # processes per startup row (said in its heading)
 
     @property
     def workers(self) -> int:
@@ -240,8 +252,13 @@ def ingest_suite(ctx: Context) -> list[Measurement]:
     ]
 
 
+def _loader_bs0(ctx: Context) -> int:
+    """The loaders' batch size as asked for (the ids of the local rows name it unclamped)."""
+    return 128 if 128 in ctx.batch_sizes else ctx.batch_sizes[0]
+
+
 def loader_batch(ctx: Context) -> int:
-    return _clamp(ctx, 128 if 128 in ctx.batch_sizes else ctx.batch_sizes[0])
+    return _clamp(ctx, _loader_bs0(ctx))
 
 
 def _raw_streams(ctx: Context) -> list[Measurement]:
@@ -335,19 +352,110 @@ def stream_suite(ctx: Context) -> list[Measurement]:
     return _raw_streams(ctx) + loaders + (remote_measurements(ctx) if ctx.remote else [])
 
 
+#: Delays (ms) the HTTP object server adds before every answer in ``--remote`` runs; 0 is the
+#: ceiling of the loopback HTTP stack itself (separates latency from the server's throughput).
+HTTP_DELAYS_MS = (0, 20, 50)
+HTTP_GROUP = (
+    "HTTP object server (aiohttp in a child process) with {ms} ms added per request, batch {bs}, "
+    "gpuload's defaults: first epoch (cold: empty block cache) and second (cached)"
+)
+S3_GROUP = (
+    "S3 API on moto (CPU-bound at ~200 requests/s: measures moto, not the network), batch {bs}: "
+    "first epoch (cold) and second (disk cache)"
+)
+CACHED = {"epoch1": ".cold", "epoch2": ".cached"}  # child phase -> id suffix of two-epoch rows
+TWO_EPOCHS = {"epochs": 2, "cache": "@fresh_cache"}
+ONE_EPOCH_NO_CACHE = {"epochs": 1, "cache": False}
+
+
+def served_name(ctx: Context) -> str:
+    """The table's folder name: its path under the root of every HTTP object server."""
+    return os.path.basename(os.path.normpath(ctx.table_url))
+
+
 def remote_measurements(ctx: Context) -> list[Measurement]:
-    bs = loader_batch(ctx)
-    local = (Ratio("x_local", f"stream.local.seq.bs{bs}"),)
-    two = {"epochs": 2, "cache": "@fresh_cache"}
+    """``--remote``: the HTTP object server at each of HTTP_DELAYS_MS, then the S3 API (moto)."""
+    return [m for ms in HTTP_DELAYS_MS for m in http_measurements(ctx, ms)] + s3_measurements(ctx)
+
+
+def _http_cases(ctx: Context, bs: int) -> list[tuple]:
+    """(id prefix, name, label, task, args, local row compared with, two epochs?, requires) of
+    the rows read from an HTTP server; the image fast path is the e2e suite's default row."""
+    bs0 = _loader_bs0(ctx)
+    image = next(m for m in e2e_suite(ctx) if m.id == "e2e.gpuload.on")
+    w = image.args["warmup"]  # as the local row's, unless that leaves under 3/4 of the epoch
+    w = w if ctx.rows // image.args["batch_size"] >= 4 * w else 0
+    part = f"from batch {w + 1} of epoch 1" if w else "whole epochs"
+    plain = {"columns": _cols(ctx), "device": ctx.device}
+    cases = []
+    for mode, shuffle in (("seq", False), ("shuffle", True)):
+        local = f"stream.local.{mode}.bs{bs0}"
+        label = f"gpuload batches({bs}{', shuffle=True' if shuffle else ''})"
+        cases += [
+            ("stream", mode, label, "stream", {"shuffle": shuffle}, local, True, ()),
+            ("stream", f"{mode}_nocache", f"{label}, cache=False", "stream",
+             {"shuffle": shuffle}, local, False, ()),
+        ]  # fmt: skip
+    return cases + [
+        ("loader", "fast", "gpuload.pytorch(t, batch_size, shuffle=True) fast path", "fast",
+         plain, "loader.fast.shuffle", True, ("torch",)),
+        ("e2e", "image", f"gpuload image fast path, images/s ({part})",
+         "e2e", {**{k: v for k, v in image.args.items() if k != "min_time"}, "warmup": w},
+         image.id, True, image.requires),
+    ]  # fmt: skip
+
+
+def http_measurements(ctx: Context, ms: int) -> list[Measurement]:
+    """The rows read from the HTTP object server at ``ms`` ms per request (``@http<ms>``):
+    raw batches sequential and shuffled, cached (a cold and a warm epoch) and cache=False (one
+    epoch), the plain and the image fast path; ratios to the same read from local disk in this
+    run (x_local) and to the same row and phase at 0 ms (x_http0)."""
+    bs, srv = loader_batch(ctx), f"http{ms}"
+    url = f"@{srv}/{served_name(ctx)}"  # the base's url would not override a case's
     row = _table(
         "stream",
-        f"Loopback S3 (moto on 127.0.0.1), batch {bs}: first epoch (cold) and second (disk cache)",
+        HTTP_GROUP.format(ms=ms, bs=bs),
+        "stream",
+        {"server": f"@{srv}", "batch_size": bs},
+        batch_size=bs,
+        needs=("http",),
+        info={"server": "http", "delay_ms": ms},
+    )
+    out = []
+    for prefix, name, label, task, args, local, cached, requires in _http_cases(ctx, bs):
+        ratios = [Ratio("x_local", local)]
+        if ms:
+            ratios.append(Ratio("x_http0", f"{prefix}.http0.{name}{{phase}}"))
+        out.append(
+            row(
+                f"{prefix}.http{ms}.{name}",
+                f"{label}, HTTP {ms} ms",
+                "gpuload",
+                {**args, "url": url, **(TWO_EPOCHS if cached else ONE_EPOCH_NO_CACHE)},
+                task=task,
+                requires=("aiohttp", *requires),
+                phases=CACHED if cached else {"epoch1": ""},
+                ratios=ratios,
+                unit="images" if prefix == "e2e" else "rows",
+                timeout=600.0,
+            )
+        )
+    return out
+
+
+def s3_measurements(ctx: Context) -> list[Measurement]:
+    """The rows read through the S3 API from moto on 127.0.0.1 (``@s3_url``)."""
+    bs = loader_batch(ctx)
+    local = (Ratio("x_local", f"stream.local.seq.bs{_loader_bs0(ctx)}"),)
+    row = _table(
+        "stream",
+        S3_GROUP.format(bs=bs),
         "stream",
         {"url": "@s3_url", "storage_options": "@s3_options", "batch_size": bs},
         batch_size=bs,
         requires=("s3fs", "moto"),
         needs=("s3",),
-        phases={"epoch1": ".cold", "epoch2": ".cached"},
+        phases=CACHED,
     )
     torch_req = ("s3fs", "moto", "torch")
     return [
@@ -355,20 +463,20 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
             "stream.s3.seq",
             f"gpuload batches({bs}) from S3",
             "gpuload",
-            {**two, "shuffle": False},
+            {**TWO_EPOCHS, "shuffle": False},
             ratios=local,
         ),
         row(
             "stream.s3.shuffle",
             f"gpuload batches({bs}, shuffle=True) from S3",
             "gpuload",
-            {**two, "shuffle": True},
+            {**TWO_EPOCHS, "shuffle": True},
         ),
         row(
             "stream.s3.seq_nocache",
             f"gpuload batches({bs}) from S3, cache=False",
             "gpuload",
-            {"cache": False, "shuffle": False, "epochs": 1},
+            {**ONE_EPOCH_NO_CACHE, "shuffle": False},
             phases={"epoch1": ""},
             ratios=local,
         ),
@@ -376,7 +484,7 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
             "loader.s3.dataloader.w0",
             "DataLoader(gpuload.pytorch(t), shuffle=True, num_workers=0) from S3",
             "gpuload",
-            {**two, "workers": 0, "columns": _cols(ctx)},
+            {**TWO_EPOCHS, "workers": 0, "columns": _cols(ctx)},
             task="dataloader",
             requires=torch_req,
         ),
@@ -384,7 +492,7 @@ def remote_measurements(ctx: Context) -> list[Measurement]:
             "loader.s3.fast",
             "gpuload.pytorch(t, batch_size, shuffle=True) fast path from S3",
             "gpuload",
-            {**two, "columns": _cols(ctx), "device": ctx.device},
+            {**TWO_EPOCHS, "columns": _cols(ctx), "device": ctx.device},
             task="fast",
             requires=torch_req,
         ),
@@ -646,6 +754,79 @@ def e2e_suite(ctx: Context) -> list[Measurement]:
     ]
 
 
+# name, the e2e case whose pipeline it starts (None: the fast path without image ops), the
+# modules a user's script imports for it, whether a cold start compiles the fused kernel.
+# fmt: off
+STARTUP_CASES = (
+    ("gpuload.image", "e2e.gpuload.on", ("torch", "gpuload"), True),
+    ("gpuload.plain", None, ("torch", "gpuload"), False),
+    ("gpuload.dataloader", "e2e.gpuload.dataloader", ("torch", "PIL.Image", "gpuload"), False),
+    ("gpuload.tf", "e2e.gpuload.tf", ("tensorflow", "gpuload"), True),
+    ("torch_pil", "e2e.torch_pil", ("torch", "PIL.Image"), False),
+    ("dali", "e2e.dali", ("torch", "nvidia.dali"), False),
+)
+# fmt: on
+STARTUP_CACHES = ("GPULOAD_CACHE_DIR", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
+COLD_COMPILE_REPEATS = 1  # a cold start that compiles the fused kernel takes ~15-20 s here
+STARTUP_GROUP = (
+    "Startup: time to first batch in a fresh process, nothing warmed up (batch {bs}, {where}). "
+    "cold: empty gpuload kernel, Numba and XDG caches (a new folder per process); warm: the "
+    "same caches after one unmeasured run filled them; the OS page cache is warm in both. "
+    "import s: what the script imports (gpuload itself is imported by the harness, in "
+    "'python + harness s'). {per}"
+)
+
+
+def _startup_plain(ctx: Context, bs: int) -> Measurement:
+    """The fast path without image ops (the table's numeric and label columns), as an e2e row
+    would be declared (the startup rows are derived from e2e rows)."""
+    cols = [c for c in ctx.columns if c not in (ctx.image, "instruction")]
+    return Measurement(
+        "startup.plain", "startup", "", f"gpuload fast path, no image ops ({', '.join(cols)})",
+        "gpuload", "startup",
+        {"url": ctx.table_url, "batch_size": bs, "device": ctx.device, "columns": cols,
+         "kind": "gpuload_plain"},
+        batch_size=bs, unit="rows", requires=("torch",), uses_gpu=ctx.device == "cuda",
+    )  # fmt: skip
+
+
+def startup_suite(ctx: Context) -> list[Measurement]:
+    """Time to first batch, cold and warm, for the e2e suite's own pipelines (and the plain
+    fast path); peers have no on-disk cache, so one row each (cold caches, warm page cache)."""
+    import dataclasses
+
+    bs, r, k = _clamp(ctx, 128), ctx.startup_repeats, COLD_COMPILE_REPEATS
+    per = f"{r} process(es) per row" if r else "Processes per row: the run's repeats"
+    if not r or r > k:
+        per += f", {k} for the cold rows that compile the kernel"
+    group = STARTUP_GROUP.format(bs=bs, where="GPU" if ctx.device == "cuda" else "CPU", per=per)
+    e2e = {m.id: m for m in e2e_suite(ctx)}
+    out = []
+    for name, ref, imports, compiles in STARTUP_CASES:
+        base = e2e[ref] if ref else _startup_plain(ctx, bs)
+        args = {k: v for k, v in base.args.items() if k not in ("warmup", "min_time")}
+        args.update(imports=list(imports), spawned="@now")
+        pair = base.system == "gpuload"  # peers: one row (no cache of theirs to warm)
+        for phase in ("cold", "warm") if pair else ("cold",):
+            cold = phase == "cold"
+            out.append(
+                dataclasses.replace(
+                    base,
+                    id=f"startup.{name}.{phase}" if pair else f"startup.{name}",
+                    suite="startup",
+                    group=group,
+                    label=f"{base.label} [{phase if pair else 'no disk cache'}]",
+                    task="startup",
+                    args={**args, "cold": cold},
+                    env={k: "@fresh_cache" if cold else f"@warm_cache/{k}" for k in STARTUP_CACHES},
+                    ratios=(),
+                    max_repeats=COLD_COMPILE_REPEATS if cold and compiles else None,
+                    prime_runs=0 if cold else 1,
+                )
+            )
+    return out
+
+
 def train_suite(ctx: Context) -> list[Measurement]:
     tm, cuda = ctx.timing, ctx.device == "cuda"
     bs = _clamp(ctx, tm.train_batch)
@@ -702,6 +883,7 @@ BUILDERS = {
     "decode": decode_suite,
     "e2e": e2e_suite,
     "train": train_suite,
+    "startup": startup_suite,
     "memory": memory_suite,
     "codecs": codecs_suite,
     "kernel": kernel_suite,
@@ -757,9 +939,14 @@ def ensure_demo(
     return path, True
 
 
+# Values a resource brings along with its own (placeholders "@s3_url", "@http20", ...).
+PART_OF = {"s3_url": "s3", "s3_options": "s3", **{f"http{ms}": "http" for ms in HTTP_DELAYS_MS}}
+
+
 class Resources:
     """Data the measurements read besides the table, built on first need and kept in
-    ``workdir`` (reused by later runs while the table's version is unchanged)."""
+    ``workdir`` (reused by later runs while the table's version is unchanged), and the servers
+    of ``--remote`` runs (started once, closed by :meth:`close`)."""
 
     def __init__(self, ctx: Context, workdir: str, log=print) -> None:
         self.ctx = ctx
@@ -769,6 +956,7 @@ class Resources:
         self.errors: dict[str, str] = {}
         self.timings: dict[str, float] = {}
         self._s3 = None
+        self._servers: list = []  # the HTTP object servers (ShapedHTTPServer), once started
         self._tmp = tempfile.mkdtemp(prefix="gpuload-bench-")
         self.values["tmp"] = self._tmp
         os.makedirs(workdir, exist_ok=True)
@@ -779,6 +967,9 @@ class Resources:
             return self.values[name]
         if name in self.errors:
             raise RuntimeError(self.errors[name])
+        if name in PART_OF:
+            self.get(PART_OF[name])
+            return self.values[name]
         t = time.perf_counter()
         try:
             v = getattr(self, "_make_" + name)()
@@ -883,18 +1074,36 @@ class Resources:
         self.values["s3_options"] = self._s3.storage_options
         return {"url": url}
 
-    def _make_s3_url(self) -> str:
-        self.get("s3")
-        return self.values["s3_url"]
+    def _make_http(self) -> dict[str, str]:
+        """One shaped HTTP object server per delay of HTTP_DELAYS_MS, each a child process
+        serving a folder that holds only (a link to) the table under its own name; their URLs
+        are the values ``http<ms>``."""
+        from ..testing.shaped import ShapedHTTPServer, Shaping
 
-    def _make_s3_options(self) -> dict:
-        self.get("s3")
-        return self.values["s3_options"]
+        src = self.ctx.table_url
+        if "://" in src or not os.path.isdir(src):
+            raise RuntimeError(f"the HTTP rows serve a table in a local folder; {src} is not one")
+        www = os.path.join(self._tmp, "www")
+        os.makedirs(www)
+        os.symlink(os.path.abspath(src), os.path.join(www, served_name(self.ctx)))
+        delays = "/".join(map(str, HTTP_DELAYS_MS))
+        self.log(f"starting the HTTP object servers ({delays} ms per request, child processes) ...")
+        for ms in HTTP_DELAYS_MS:
+            server = ShapedHTTPServer(www, Shaping(delay_s=ms / 1e3), process=True)
+            self._servers.append(server)  # closed by close(), even if a later one fails
+            self.values[f"http{ms}"] = server.url
+        return {f"http{ms}": self.values[f"http{ms}"] for ms in HTTP_DELAYS_MS}
+
+    def _make_warm_cache(self) -> str:
+        """One cache folder for this run, shared by the warm startup cases (each fills it with
+        an unmeasured run first; see ``Measurement.prime_runs``)."""
+        return tempfile.mkdtemp(prefix="warm-", dir=self._tmp)
 
     def resolve(self, args: dict) -> tuple[dict, list[str]]:
-        """Arguments with "@name" placeholders replaced; also the temporary folders made for
-        this run of the child (to delete afterwards)."""
-        out, cleanup = {}, []
+        """Arguments (or an environment) with "@name" placeholders replaced; also the temporary
+        folders made for this run of the child (to delete afterwards). "@fresh_cache": a new
+        empty folder per run; "@now": ``time.time()`` as resolving ends (the child's spawn)."""
+        out, cleanup, now = {}, [], []
         for k, v in args.items():
             if isinstance(v, str) and v.startswith("@"):
                 name, _, rest = v[1:].partition("/")
@@ -903,14 +1112,31 @@ class Resources:
                     cleanup.append(d)
                     out[k] = d
                     continue
+                if name == "now":
+                    now.append(k)
+                    continue
                 base = self.get(name)
                 out[k] = os.path.join(base, rest) if rest else base
             else:
                 out[k] = v
+        out.update(dict.fromkeys(now, time.time()))
         return out, cleanup
 
     def close(self) -> None:
+        """Stop the servers (logging what each HTTP server served) and remove the temporary
+        folders."""
         if self._s3 is not None:
             self._s3.close()
             self._s3 = None
+        for ms, server in zip(HTTP_DELAYS_MS, self._servers):
+            server.close()
+            try:
+                st = server.stats()
+            except RuntimeError:  # its child ended before the counters were read
+                continue
+            self.log(
+                f"HTTP server at {ms} ms/request: {st['requests']:,} requests, "
+                f"{st['bytes_served'] / 1e6:,.0f} MB served, peak {st['peak_in_flight']} in flight"
+            )
+        self._servers = []
         shutil.rmtree(self._tmp, ignore_errors=True)

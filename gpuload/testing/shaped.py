@@ -49,7 +49,8 @@ __all__ = ["STATS_PATH", "ShapedHTTPServer", "Shaping"]
 
 log = logging.getLogger("gpuload.testing")
 
-#: GET this path for the server's counters as JSON (never shaped, faulted or counted).
+#: GET this path for the server's counters as JSON (never shaped, faulted or counted);
+#: ``?reset_peak=1`` then restarts ``peak_in_flight`` from the requests in flight now.
 STATS_PATH = "/__gpuload_stats"
 _PIECE = 64 << 10  # bytes per paced write under a bandwidth cap
 _BLOCK = 1 << 20  # bytes per write without one
@@ -248,7 +249,11 @@ class _Core:
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Every request: the stats page, else the file answer inside a connection slot."""
         if request.path == STATS_PATH:
-            return _web().json_response(self.stats())
+            stats = self.stats()
+            if request.query.get("reset_peak"):  # a new stretch: its peak starts from now
+                with self.lock:
+                    self.counts["peak_in_flight"] = self.counts["in_flight"]
+            return _web().json_response(stats)
         slot = self._slots if self._slots is not None else contextlib.nullcontext()
         async with slot:
             self._in_flight(+1)

@@ -55,7 +55,7 @@ def bench_run(tmp_path_factory):
         # the fused kernel, ~5 s; each DataLoader starts worker processes)
         "--skip",
         "e2e.gpuload.off,e2e.gpuload.fast,e2e.gpuload.tf,e2e.gpuload.dataloader,e2e.dali,"
-        "decode.pil.pool,loader.dataloader.w0",
+        "decode.pil.pool,loader.dataloader.w0,startup.",  # startup: its own test below
         "--cache-dir",
         str(tmp / "cache"),
         "--out",
@@ -151,7 +151,12 @@ def _metric_name(where: str) -> str:
 
 
 def test_every_reported_number_is_positive_and_finite(bench_run):
-    doc = bench_run["doc"]
+    assert _positive_and_finite(bench_run["doc"]) > 100
+
+
+def _positive_and_finite(doc) -> int:
+    """Check every number of a results document (> 0, or >= 0 where 0 is a valid result);
+    returns how many there were."""
     found = 0
     for e in doc["results"]:
         for where, v in _numbers(
@@ -164,7 +169,7 @@ def test_every_reported_number_is_positive_and_finite(bench_run):
                 assert math.isfinite(v) and v > 0, (where, v)
     for where, v in _numbers(doc["ratios"], "ratios"):
         assert math.isfinite(v) and v > 0, (where, v)
-    assert found > 100
+    return found
 
 
 @pytest.mark.slow
@@ -275,3 +280,179 @@ def test_plots_carry_the_run_context_and_warnings(bench_run, tmp_path):
     from gpuload.bench.report import markdown
 
     assert "**Warning**: train.x" in markdown(doc, images)
+
+
+STARTUP_TIMES = ("first_batch_s", "second_batch_s", "build_s", "import_s", "harness_s", "process_s")
+
+
+@pytest.mark.slow
+def test_startup_cases_run_cold_and_warm_in_fresh_processes(tmp_path):
+    """The startup suite's plain fast path, cold and warm, and the image fast path warm (its
+    unmeasured first run compiles the kernel into the run's warm cache, ~10-15 s here): a cold
+    process starts with no cached kernel even after that, a warm one with the kernel."""
+    only = "startup.gpuload.image.warm,startup.gpuload.plain"
+    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", "300", "--no-progress",
+           "--device", "cpu", "--suites", "startup", "--only", only,
+           "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-4000:]
+    doc = json.loads(p.stdout)
+    by = {e["id"]: e for e in doc["results"]}
+    cold, warm = by["startup.gpuload.plain.cold"], by["startup.gpuload.plain.warm"]
+    image = by["startup.gpuload.image.warm"]
+    assert set(by) == {cold["id"], warm["id"], image["id"]}
+    assert all(e["status"] == "ok" and e["suite"] == "startup" for e in by.values()), by
+    assert _positive_and_finite(doc) > 30
+    for e in by.values():
+        m = {k: v["median"] for k, v in e["metrics"].items()}
+        assert all(k in m for k in STARTUP_TIMES + ("kernel_cache_files_at_start",)), e["id"]
+        assert m["process_s"] >= m["harness_s"] + m["import_s"] + m["build_s"] + m["first_batch_s"]
+        # the loader's own clock starts inside the first next(): it agrees, a little shorter
+        assert 0 <= m["first_batch_s"] - m["loader_first_batch_s"] < 0.25, e["id"]
+        (note,) = e["notes"]
+        assert "gpuload" in note["preimported"], "the harness imports gpuload: said so"
+        assert not {"torch", "tensorflow"} & set(note["preimported"]), note
+        assert note["cold"] is (e is cold)
+    # cold: a new empty cache folder (removed after), though the warm runs before it filled theirs
+    assert cold["metrics"]["kernel_cache_files_at_start"]["median"] == 0
+    assert cold["metrics"]["numba_cache_files_at_start"]["median"] == 0
+    assert not os.path.exists(cold["notes"][0]["cache_dir"])
+    for e in (image, warm):  # warm: the run's cache folder, filled by the image case's first run
+        assert e["metrics"]["kernel_cache_files_at_start"]["median"] > 0, e["id"]
+        assert e["metrics"]["numba_cache_files_at_start"]["median"] > 0, e["id"]
+    assert image["notes"][0]["cache_dir"] == warm["notes"][0]["cache_dir"]
+    assert image["metrics"]["first_batch_s"]["median"] > 0
+    assert (
+        "== Startup: time to first batch" in p.stderr
+        and "process start to first batch s" in p.stderr
+    )
+    assert (tmp_path / "out" / "startup.png").stat().st_size > 1000
+    assert "![startup](startup.png)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_prime_runs_go_unmeasured_before_the_first_and_max_repeats_caps_a_row(monkeypatch):
+    from gpuload.bench import runner
+    from gpuload.bench.suites import Measurement
+
+    calls = []
+
+    def fake_run(m, resources):
+        calls.append(m.id)
+        return {"n": len(calls)}
+
+    monkeypatch.setattr(runner, "_run_once", fake_run)
+    ms = [
+        Measurement("s.cold", "startup", "g", "cold", "gpuload", "startup", {}, max_repeats=1),
+        Measurement("s.warm", "startup", "g", "warm", "gpuload", "startup", {}, prime_runs=1),
+    ]
+    recs, failed = runner._repeat_all(ms, None, lambda s: 3, None, lambda msg: None)
+    assert not failed
+    assert calls == ["s.cold", "s.warm", "s.warm", "s.warm", "s.warm"]
+    assert recs == {"s.cold": [{"n": 1}], "s.warm": [{"n": 3}, {"n": 4}, {"n": 5}]}
+
+
+def test_placeholders_resolve_per_run_in_the_environment_too(tmp_path):
+    from gpuload.bench import suites as S
+
+    ctx = S.Context("/t", 10, "image", None, ["image"], None, "cpu", 2, [8], False, S.Timing(),
+                    False, [10])  # fmt: skip
+    res = S.Resources(ctx, str(tmp_path / "work"))
+    try:
+        env = {"GPULOAD_CACHE_DIR": "@fresh_cache", "NUMBA_CACHE_DIR": "@warm_cache/numba"}
+        (a, ca), (b, cb) = res.resolve(env), res.resolve(env)
+        assert a["GPULOAD_CACHE_DIR"] != b["GPULOAD_CACHE_DIR"], "a new empty folder per run"
+        assert os.listdir(a["GPULOAD_CACHE_DIR"]) == [] and ca == [a["GPULOAD_CACHE_DIR"]]
+        assert a["NUMBA_CACHE_DIR"] == b["NUMBA_CACHE_DIR"] and not cb[1:]
+        t0 = time.time()
+        args, _ = res.resolve({"spawned": "@now", "x": 1})
+        assert args["x"] == 1 and t0 <= args["spawned"] <= time.time()
+    finally:
+        res.close()
+
+
+def _remote_ctx(**kw):
+    from gpuload.bench import suites as S
+
+    base = dict(table_url="/data/demo-300-0", rows=300, image="image", label="label",
+                columns=["image", "state", "label", "instruction"], storage_options=None,
+                device="cpu", cores=2, batch_sizes=[64, 128, 256], remote=True,
+                timing=S.Timing(), gpu=False, ingest_rows=[300])  # fmt: skip
+    return S.Context(**{**base, **kw})
+
+
+def test_remote_rows_read_the_http_server_at_each_delay_and_name_their_references():
+    """--remote: per delay the same six rows (cached ones with a cold and a cached epoch) on
+    the HTTP server's own placeholders; every ratio names a row of the same run (x_http0: the
+    same phase at 0 ms); the S3 rows stay, labelled as measuring moto."""
+    from gpuload.bench import suites as S
+
+    ctx = _remote_ctx()
+    ms = S.build(ctx, ["stream", "e2e"])
+    ids = {i for m in ms for i in m.ids()}
+    http = [m for m in ms if (m.info or {}).get("server") == "http"]
+    assert len(http) == 6 * len(S.HTTP_DELAYS_MS) == 18
+    for d in S.HTTP_DELAYS_MS:
+        for case in ("stream.http{}.seq", "stream.http{}.shuffle", "loader.http{}.fast",
+                     "e2e.http{}.image"):  # fmt: skip
+            assert {case.format(d) + ".cold", case.format(d) + ".cached"} <= ids
+        assert {f"stream.http{d}.seq_nocache", f"stream.http{d}.shuffle_nocache"} <= ids
+    for m in http:
+        d = m.info["delay_ms"]
+        assert m.args["url"] == f"@http{d}/demo-300-0" and m.args["server"] == f"@http{d}"
+        assert m.needs == ("http",) and f"with {d} ms added per request" in m.group
+        assert "FetchOptions" not in repr(m.args) and "fetch" not in m.args  # the defaults
+        cached = m.args["epochs"] == 2
+        assert m.args["cache"] == ("@fresh_cache" if cached else False)
+        names = {r.name for r in m.ratios}
+        assert names == ({"x_local", "x_http0"} if d else {"x_local"}), m.id
+        for r in m.ratios:
+            for sfx in m.phases.values():
+                assert r.ref_for(sfx) in ids, (m.id, sfx, r)
+    image = next(m.args for m in http if m.id == "e2e.http20.image")
+    local = next(m.args for m in ms if m.id == "e2e.gpuload.on")
+    own = ("url", "server", "epochs", "cache", "min_time", "warmup")
+    same = {k: v for k, v in local.items() if k not in own}
+    assert {k: v for k, v in image.items() if k not in own} == same, "the e2e default row's"
+    assert image["warmup"] == 0 < local["warmup"], "300 rows: too few batches to leave some out"
+    big = S.build(_remote_ctx(rows=5000), ["stream"])
+    assert next(m.args["warmup"] for m in big if m.id == "e2e.http0.image") == local["warmup"]
+    s3 = [m for m in ms if ".s3." in m.id]
+    assert len(s3) == 5 and all("measures moto, not the network" in m.group for m in s3)
+    local_only = S.build(_remote_ctx(remote=False), ["stream"])
+    assert not any(".http" in m.id or ".s3" in m.id for m in local_only)
+
+
+@pytest.mark.slow
+def test_remote_http_rows_go_through_the_shaped_server(tmp_path):
+    """The 20 ms and 0 ms sequential rows for real on a small table: rates, ratios to local
+    disk and to 0 ms, and the 20 ms run's requests really waited >= 20 ms each (its epoch
+    lasted at least 20 ms x requests / peak in flight, by the server's own counters)."""
+    only = "stream.local.seq.bs128,stream.http0.seq,stream.http20.seq"
+    skip = "stream.local.seq.bs128.noverify,stream.http0.seq_nocache,stream.http20.seq_nocache"
+    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", "300", "--no-progress",
+           "--device", "cpu", "--suites", "stream", "--batch-sizes", "128", "--remote",
+           "--only", only, "--skip", skip, "--cache-dir", str(tmp_path / "c"), "--json"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-4000:]
+    doc = json.loads(p.stdout)
+    by = {e["id"]: e for e in doc["results"]}
+    phases = [f"stream.http{d}.seq.{ph}" for d in (0, 20) for ph in ("cold", "cached")]
+    assert set(by) == {"stream.local.seq.bs128", *phases}
+    assert all(e["status"] == "ok" for e in by.values()), by
+    assert _positive_and_finite(doc) > 20
+    for id in phases:
+        m = by[id]["metrics"]
+        assert m["rows_s"]["median"] > 0 and by[id]["ratios"]["x_local"] > 0, id
+        assert (".http20." in id) == ("x_http0" in by[id]["ratios"]), id
+    cold = by["stream.http20.seq.cold"]
+    m = {k: v["median"] for k, v in cold["metrics"].items()}
+    assert m["server_requests"] >= 1 and m["peak_in_flight"] >= 1
+    assert m["server_wall_s"] >= 0.02 * m["server_requests"] / m["peak_in_flight"]
+    assert m["wall_s"] >= 0.02 and m["first_batch_s"] >= 0.02  # a request before the first batch
+    assert m["served_mb_s"] > 0
+    # the cached epoch reads its disk cache: no more than a few requests
+    assert by["stream.http20.seq.cached"]["metrics"]["server_requests"]["median"] <= 2
+    assert doc["ratios"]["stream.http20.seq.cached:x_http0"] > 0
+    err = p.stderr
+    assert "HTTP object server (aiohttp in a child process) with 20 ms added per request" in err
+    assert "peak in flight" in err and "x http0" in err and "HTTP server at 20 ms/request" in err

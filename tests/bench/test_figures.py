@@ -63,6 +63,39 @@ def test_every_quoted_figure_names_a_case_its_run_measures(figures):
             assert case in ids, f"{name}: figure {fig!r} names {case!r}, which the run lacks"
         for ratio, (a, b, _) in fs.ratios.items():
             assert a in fs.figures and b in fs.figures, (name, ratio)
+        for goal, (fig, _) in fs.goals.items():
+            assert fig in fs.figures, (name, goal)
+
+
+def test_the_startup_set_has_cold_and_warm_rows_for_gpuload_and_one_per_peer(figures):
+    ids = _case_ids(figures.FIGURES["startup"])
+    for case in ("image", "plain", "dataloader", "tf"):
+        assert {f"startup.gpuload.{case}.cold", f"startup.gpuload.{case}.warm"} <= ids
+    assert {"startup.torch_pil", "startup.dali"} <= ids
+    assert figures.FIGURES["startup"].goals["image_warm_first_batch"] == (
+        "image_warm_first_batch_s",
+        0.3,
+    )
+
+
+def test_the_remote_set_runs_with_remote_and_holds_the_issue_goals_at_20_ms(figures):
+    fs = figures.FIGURES["remote"]
+    ids = _case_ids(fs)
+    assert fs.remote and set(fs.suites) == {"stream", "e2e"}
+    rows = {"seq": "stream.http{}.seq", "shuffle": "stream.http{}.shuffle",
+            "fast_path": "loader.http{}.fast", "image": "e2e.http{}.image"}  # fmt: skip
+    for d in (0, 20, 50):
+        for name, case in rows.items():
+            assert {case.format(d) + ".cold", case.format(d) + ".cached"} <= ids
+            assert fs.figures[f"http{d}_{name}_epoch1"] == case.format(d) + ".cold"
+    assert not any(".s3." in i for i in ids), "moto's rows are the tables and loader sets'"
+    goals = {k: v[2] for k, v in fs.ratios.items() if v[2] is not None}
+    assert goals == {
+        "http20_seq_epoch1_over_local": 0.5,
+        "http20_shuffle_epoch1_over_local": 0.3,
+        "http20_image_epoch1_over_local": 0.9,
+    }
+    assert fs.figures["http20_seq_epoch1_peak_in_flight"] == "stream.http20.seq.cold:peak_in_flight"
 
 
 def test_the_micro_benchmarks_are_cases_at_one_thread_and_all_cores(figures):

@@ -376,6 +376,9 @@ def test_stats_in_both_modes(www: tuple[Path, dict[str, Any]], child: ShapedHTTP
             assert after["range_requests"] - before["range_requests"] == 1
             assert after["bytes_served"] - before["bytes_served"] == len(BLOB) + 10
             assert after["in_flight"] == 0 and after["peak_in_flight"] >= 1
+            # a new stretch: the peak restarts from what is in flight now (nothing)
+            assert raw(server.port, STATS_PATH + "?reset_peak=1").status == 200
+            assert server.stats()["peak_in_flight"] == 0
             if server is child:
                 assert "faults" not in after
                 assert raw(child.port, STATS_PATH).status == 200

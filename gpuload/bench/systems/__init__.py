@@ -4,8 +4,9 @@ when a child process runs one, so a peer's import cost never leaks into another 
 
 - ``TASKS``: what a child process runs (``python -m gpuload.bench.child TASK JSON``);
 - ``DECODERS``: decode-only steps for the ``decode`` task, by ``method``;
-- ``LOADERS``: end-to-end loaders (decode + augmentation into tensors) for the ``e2e`` and
-  ``train`` tasks, by ``kind``.
+- ``LOADERS``: end-to-end loaders (decode + augmentation into tensors) for the ``e2e``,
+  ``train`` and ``startup`` tasks, by ``kind`` (``gpuload_plain``: the fast path without
+  image ops, for ``startup``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ TASKS: Mapping[str, str] = MappingProxyType(
         "kernel": f"{_G}:kernel",
         "e2e": "gpuload.bench.child:e2e",
         "train": "gpuload.bench.child:train",
+        "startup": "gpuload.bench.child:startup",
     }
 )
 
@@ -49,6 +51,7 @@ DECODERS: Mapping[str, str] = MappingProxyType(
 LOADERS: Mapping[str, str] = MappingProxyType(
     {
         "gpuload": f"{_G}:fast_path_loader",
+        "gpuload_plain": f"{_G}:plain_loader",
         "gpuload_tf": f"{_G}:tensorflow_loader",
         "gpuload_dataloader": f"{_G}:dataloader_loader",
         "torch_pil": f"{_PIL}:torch_pil_loader",

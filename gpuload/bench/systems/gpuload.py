@@ -71,13 +71,12 @@ def stream(a: dict) -> dict:
     return run_loader(a, loader, stats=loader.stats)
 
 
-def fast(a: dict) -> dict:
-    """gpuload's batched fast path, no image ops: (bytes, state, label) batches as tensors."""
+def _plain(a: dict):
+    """``gpuload.pytorch(t, batch_size, shuffle=True)`` without image ops, over ``a["columns"]``."""
     import gpuload
 
-    t = open_src(a)
-    loader = gpuload.pytorch(
-        t,
+    return gpuload.pytorch(
+        open_src(a),
         batch_size=a["batch_size"],
         shuffle=a.get("shuffle", True),
         seed=0,
@@ -85,6 +84,10 @@ def fast(a: dict) -> dict:
         columns=a.get("columns"),
     )
 
+
+def fast(a: dict) -> dict:
+    """gpuload's batched fast path, no image ops: (bytes, state, label) batches as tensors."""
+    loader = _plain(a)
     return run_loader(a, loader, stats=loader.stats)
 
 
@@ -198,17 +201,26 @@ def _loader_kw(a: dict) -> dict:
     )
 
 
-def fast_path_loader(a: dict, workers: int):
-    """``gpuload.pytorch(t, batch_size=..., image=[...])``: the fused fast path."""
-    import gpuload
-
-    loader = gpuload.pytorch(open_src(a), **_loader_kw(a))
+def _epochs(loader, a: dict):
+    """(make_epoch, sync, loader) for a gpuload torch loader: ``set_epoch`` + ``iter``."""
 
     def epoch(e):
         loader.set_epoch(e)
         return iter(loader)
 
     return epoch, torch_sync(a.get("device", "cpu")), loader
+
+
+def fast_path_loader(a: dict, workers: int):
+    """``gpuload.pytorch(t, batch_size=..., image=[...])``: the fused fast path."""
+    import gpuload
+
+    return _epochs(gpuload.pytorch(open_src(a), **_loader_kw(a)), a)
+
+
+def plain_loader(a: dict, workers: int):
+    """The fast path without image ops (numeric and label columns, ``a["columns"]``)."""
+    return _epochs(_plain(a), a)
 
 
 def tensorflow_loader(a: dict, workers: int):
