@@ -105,11 +105,15 @@ _E2E = {
     "deeplake_pytorch": "e2e.deeplake",
     "dali_cpu": "e2e.dali",
 }
-# The startup suite's rows: gpuload's cold and warm, the peers' one row (no on-disk cache).
+# The startup suite's rows: gpuload's cold and warm, the peers' one row (no on-disk cache),
+# and the image fast path and peers again with 2 s between building and iterating.
 _STARTUP_ROWS = (
     *(f"gpuload.{c}.{p}" for c in ("image", "plain", "dataloader", "tf") for p in ("cold", "warm")),
     "torch_pil",
     "dali",
+    "gpuload.image.idle",
+    "torch_pil.idle",
+    "dali.idle",
 )
 _STARTUP = {
     f"{row.replace('gpuload.', '').replace('.', '_')}_{m}": f"startup.{row}:{m}"

@@ -767,6 +767,10 @@ STARTUP_CASES = (
 )
 # fmt: on
 STARTUP_CACHES = ("GPULOAD_CACHE_DIR", "NUMBA_CACHE_DIR", "XDG_CACHE_HOME")
+# cases also measured with IDLE_S seconds between building the loader and iterating it (what
+# a training script spends building its model): what starting work at build time buys
+IDLE_CASES = ("gpuload.image", "torch_pil", "dali")
+IDLE_S = 2.0
 COLD_COMPILE_REPEATS = 1  # a cold start that compiles the fused kernel takes ~15-20 s here
 STARTUP_GROUP = (
     "Startup: time to first batch in a fresh process, nothing warmed up (batch {bs}, {where}). "
@@ -807,21 +811,29 @@ def startup_suite(ctx: Context) -> list[Measurement]:
         args = {k: v for k, v in base.args.items() if k not in ("warmup", "min_time")}
         args.update(imports=list(imports), spawned="@now")
         pair = base.system == "gpuload"  # peers: one row (no cache of theirs to warm)
-        for phase in ("cold", "warm") if pair else ("cold",):
-            cold = phase == "cold"
+        phases = ["cold", "warm"] if pair else ["cold"]
+        if name in IDLE_CASES:
+            phases.append("idle")
+        for phase in phases:
+            cold, idle = phase == "cold", phase == "idle"
+            fresh = cold or not pair  # peers keep no disk cache: every row of theirs is fresh
+            tag = "warm" if pair else "no disk cache"
+            tag = f"{tag}, {IDLE_S:g} s idle before iterating" if idle else (phase if pair else tag)
             out.append(
                 dataclasses.replace(
                     base,
-                    id=f"startup.{name}.{phase}" if pair else f"startup.{name}",
+                    id=f"startup.{name}.{phase}" if pair or idle else f"startup.{name}",
                     suite="startup",
                     group=group,
-                    label=f"{base.label} [{phase if pair else 'no disk cache'}]",
+                    label=f"{base.label} [{tag}]",
                     task="startup",
-                    args={**args, "cold": cold},
-                    env={k: "@fresh_cache" if cold else f"@warm_cache/{k}" for k in STARTUP_CACHES},
+                    args={**args, "cold": cold, "idle_s": IDLE_S if idle else 0},
+                    env={
+                        k: "@fresh_cache" if fresh else f"@warm_cache/{k}" for k in STARTUP_CACHES
+                    },
                     ratios=(),
                     max_repeats=COLD_COMPILE_REPEATS if cold and compiles else None,
-                    prime_runs=0 if cold else 1,
+                    prime_runs=0 if fresh else 1,
                 )
             )
     return out

@@ -72,6 +72,7 @@ def test_the_startup_set_has_cold_and_warm_rows_for_gpuload_and_one_per_peer(fig
     for case in ("image", "plain", "dataloader", "tf"):
         assert {f"startup.gpuload.{case}.cold", f"startup.gpuload.{case}.warm"} <= ids
     assert {"startup.torch_pil", "startup.dali"} <= ids
+    assert {"startup.gpuload.image.idle", "startup.torch_pil.idle", "startup.dali.idle"} <= ids
     assert figures.FIGURES["startup"].goals["image_warm_first_batch"] == (
         "image_warm_first_batch_s",
         0.3,
