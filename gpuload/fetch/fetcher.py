@@ -557,8 +557,8 @@ class Fetcher:
     def prefetch(self, plan: ReadPlan) -> int:
         """Start downloading the cache blocks ``plan`` will read, without waiting: a loader
         calls it for batches it will assemble later, so their round trips overlap the current
-        ones. At most ``max_in_flight`` such downloads are outstanding (the rest are left to
-        the read itself); a no-op without the block cache. A failed download is not reported
+        ones. At most half of ``max_in_flight`` such downloads are outstanding (the rest are
+        left to the read itself); a no-op without the block cache. A failed download is not reported
         here: the read that needs the block waits for it and raises its error. Returns the
         downloads started."""
         if self.cache is None or not len(plan):
