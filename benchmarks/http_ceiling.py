@@ -5,6 +5,8 @@ bytes/s this server and client can move at all on the machine, before any verifi
 or batch assembly.
 
     python benchmarks/http_ceiling.py [--table DIR] [--delay-ms 0] [--repeats 3]
+
+Without ``--table`` it reads the bench's 5,000-row demo table (generated there if missing).
 """
 
 from __future__ import annotations
@@ -44,10 +46,14 @@ def measure(table: str, delay_s: float, piece: int, in_flight: int, rounds: int 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--table", default="/tmp/gpuload-bench/demo-5000-0")
+    p.add_argument("--table", default=None, help="a local table (default: the bench's demo)")
     p.add_argument("--delay-ms", type=float, default=0.0)
     p.add_argument("--repeats", type=int, default=3)
     a = p.parse_args(argv)
+    if a.table is None:
+        from gpuload.bench.suites import cache_root, ensure_demo
+
+        a.table, _ = ensure_demo(5000, 0, cache_root(), log=lambda *x: None)
     out = {}
     for mb in (1, 4, 16):
         for k in (2, 8):
