@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import socket
+import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -130,3 +133,38 @@ def kill_writer_midway(root, table: str, image: bytes) -> None:
         if p.poll() is None:
             p.kill()
             p.wait(timeout=30)
+
+
+# -- raw HTTP: one request on its own socket, every byte as it came ------------------------
+@dataclass
+class Reply:
+    """What came back over one connection: the parsed answer (if any) and how it ended."""
+
+    status: int | None
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    error: OSError | None = None
+    seconds: float = 0.0
+
+
+def raw(
+    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> Reply:
+    """One request on a fresh socket (Connection: close); reads everything until EOF or reset."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
+    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
+    buf, error, t0 = bytearray(), None, time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        try:
+            while chunk := s.recv(1 << 16):
+                buf += chunk
+        except ConnectionResetError as e:
+            error = e
+    seconds = time.monotonic() - t0
+    if b"\r\n\r\n" not in buf:
+        return Reply(None, body=bytes(buf), error=error, seconds=seconds)
+    head, _, body = bytes(buf).partition(b"\r\n\r\n")
+    status_line, *rest = head.decode("latin-1").split("\r\n")
+    hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest)}
+    return Reply(int(status_line.split()[1]), hdrs, body, error, seconds)

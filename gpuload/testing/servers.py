@@ -25,6 +25,7 @@ from xml.sax.saxutils import escape
 __all__ = [
     "EARLY_FAULTS",
     "FAULT_KINDS",
+    "applicable_faults",
     "Fault",
     "S3_ERROR_CODES",
     "FaultPlan",
@@ -376,6 +377,24 @@ def fault_fits(kind: str, *, get: bool, ranged: bool, n: int, start: int, size: 
     return True  # ignore_range
 
 
+def applicable_faults(
+    size: int | None, span: tuple[int, int] | int | None, *, get: bool, n: int, start: int
+) -> frozenset[str]:
+    """The fault kinds that can apply to a request for a ``size``-byte file (None: no such
+    file) whose Range parsed to ``span`` (None: no Range; an int: an error status), answered
+    with ``n`` bytes at ``start``."""
+    return frozenset(
+        k
+        for k in FAULT_KINDS
+        if k in EARLY_FAULTS
+        or (
+            size is not None
+            and not isinstance(span, int)
+            and fault_fits(k, get=get, ranged=span is not None, n=n, start=start, size=size)
+        )
+    )
+
+
 def _other_start(start: int, n: int, size: int) -> int | None:
     """Another offset with ``n`` bytes of the object after it, or None if there is none."""
     for cand in (start + n, start - n, 0, size - n):
@@ -628,18 +647,7 @@ class _FileHandler(SimpleHTTPRequestHandler):
         span = parse_range(rng, size) if rng is not None and size is not None else None
         start, end = span if isinstance(span, tuple) else (0, (size or 0) - 1)
         n = end - start + 1
-        applicable = frozenset(
-            k
-            for k in FAULT_KINDS
-            if k in EARLY_FAULTS
-            or (
-                size is not None
-                and not isinstance(span, int)
-                and fault_fits(
-                    k, get=not head, ranged=span is not None, n=n, start=start, size=size
-                )
-            )
-        )
+        applicable = applicable_faults(size, span, get=not head, n=n, start=start)
         fault = plan.decide(self.command, unquote(self.path), applicable, ("GET", "HEAD"))
         if not _pause(self, plan.latency_s):
             _drop(self, rst=False)

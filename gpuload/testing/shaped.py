@@ -30,10 +30,9 @@ from urllib.parse import unquote
 
 from .servers import (
     EARLY_FAULTS,
-    FAULT_KINDS,
     Fault,
     FaultPlan,
-    fault_fits,
+    applicable_faults,
     file_chunks,
     mangle,
     parse_range,
@@ -281,16 +280,7 @@ class _Core:
         self.count_request(plan, rng is not None, to_plan=True)
         fault = None
         if plan is not None:
-            applicable = frozenset(
-                k
-                for k in FAULT_KINDS
-                if k in EARLY_FAULTS
-                or (
-                    size is not None
-                    and not isinstance(span, int)
-                    and fault_fits(k, get=get, ranged=span is not None, n=n, start=start, size=size)
-                )
-            )
+            applicable = applicable_faults(size, span, get=get, n=n, start=start)
             fault = plan.decide(
                 request.method, unquote(request.raw_path), applicable, ("GET", "HEAD")
             )

@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -18,46 +17,14 @@ import pytest
 
 from gpuload.testing.servers import FaultPlan, FaultRule, LoopbackS3, RangeHTTPServer, S3FaultProxy
 
+from ..helpers import Reply, raw
+
 pytestmark = pytest.mark.timeout(60)
 
 DATA = random.Random(1234).randbytes(64 << 10)
 MANIFEST = json.dumps({"version": 1, "chunks": ["c0.chunk"]}).encode()
 CHUNK_PATH = "/t/chunks/c0.chunk"
 MANIFEST_PATH = "/t/manifest.json"
-
-
-@dataclass
-class Reply:
-    """What came back over one connection: the parsed answer (if any) and how it ended."""
-
-    status: int | None
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    error: OSError | None = None
-    seconds: float = 0.0
-
-
-def raw(
-    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
-) -> Reply:
-    """One request on a fresh socket (Connection: close); reads everything until EOF or reset."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    buf, error, t0 = bytearray(), None, time.monotonic()
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        try:
-            while chunk := s.recv(1 << 16):
-                buf += chunk
-        except ConnectionResetError as e:
-            error = e
-    seconds = time.monotonic() - t0
-    if b"\r\n\r\n" not in buf:
-        return Reply(None, body=bytes(buf), error=error, seconds=seconds)
-    head, _, body = bytes(buf).partition(b"\r\n\r\n")
-    status_line, *rest = head.decode("latin-1").split("\r\n")
-    hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest)}
-    return Reply(int(status_line.split()[1]), hdrs, body, error, seconds)
 
 
 @dataclass

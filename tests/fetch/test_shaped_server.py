@@ -12,7 +12,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from gpuload.testing import faults
 from gpuload.testing.servers import FaultPlan
 from gpuload.testing.shaped import STATS_PATH, ShapedHTTPServer, Shaping
 
-from ..helpers import robot_columns
+from ..helpers import Reply, raw, robot_columns
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -50,40 +49,6 @@ def child(www: tuple[Path, dict[str, Any]]) -> Iterator[ShapedHTTPServer]:
     """One server in a child process (20 ms per request) shared by the process-mode tests."""
     with ShapedHTTPServer(www[0], Shaping(delay_s=0.02), process=True) as server:
         yield server
-
-
-@dataclass
-class Reply:
-    """What came back over one connection: the parsed answer (if any) and how it ended."""
-
-    status: int | None
-    headers: dict[str, str] = field(default_factory=dict)
-    body: bytes = b""
-    error: OSError | None = None
-    seconds: float = 0.0
-
-
-def raw(
-    port: int, target: str, headers: dict[str, str] | None = None, method: str = "GET"
-) -> Reply:
-    """One request on a fresh socket (Connection: close); reads until EOF or a reset."""
-    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", "Connection: close"]
-    lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
-    buf, error, t0 = bytearray(), None, time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
-        s.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
-        try:
-            while chunk := s.recv(1 << 16):
-                buf += chunk
-        except ConnectionResetError as e:
-            error = e
-    seconds = time.perf_counter() - t0
-    if b"\r\n\r\n" not in buf:
-        return Reply(None, body=bytes(buf), error=error, seconds=seconds)
-    head, _, body = bytes(buf).partition(b"\r\n\r\n")
-    status_line, *rest = head.decode("latin-1").split("\r\n")
-    hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest)}
-    return Reply(int(status_line.split()[1]), hdrs, body, error, seconds)
 
 
 def timed_get(port: int, target: str, headers: dict[str, str] | None = None) -> tuple[float, bytes]:
