@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import socket
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -168,3 +170,22 @@ def raw(
     status_line, *rest = head.decode("latin-1").split("\r\n")
     hdrs = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in rest)}
     return Reply(int(status_line.split()[1]), hdrs, body, error, seconds)
+
+
+def stall_until_close(
+    port: int, target: str, stalls: Callable[[], int], close: Callable[[], None]
+) -> None:
+    """A GET that the server stalls forever (``stalls()`` counts the stalls it injected) must
+    end, with no answer, as soon as ``close()`` stops the server: within 3 s."""
+    got: list[Reply] = []
+    client = threading.Thread(target=lambda: got.append(raw(port, target)), daemon=True)
+    client.start()
+    deadline = time.monotonic() + 10
+    while stalls() < 1:
+        assert time.monotonic() < deadline, "the request never arrived"
+        time.sleep(0.01)
+    t0 = time.monotonic()
+    close()
+    assert time.monotonic() - t0 < 3
+    client.join(5)
+    assert not client.is_alive() and got and got[0].status is None and got[0].body == b""

@@ -36,6 +36,7 @@ __all__ = [
     "fault_fits",
     "file_chunks",
     "mangle",
+    "mangle_file",
     "parse_range",
     "read_at",
 ]
@@ -439,6 +440,19 @@ def mangle(
     return _Mangled(206, read_at(other, n), n, claim)
 
 
+def mangle_file(kind: str, path: str, start: int, n: int, size: int, *, partial: bool) -> _Mangled:
+    """``mangle`` applied to the true answer for ``n`` bytes at ``start`` of the ``size``-byte
+    file ``path`` (206 when ``partial``, else 200)."""
+    return mangle(
+        kind,
+        206 if partial else 200,
+        read_at(path, start, n),
+        start,
+        size,
+        lambda off, k: read_at(path, off, k),
+    )
+
+
 def _pause(handler: BaseHTTPRequestHandler, seconds: float | None) -> bool:
     """Wait ``seconds`` (None: until the server closes); False when the server is closing."""
     closing: threading.Event = handler.server.closing  # type: ignore[attr-defined]
@@ -694,14 +708,7 @@ class _FileHandler(SimpleHTTPRequestHandler):
     def _send_fault(
         self, path: str, fault: Fault, start: int, n: int, size: int, *, partial: bool
     ) -> None:
-        m = mangle(
-            fault.kind,
-            206 if partial else 200,
-            read_at(path, start, n),
-            start,
-            size,
-            lambda off, k: read_at(path, off, k),
-        )
+        m = mangle_file(fault.kind, path, start, n, size, partial=partial)
         headers = self._file_headers(path, m.length)
         if m.content_range:
             headers.append(("Content-Range", m.content_range))

@@ -34,9 +34,8 @@ from .servers import (
     FaultPlan,
     applicable_faults,
     file_chunks,
-    mangle,
+    mangle_file,
     parse_range,
-    read_at,
 )
 
 if TYPE_CHECKING:
@@ -387,14 +386,7 @@ class _Core:
     ) -> web.StreamResponse:
         """A GET answer damaged by a body or range fault (see servers.mangle): ``limit`` bytes
         of the damaged body, then the connection kept, closed or reset."""
-        m = mangle(
-            fault.kind,
-            206 if partial else 200,
-            read_at(path, start, n),
-            start,
-            size,
-            lambda off, k: read_at(path, off, k),
-        )
+        m = mangle_file(fault.kind, path, start, n, size, partial=partial)
         resp = _web().StreamResponse(status=m.status, headers=self._headers(path, m.length))
         if m.content_range:
             resp.headers["Content-Range"] = m.content_range

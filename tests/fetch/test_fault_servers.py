@@ -17,7 +17,7 @@ import pytest
 
 from gpuload.testing.servers import FaultPlan, FaultRule, LoopbackS3, RangeHTTPServer, S3FaultProxy
 
-from ..helpers import Reply, raw
+from ..helpers import Reply, raw, stall_until_close
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -241,18 +241,8 @@ def test_latency_on_every_response(origin: Origin) -> None:
 
 def _stall_until_close(server: RangeHTTPServer | S3FaultProxy, port: int, target: str) -> None:
     server.faults.add("stall")  # every GET, forever
-    got: list[Reply] = []
-    client = threading.Thread(target=lambda: got.append(raw(port, target)), daemon=True)
-    client.start()
-    deadline = time.monotonic() + 10
-    while server.faults.snapshot()["faults"].get("stall", 0) < 1:
-        assert time.monotonic() < deadline, "the request never arrived"
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    server.close()
-    assert time.monotonic() - t0 < 3
-    client.join(5)
-    assert not client.is_alive() and got and got[0].status is None and got[0].body == b""
+    stalls = lambda: server.faults.snapshot()["faults"].get("stall", 0)  # noqa: E731
+    stall_until_close(port, target, stalls, server.close)
     assert server.httpd.live_threads() == [] and not server.thread.is_alive()
 
 

@@ -24,7 +24,7 @@ from gpuload.testing import faults
 from gpuload.testing.servers import FaultPlan
 from gpuload.testing.shaped import STATS_PATH, ShapedHTTPServer, Shaping
 
-from ..helpers import Reply, raw, robot_columns
+from ..helpers import raw, robot_columns, stall_until_close
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,18 +159,8 @@ def test_start_stop(www: tuple[Path, dict[str, Any]], process: bool) -> None:
 
 def test_close_ends_a_stall_that_would_last_forever(www: tuple[Path, dict[str, Any]]) -> None:
     server = ShapedHTTPServer(www[0], plan=FaultPlan(kind="stall", probability=1.0))
-    got: list[Reply] = []
-    client = threading.Thread(target=lambda: got.append(raw(server.port, "/blob.bin")))
-    client.start()
-    deadline = time.monotonic() + 10
-    while server.stats()["faults"].get("stall", 0) < 1:
-        assert time.monotonic() < deadline, "the request never arrived"
-        time.sleep(0.01)
-    t0 = time.monotonic()
-    server.close()
-    assert time.monotonic() - t0 < 3
-    client.join(5)
-    assert not client.is_alive() and got and got[0].status is None and got[0].body == b""
+    stalls = lambda: server.stats()["faults"].get("stall", 0)  # noqa: E731
+    stall_until_close(server.port, "/blob.bin", stalls, server.close)
     assert server.thread is not None and not server.thread.is_alive() and not accepts(server.port)
 
 
