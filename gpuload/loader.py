@@ -214,6 +214,9 @@ class _Epoch:
     order: Any
     start: int
     nbatches: int
+    ahead: int = 0  # the first batch whose blocks the read-ahead has not fully started
+    want: int = 0  # the read-ahead goes on up to this batch (exclusive)
+    planning: Future | None = None  # the read-ahead's task, while it runs
 
 
 class Loader:
@@ -283,6 +286,7 @@ class Loader:
         self._current: int | None = None  # the epoch being iterated
         self._stopped: tuple[int, int] | None = None  # (epoch, position) of an early stop
         self._pool: DaemonThreadPool | None = None
+        self._ahead: DaemonThreadPool | None = None  # the read-ahead's thread (remote, cached)
         self._draining: list[Future] = []
         self._pid = os.getpid()
         self._lock = threading.Lock()
@@ -402,21 +406,24 @@ class Loader:
     # -- threads ---------------------------------------------------------------------------
     def _executor(self) -> DaemonThreadPool:
         if self._pid != os.getpid():  # after fork: the parent's threads do not exist here
-            self._pool, self._stage, self._pid = None, None, os.getpid()
+            self._pool, self._ahead, self._stage, self._pid = None, None, None, os.getpid()
         if self._pool is None:
             self._pool = DaemonThreadPool(self.num_threads, thread_name_prefix="gpuload-loader")
         return self._pool
 
     def close(self) -> None:
         """Stop the worker threads (they restart on the next iteration)."""
-        if self._pool is not None and self._pid == os.getpid():
-            self._pool.shutdown(wait=True, cancel_futures=True)
-        self._pool = None
+        if self._pid == os.getpid():
+            for pool in (self._pool, self._ahead):
+                if pool is not None:
+                    pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._ahead = None
 
     def __del__(self):
-        pool = getattr(self, "_pool", None)
-        if pool is not None and getattr(self, "_pid", None) == os.getpid():
-            pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_pid", None) == os.getpid():
+            for pool in (getattr(self, "_pool", None), getattr(self, "_ahead", None)):
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
 
     def image_stage(self):
         """The image stage, built once (on first use, in this process) by whichever thread
@@ -478,16 +485,39 @@ class Loader:
         return batch, hi - lo
 
     def _read_ahead(self, ep: _Epoch, b: int) -> None:
-        """Remote tables with the block cache: start downloading the blocks of the
-        ``READ_AHEAD`` batches from batch ``b`` on, so their round trips overlap the batches
-        being assembled (the fetcher skips blocks cached or in flight and bounds the
-        downloads outstanding)."""
+        """Remote tables with the block cache: have the blocks (and the sections read whole)
+        of the ``READ_AHEAD`` batches from batch ``b`` on downloaded, so their round trips
+        overlap the batches being assembled. Planned on a thread of its own, so the loop
+        handing out batches never waits on a round trip."""
         if not self.table.prefetches:
             return
-        for k in range(b, min(b + self.READ_AHEAD, ep.nbatches)):
+        ep.want = min(b + self.READ_AHEAD, ep.nbatches)
+        if ep.planning is None or ep.planning.done():
+            if self._ahead is None:
+                self._ahead = DaemonThreadPool(1, thread_name_prefix="gpuload-readahead")
+            ep.planning = self._ahead.submit(self._plan_ahead, ep)
+
+    def _plan_ahead(self, ep: _Epoch) -> None:
+        """Start the downloads of batches ``ep.ahead`` to ``ep.want``, each planned once (the
+        fetcher skips blocks cached or in flight); stops at the first batch its bound on
+        downloads outstanding leaves incomplete, taken up again at the next batch. A failure
+        is left to the batch that needs the same bytes to raise."""
+
+        def rows(k: int) -> np.ndarray:
             lo = ep.start + k * self.batch_size
-            hi = min(lo + self.batch_size, ep.shard.count)
-            self.table.prefetch(ep.order.at(ep.shard.positions(lo, hi)), self.columns)
+            return ep.order.at(ep.shard.positions(lo, min(lo + self.batch_size, ep.shard.count)))
+
+        try:
+            # first what the batches read whole (offsets, small columns), all at once: their
+            # blocks are what planning the rest waits for
+            for k in range(ep.ahead, ep.want):
+                self.table.prefetch_sections(rows(k), self.columns)
+            while ep.ahead < ep.want:
+                if not self.table.prefetch(rows(ep.ahead), self.columns):
+                    return
+                ep.ahead += 1
+        except Exception as e:  # noqa: BLE001 - the batch reading these rows reports it
+            log.debug("read-ahead of batch %d failed: %s", ep.ahead, e)
 
     def _count(self, key: str, n: int) -> None:
         if n:
@@ -552,6 +582,7 @@ class Loader:
                 self._stopped = (ep.epoch, self._position)
                 self._epoch = ep.epoch + 1
                 self._current = None
+            ep.want = 0  # the read-ahead stops at its next batch
             for _, fut in pending:
                 fut.cancel()
             # Batches already running are not waited for here, so an error or Ctrl-C reaches

@@ -269,19 +269,70 @@ class TableReader:
         arr = self._mem_get(key)
         if arr is not None:
             return arr
-        info = self._manifest.chunks[chunk]
-        sec = getattr(info, part)[column.name]
-        self._ensure_sizes(np.array([chunk]))
-        buf = np.empty(sec.length // np.dtype(dtype).itemsize, dtype=dtype)
-        self._fetcher.read_into([Read(info.file, sec.offset, sec.length, 0)], buf)
-        if check is not None:
-            check(info, sec, buf)
-        self._mem_put(key, buf)
-        return buf
+        return self._load_sections([(chunk, column, part, dtype, check)])[0]
 
-    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
-        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
+    def _load_sections(self, items: Sequence[tuple]) -> list[np.ndarray]:
+        """Read the sections ``items`` ((chunk, column, part, dtype, check) each) in one fetch
+        (their round trips overlap, adjacent ones coalesce), check each, and keep them in the
+        in-memory LRU."""
+        chunks = [it[0] for it in items]
+        self._ensure_sizes(np.asarray(chunks, dtype=np.int64))
+        secs = [getattr(self._manifest.chunks[c], part)[col.name] for c, col, part, _, _ in items]
+        for (c, col, part, dtype, _), sec in zip(items, secs):
+            size = np.dtype(dtype).itemsize
+            if sec.length % size:
+                raise FormatError(
+                    f"table {self.name!r}, chunk {self._manifest.chunks[c].file}: the {part} "
+                    f"section of column {col.name!r} (bytes [{sec.offset}, {sec.end})) is "
+                    f"not a whole number of {size}-byte items"
+                )
+        dest = np.zeros(len(secs) + 1, dtype=np.int64)
+        np.cumsum([sec.length for sec in secs], out=dest[1:])
+        raw = np.empty(int(dest[-1]), dtype=np.uint8)
+        reads = [
+            Read(self._chunk_files[c], sec.offset, sec.length, int(d))
+            for c, sec, d in zip(chunks, secs, dest[:-1].tolist())
+        ]
+        self._fetcher.read_into(reads, raw)
+        out = []
+        for (c, col, part, dtype, check), sec, a, b in zip(
+            items, secs, dest[:-1].tolist(), dest[1:].tolist()
+        ):
+            buf = raw[a:b].copy().view(dtype)  # its own buffer: the LRU frees sections one by one
+            if check is not None:
+                check(self._manifest.chunks[c], sec, buf)
+            self._mem_put((c, col.name, part), buf)
+            out.append(buf)
+        return out
 
+    def preload_sections(self, indices: np.ndarray, columns: Sequence[Column]) -> None:
+        """Fetch, in one go, the sections that reading ``columns`` of rows ``indices`` needs
+        whole and that are not in memory yet: the data of small columns and the offsets of
+        variable-length ones, for every chunk the rows lie in. On a remote table this is one
+        round of requests instead of one per chunk, column and section."""
+        items = self._missing_sections(indices, columns)
+        if items:
+            self._load_sections(items)
+
+    def _missing_sections(self, indices: np.ndarray, columns: Sequence[Column]) -> list[tuple]:
+        """(chunk, column, part, dtype, check) of the sections ``preload_sections`` reads."""
+        chunks = np.unique(self._locate(indices)[0]).tolist()
+        items = []
+        for col in columns:
+            parts = []
+            if self._is_small(col):
+                parts.append(("data", np.uint8, None))
+            if col.is_var:
+                parts.append(("offsets", "<i8", self._offsets_check(col)))
+            for part, dtype, check in parts:
+                items += [
+                    (c, col, part, dtype, check)
+                    for c in chunks
+                    if self._mem_get((c, col.name, part)) is None
+                ]
+        return items
+
+    def _offsets_check(self, column: Column):
         def check(info, sec, buf) -> None:
             data_len = info.data[column.name].length
             if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
@@ -290,7 +341,11 @@ class TableReader:
                     f"(bytes [{sec.offset}, {sec.end})) are corrupt"
                 )
 
-        return self._section(chunk, column, "offsets", "<i8", check)
+        return check
+
+    def chunk_offsets(self, chunk: int, column: Column) -> np.ndarray:
+        """The int64 offsets index of a variable-length column in one chunk (LRU-cached)."""
+        return self._section(chunk, column, "offsets", "<i8", self._offsets_check(column))
 
     def chunk_rowhashes(self, chunk: int, column: Column) -> np.ndarray:
         """Per-row hashes of a variable-length column in one chunk (read through the page
@@ -409,6 +464,7 @@ class TableReader:
             return plan, dest
         starts = np.empty(n, dtype=np.int64)
         lens = np.empty(n, dtype=np.int64)
+        self.preload_sections(indices, [column])
         for c in np.unique(chunks):
             sel = chunks == c
             offs = self.chunk_offsets(int(c), column)
@@ -444,20 +500,42 @@ class TableReader:
         """Whether ``prefetch`` does anything: the table is remote with the block cache on."""
         return self._fetcher.cache is not None
 
-    def prefetch(self, indices, columns: Sequence[str] | None = None) -> int:
-        """Start downloading the cache blocks that reading ``columns`` of rows ``indices``
-        will need, without waiting (see ``Fetcher.prefetch``); returns the downloads started."""
+    def prefetch_sections(self, indices, columns: Sequence[str] | None = None) -> None:
+        """Start downloading (without waiting) the cache blocks under the sections that
+        ``prefetch`` of the same rows would read whole first, so a read-ahead over many
+        batches does not meet those round trips one chunk at a time."""
         if not self.prefetches:
-            return 0
+            return
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        items = (
+            self._missing_sections(idx, self.schema.select(columns, self.name)) if idx.size else []
+        )
+        if not items:
+            return
+        self._ensure_sizes(np.asarray([it[0] for it in items], dtype=np.int64))
+        reads = []
+        for c, col, part, _, _ in items:
+            sec = getattr(self._manifest.chunks[c], part)[col.name]
+            reads.append(Read(self._chunk_files[c], sec.offset, sec.length, 0))
+        self._fetcher.prefetch(ReadPlan.from_reads(reads))
+
+    def prefetch(self, indices, columns: Sequence[str] | None = None) -> bool:
+        """Start downloading the cache blocks that reading ``columns`` of rows ``indices``
+        will need, without waiting (see ``Fetcher.prefetch``). True when all of them are now
+        cached or downloading; False when the fetcher's bound left some out."""
+        if not self.prefetches:
+            return True
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if not idx.size:
-            return 0
-        started = 0
-        for col in self.schema.select(columns, self.name):
+            return True
+        cols = self.schema.select(columns, self.name)
+        self.preload_sections(idx, cols)  # what the batch reads whole, so it does not wait
+        for col in cols:
             if not self._is_small(col):
                 plan, _ = self.read_plan(idx, col)
-                started += self._fetcher.prefetch(plan)
-        return started
+                if not self._fetcher.prefetch(plan):
+                    return False
+        return True
 
     def read(self, indices, columns: Sequence[str] | None = None) -> dict[str, ColumnValues]:
         """Rows ``indices`` as a dict of columns: bytes/str lists, stacked numpy arrays."""
@@ -467,6 +545,8 @@ class TableReader:
                 f"row indices out of range for table {self.name!r} with {len(self)} rows"
             )
         cols = self.schema.select(columns, self.name)
+        if not self.is_local:
+            self.preload_sections(idx, cols)
         return {c.name: self.read_column(idx, c) for c in cols}
 
     def read_column(self, idx: np.ndarray, col: Column) -> ColumnValues:

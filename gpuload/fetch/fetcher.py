@@ -554,37 +554,36 @@ class Fetcher:
             needed.setdefault(plan.files[fi], set()).update(range(b0, b1 + 1))
         return needed
 
-    def prefetch(self, plan: ReadPlan) -> int:
+    def prefetch(self, plan: ReadPlan) -> bool:
         """Start downloading the cache blocks ``plan`` will read, without waiting: a loader
         calls it for batches it will assemble later, so their round trips overlap the current
         ones. At most half of ``max_in_flight`` such downloads are outstanding (the rest are
-        left to the read itself); a no-op without the block cache. A failed download is not reported
-        here: the read that needs the block waits for it and raises its error. Returns the
-        downloads started."""
+        left to the read itself); a no-op without the block cache. A failed download is not
+        reported here: the read that needs the block waits for it and raises its error.
+        Returns True when every block of ``plan`` is now cached or downloading, False when the
+        bound left some out (call again later)."""
         if self.cache is None or not len(plan):
-            return 0
+            return True
         pool = self._executor()
         needed = self._blocks_of(plan)
-        started = 0
         with self._lock:
             # half the pool at most, so the reads a batch waits for now are not queued behind
             room = max(1, self.options.max_in_flight // 2) - self._prefetching
             for file, blocks in needed.items():
                 for b in sorted(blocks):
-                    if room <= 0:
-                        break
                     if (file, b) in self._inflight or os.path.exists(
                         self.cache.block_path(file, b)
                     ):
                         continue
+                    if room <= 0:
+                        return False
                     fut: Future = Future()
                     self._inflight[(file, b)] = fut
                     self._prefetching += 1
                     self.stats["prefetched"] += 1
                     room -= 1
-                    started += 1
                     pool.submit(self._prefetch_one, file, b, fut)
-        return started
+        return True
 
     def _prefetch_one(self, file: str, b: int, fut: Future) -> None:
         try:
