@@ -40,7 +40,9 @@ def _torch_value(v: Any, device, torch) -> Any:
     if isinstance(v, torch.Tensor):
         return v if device is None or v.device == device else v.to(device, non_blocking=True)
     if hasattr(v, "__cuda_array_interface__"):
-        return torch.as_tensor(v, device="cuda")
+        # zero copy: the tensor views the device buffer (and keeps ``v`` alive); the device
+        # named is the loader's (``device``), else the current CUDA device
+        return torch.as_tensor(v, device=device if device is not None else "cuda")
     if hasattr(v, "__dlpack__") and not isinstance(v, (bytes, str)):
         return torch.from_dlpack(v)
     if isinstance(v, list) and v and isinstance(v[0], torch.Tensor):

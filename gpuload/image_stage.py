@@ -109,7 +109,13 @@ def image_stage_factory(
 
 def decoder_for(name: str, device: Device | str, threads: int, options: DecodeOptions):
     """The decoder ``name`` on ``device`` as ``options`` configure it (fast IDCT, ROI mode,
-    header pixel limit): the one place a loader's decoder is made, shared by the benchmark."""
+    header pixel limit): the one place a loader's decoder is made, shared by the benchmark.
+
+    A string ``options.roi`` is the decoder's ROI mode ("auto" on a GPU included): on the cpu
+    backend "rows" is its row-truncated decode and "region" adds nvImageCodec's exact region
+    decode for small windows; nvimgcodec and dali (the GPU decoders) decode "region" as the
+    window exactly (their default, also what ``roi=True`` gives) and "rows" as the full-width
+    rows from the top down to the window's bottom. ``roi=False`` asks for whole images."""
     from .decode import get_decoder
 
     kw: dict = {"fast": True} if options.fast else {}

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -13,6 +16,25 @@ import numpy as np
 import pytest
 
 DECODERS = ["cpu", "pil", "nvimgcodec", "dali"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def benchmark_script(name: str):
+    """``benchmarks/<name>.py`` imported as module ``name`` (registered in sys.modules while
+    it loads: dataclasses look their module up); the scripts are not a package."""
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(REPO, "benchmarks", f"{name}.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod
 
 
 def have_decoder(name: str) -> bool:

@@ -98,7 +98,14 @@ def torch_front_door(
     iterable: bool = False,
     pin_memory: bool = False,
 ):
-    """The dataset or loader a spec asks for (see the module docstring)."""
+    """The dataset or loader a spec asks for (see the module docstring).
+
+    ``pin_memory=True`` (batched path) is for batches made on the host: they come as
+    page-locked CPU tensors, as from ``DataLoader(pin_memory=True)``, with ``device="auto"``
+    too (on a GPU machine it then keeps them on the host instead of moving them to the GPU);
+    with ``device="cuda"`` and no image ops they are pinned and copied to the GPU from there,
+    asynchronously. Image ops on the GPU make their batches there: pin_memory is refused.
+    Without CUDA there is nothing to pin for and batches are as usual."""
     if spec.batch_size is not None:
         if iterable:
             raise ValueError(
@@ -107,16 +114,24 @@ def torch_front_door(
             )
         dev = resolve_device(spec.device)
         tdev = torch.device("cuda", dev.index) if dev.is_cuda else torch.device("cpu")
+        copy_to = None  # where pinned batches are then copied to (None: they stay on the host)
         if pin_memory and dev.is_cuda:
-            raise ValueError(
-                "pin_memory=True pins host batches for fast copies to the GPU; with "
-                f"device={spec.device!r} the batches are made on the GPU already"
-            )
+            if spec.image is not None:
+                raise ValueError(
+                    "pin_memory=True pins host batches for fast copies to the GPU; with "
+                    f"image= ops and device={spec.device!r} the batches are made on the GPU "
+                    "already (pass device='cpu' to make them on the host and pin them)"
+                )
+            if _auto(spec.device):
+                tdev = torch.device("cpu")  # host batches, pinned, as DataLoader(pin_memory=True)
+            else:
+                copy_to = tdev  # device="cuda" asked for: copied from the pinned batch
         pin = pin_memory and torch.cuda.is_available()  # without CUDA: nothing to pin for
 
         def export(b):
-            out = to_torch(b, tdev)
-            return _pinned(out) if pin else out
+            if not pin:
+                return to_torch(b, tdev)
+            return _pinned(to_torch(b, None), copy_to)
 
         return TorchLoader(make_loader(table, spec, transform=transform, export=export), tdev)
     if pin_memory:
@@ -160,15 +175,24 @@ def torch_sampler(table: TableReader, spec: LoaderSpec) -> TorchSampler:
     return TorchSampler(table, subset, spec)
 
 
-def _pinned(batch: Any) -> Any:
+def _auto(device: Any) -> bool:
+    """Whether ``device`` leaves the choice to gpuload ("auto" or None)."""
+    return device is None or (isinstance(device, str) and device == "auto")
+
+
+def _pinned(batch: Any, copy_to: torch.device | None = None) -> Any:
     """CPU tensors of a batch copied into page-locked memory (what DataLoader(pin_memory=True)
-    does), so ``.to("cuda", non_blocking=True)`` overlaps the copy."""
+    does), so ``.to("cuda", non_blocking=True)`` overlaps the copy; with ``copy_to``, that copy
+    is made here (asynchronously, on the current stream)."""
     if isinstance(batch, torch.Tensor):
-        return batch.pin_memory() if batch.device.type == "cpu" else batch
+        if batch.device.type != "cpu":
+            return batch
+        pinned = batch.pin_memory()
+        return pinned if copy_to is None else pinned.to(copy_to, non_blocking=True)
     if isinstance(batch, dict):
-        return {k: _pinned(v) for k, v in batch.items()}
+        return {k: _pinned(v, copy_to) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
-        return type(batch)(_pinned(v) for v in batch)
+        return type(batch)(_pinned(v, copy_to) for v in batch)
     return batch
 
 

@@ -65,6 +65,7 @@ class BenchConfig:
     install_peers: bool = False
     timing: S.Timing | None = None
     loader_workers: int | None = None  # DataLoader workers in the stream suite (default: cores)
+    time_limit_s: float | None = None  # no run starts after this many seconds of measuring
 
     def resolved_rows(self) -> int:
         if self.rows is not None:
@@ -152,7 +153,10 @@ def _record_metrics(rec: dict, cores: int) -> dict[str, float]:
     if lat:
         m["p50_ms"] = percentile(lat, 50) * 1e3
         m["p99_ms"] = percentile(lat, 99) * 1e3
-    for k in ("disk_mb_s", "fraction_of_disk", "steps_s", "loss_first", "loss_last", "compile_s"):
+    for k in (
+        "disk_mb_s", "fraction_of_disk", "steps_s", "loss_first", "loss_last", "compile_s",
+        "copy_gb_s", "x_copy", "consumer_wait_ms",
+    ):  # fmt: skip
         if k in rec:
             m[k] = rec[k]
     if "wait_fraction" in rec:
@@ -270,10 +274,11 @@ def _attempt(m: S.Measurement, resources, failed: dict, what: str, log, bar) -> 
     return rec
 
 
-def _repeat_all(runnable, resources, reps_of, bar, log):
+def _repeat_all(runnable, resources, reps_of, bar, log, deadline=None):
     """Every runnable measurement ``reps_of(suite)`` times (at most its ``max_repeats``),
-    round-robin within each suite, its ``prime_runs`` unmeasured runs just before its first.
-    Returns (records by id, {id: (short, long) failure})."""
+    round-robin within each suite, its ``prime_runs`` unmeasured runs just before its first;
+    none started after ``deadline`` (``time.monotonic()``). Returns (records by id,
+    {id: (short, long) failure})."""
     recs: dict[str, list[dict]] = {m.id: [] for m in runnable}
     failed: dict[str, tuple[str, str]] = {}
     suites = list(dict.fromkeys(m.suite for m in runnable))
@@ -283,6 +288,9 @@ def _repeat_all(runnable, resources, reps_of, bar, log):
         for rep in range(R):
             for m in ms:
                 if rep >= _reps(m, R):
+                    continue
+                if deadline is not None and time.monotonic() > deadline:
+                    log(f"  {m.id} run {rep + 1}: not started (time limit)")
                     continue
                 for k in range(m.prime_runs if rep == 0 else 0):
                     if m.id not in failed:
@@ -329,11 +337,13 @@ def run_measurements(
     progress: bool | None = None,
     gpu_sampler=None,
     suite_repeats: dict[str, int] | None = None,
+    time_limit_s: float | None = None,
 ) -> list[dict[str, Any]]:
     """Run every measurement ``repeats`` times (``suite_repeats`` overrides per suite) in fresh
-    processes, round-robin within each suite. Returns one result entry per measurement phase,
-    in the measurements' order."""
+    processes, round-robin within each suite; no run starts after ``time_limit_s``. Returns one
+    result entry per measurement phase, in the measurements' order."""
     suite_repeats = suite_repeats or {}
+    deadline = None if time_limit_s is None else time.monotonic() + time_limit_s
 
     def reps_of(suite: str) -> int:
         return suite_repeats.get(suite, repeats)
@@ -343,7 +353,7 @@ def run_measurements(
     runnable = [m for m in measurements if m.id not in skip]
     bar = _progress_bar(sum(_reps(m, reps_of(m.suite)) for m in runnable), progress, log)
     try:
-        recs, failed = _repeat_all(runnable, resources, reps_of, bar, log)
+        recs, failed = _repeat_all(runnable, resources, reps_of, bar, log, deadline)
     finally:
         if bar is not None:
             bar.close()
@@ -358,6 +368,9 @@ def run_measurements(
             elif m.id in failed:
                 short, long = failed[m.id]
                 out.append(_entry(m, suffix, "failed", reason=short, error=long))
+            elif not recs[m.id]:
+                why = f"the run's time limit ({time_limit_s:g} s) came before its first run"
+                out.append(_entry(m, suffix, "not run", reason=why))
             else:
                 out.append(_ok_entry(m, phase, suffix, recs[m.id], cores, gpu_sampler))
     return out
@@ -424,12 +437,15 @@ def add_ratios(entries: list[dict], measurements: list[S.Measurement]) -> dict[s
 
 # -- the whole run ------------------------------------------------------------------------------
 def _resolve_device(device: str) -> tuple[str, bool]:
-    from gpuload.device import cuda_available
+    """("cpu" or "cuda", whether a real GPU is present). ``--device cuda`` without a GPU is
+    refused, unless Numba's CUDA simulator is on (NUMBA_ENABLE_CUDASIM=1: the GPU check's dry
+    run), which "auto" never picks."""
+    from gpuload.device import cuda_available, cuda_simulated
 
     gpu = cuda_available()
     if device == "auto":
         return ("cuda" if gpu else "cpu"), gpu
-    if device == "cuda" and not gpu:
+    if device == "cuda" and not gpu and not cuda_simulated():
         raise SystemExit("gpuload bench: --device cuda was asked for but no CUDA GPU is present")
     if device not in ("cpu", "cuda"):
         raise SystemExit(f"gpuload bench: unknown --device {device!r} (auto, cpu or cuda)")
@@ -590,6 +606,7 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
         ingest_rows=sorted({min(n, rows) for n in (1000, 2000, rows)}),
         loader_workers=cfg.loader_workers,
         startup_repeats=cfg.resolved_startup_repeats(),
+        simulated=device == "cuda" and not has_gpu,
     )
     measurements = _measurements(cfg, ctx)
     about = _document(cfg, ctx, table, source, mean_image, started, prep)  # load before the runs
@@ -613,6 +630,7 @@ def run(cfg: BenchConfig, log=None) -> dict[str, Any]:
             progress=cfg.progress,
             gpu_sampler=sampler,
             suite_repeats=_suite_repeats(cfg),
+            time_limit_s=cfg.time_limit_s,
         )
     finally:
         resources.close()
@@ -657,6 +675,7 @@ def _document(cfg, ctx: S.Context, table, source: str, mean_image: float, starte
             "rows": ctx.rows,
             "seed": cfg.seed,
             "device": ctx.device,
+            "cuda_simulator": ctx.simulated,
             "batch_sizes": list(cfg.batch_sizes),
             "suites": list(cfg.suites),
             "remote": cfg.remote,
@@ -755,6 +774,9 @@ def _arguments() -> tuple[tuple[tuple[str, ...], dict], ...]:
         (("--install-peers",), dict(action="store_true",
             help="pip-install missing peers (deeplake, DALI, nvImageCodec, TensorFlow) first")),
         (("--no-progress",), dict(dest="progress", action="store_const", const=False, default=None)),
+        (("--time-limit",), dict(dest="time_limit_s", type=float, default=None,
+            help="start no run after this many seconds of measuring: a row with fewer runs "
+                 "reports them, a row with none is 'not run' (for a machine held for minutes)")),
     )  # fmt: skip
 
 
@@ -791,6 +813,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         only=a.only,
         skip=a.skip,
         install_peers=a.install_peers,
+        time_limit_s=a.time_limit_s,
     )
 
 

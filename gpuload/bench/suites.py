@@ -38,7 +38,9 @@ __all__ = [
     "ensure_demo",
 ]
 
-SUITES = ("ingest", "stream", "decode", "e2e", "train", "startup", "memory", "codecs", "kernel")
+SUITES = (
+    "ingest", "stream", "decode", "e2e", "train", "startup", "memory", "codecs", "kernel", "gpu",
+)  # fmt: skip
 DEFAULT_SUITES = ("ingest", "stream", "decode", "e2e", "train", "startup")
 
 INSTALL = {
@@ -52,6 +54,7 @@ INSTALL = {
     "aiohttp": "pip install aiohttp (or pip install 'gpuload[http]')",
     "PIL": "pip install pillow",
     "simplejpeg": "pip install simplejpeg",
+    "torchvision": "pip install torchvision (the build matching your torch)",
 }
 
 
@@ -152,6 +155,7 @@ class Context:
     ingest_rows: list[int]
     loader_workers: int | None = None  # DataLoader workers in the stream suite (default: cores)
     startup_repeats: int | None = None  # processes per startup row (said in its heading)
+    simulated: bool = False  # device "cuda" is Numba's CUDA simulator (the GPU check's dry run)
 
     @property
     def workers(self) -> int:
@@ -693,6 +697,185 @@ def kernel_suite(ctx: Context) -> list[Measurement]:
     ]
 
 
+# The GPU suite's sizes: (real GPU, the dry run under Numba's CUDA simulator, which runs one
+# Python call per GPU thread and so gets outputs of a few pixels).
+GPU_SIZES = {
+    "decode_batch": (128, 4),
+    "decode_images": (512, 8),
+    "kernel_batch": (256, 2),
+    "out_size": (224, 8),
+    "kernel_src": ((480, 640), (24, 32)),  # decoded source size of the kernel rows
+    "e2e_batch": (256, 2),
+    "h2d_mb": (256, 1),
+    "warmup": (2, 1),
+    "min_time": (2.0, 0.2),
+}
+
+
+def gpu_suite(ctx: Context) -> list[Measurement]:
+    """What only a GPU answers, each row beside its same-run reference (benchmarks/gpu_check.sh):
+    nvJPEG decode by nvImageCodec backend and torchvision's, against gpuload's CPU decode on all
+    cores; the fused kernel on the device against the device's copy bandwidth and the CPU
+    kernel; gpuload.pytorch(device="cuda") end to end against its CPU path and torchvision +
+    torch ops on the GPU; pinned against pageable host-to-device copies. Under the simulator
+    (``ctx.simulated``) the same rows run at tiny sizes with decoding on the CPU."""
+    sim = ctx.simulated
+    z = {k: v[1] if sim else v[0] for k, v in GPU_SIZES.items()}
+    gpu = {"needs_gpu": not sim, "uses_gpu": True}
+    env = {"NUMBA_ENABLE_CUDASIM": "1"} if sim else {}
+    dry = {"dry": True} if sim else {}
+    timed = {"warmup": z["warmup"], "min_time": z["min_time"], **dry}
+    dec = _table(
+        "gpu",
+        f"GPU decode: JPEG -> RGB uint8 on the device, batches of {z['decode_batch']}",
+        "gpu_nvjpeg",
+        {**_src(ctx), "image": ctx.image, "batch_size": z["decode_batch"],
+         "images": z["decode_images"], **timed},
+        batch_size=z["decode_batch"],
+        unit="images",
+        ratios=lambda id: () if id == "gpu.decode.cpu" else (Ratio("x_cpu", "gpu.decode.cpu"),),
+    )  # fmt: skip
+    rows = [
+        dec(
+            "gpu.decode.cpu",
+            f"gpuload CPU decode (libjpeg-turbo, {ctx.cores} threads)",
+            "gpuload",
+            {"method": "gpuload", "decoder": "cpu", "device": "cpu", "threads": ctx.cores},
+            task="decode",
+        )
+    ]
+    for backend, label in (
+        ("hw", "hardware JPEG engines only"),
+        ("cuda", "CUDA only"),
+        ("default", "nvImageCodec's default split"),
+    ):
+        rows.append(
+            dec(
+                f"gpu.decode.nvjpeg_{backend}",
+                f"nvImageCodec (nvJPEG), {label}" + (" [dry run: CPU backend]" if sim else ""),
+                "gpuload",
+                {"backend": backend},
+                requires=("nvidia.nvimgcodec",),
+                env=env,
+                **gpu,
+            )
+        )
+    rows.append(
+        dec(
+            "gpu.decode.torchvision",
+            "torchvision.io.decode_jpeg(list, device='cuda')",
+            "torchvision",
+            task="gpu_torchvision_decode",
+            requires=("torch", "torchvision"),
+            needs_gpu=True,
+            uses_gpu=True,
+        )
+    )
+    return rows + _gpu_kernel_rows(ctx, z, gpu, env, timed) + _gpu_e2e_rows(ctx, z, gpu, env, timed)
+
+
+def _gpu_kernel_rows(ctx: Context, z: dict, gpu: dict, env: dict, timed: dict) -> list:
+    bs, size = z["kernel_batch"], z["out_size"]
+    kern = _table(
+        "gpu",
+        f"Fused kernel alone: decoded {z['kernel_src'][0]}x{z['kernel_src'][1]}x3 uint8 -> "
+        f"{size}x{size}, RandomResizedCrop + flip"
+        f" + Normalize -> bfloat16, batch {bs}",
+        "gpu_kernel",
+        {
+            "batch_size": bs,
+            "size": size,
+            "dtype": "bfloat16",
+            "height": z["kernel_src"][0],
+            "width": z["kernel_src"][1],
+            **timed,
+        },  # fmt: skip
+        batch_size=bs,
+        unit="images",
+        requires=("numba",),
+    )
+    h2d = _table(
+        "gpu",
+        f"Host to device copies of {z['h2d_mb']} MB",
+        "gpu_h2d",
+        {"mb": z["h2d_mb"], **timed},
+        unit="copies",
+        requires=("numba",),
+    )
+    return [
+        kern(
+            "gpu.kernel.cuda",
+            "gpuload fused kernel on the GPU (x_copy: output GB/s over the device's copy GB/s)",
+            "gpuload",
+            env=env,
+            ratios=(Ratio("x_cpu", "gpu.kernel.cpu"),),
+            **gpu,
+        ),
+        kern(
+            "gpu.kernel.cpu",
+            f"gpuload fused kernel on the CPU, {ctx.cores} threads",
+            "gpuload",
+            {"preset": "rrc_flip_norm_bf16"},
+            task="kernel",
+            env={"NUMBA_ENABLE_CUDASIM": "0"},
+        ),
+        h2d(
+            "gpu.h2d",
+            "host -> device, pinned and pageable source",
+            "gpuload",
+            env=env,
+            phases={"pinned": ".pinned", "pageable": ".pageable"},
+            ratios=lambda id: (Ratio("x_pageable", "gpu.h2d.pageable"),),
+            **gpu,
+        ),
+    ]
+
+
+def _gpu_e2e_rows(ctx: Context, z: dict, gpu: dict, env: dict, timed: dict) -> list:
+    bs, size, sim = z["e2e_batch"], z["out_size"], ctx.simulated
+    row = _table(
+        "gpu",
+        f"End to end: gpuload.pytorch(t, batch_size={bs}, shuffle=True, image=[RandomResized"
+        f"Crop({size}), flip, Normalize, ToDtype('bfloat16')]), images/s",
+        "gpu_e2e",
+        {**_src(ctx), "image": ctx.image, "batch_size": bs, "size": size, **timed},
+        batch_size=bs,
+        unit="images",
+        requires=("torch",),
+    )
+    # the dry run: t.batches (CPU torch holds no CUDA tensors) and the CPU decoder, whose DCT
+    # downscale keeps the simulated kernel's filters small
+    front = {"front": "batches", "decoder": "cpu"} if sim else {}
+    return [
+        row(
+            "gpu.e2e.gpuload",
+            "gpuload.pytorch(device='cuda')"
+            + (" [dry run: t.batches, CPU decode, simulator]" if sim else ""),
+            "gpuload",
+            {"device": "cuda", **front},
+            env=env,
+            ratios=(Ratio("x_cpu", "gpu.e2e.cpu"), Ratio("x_torchvision", "gpu.e2e.torchvision")),
+            **gpu,
+        ),
+        row(
+            "gpu.e2e.cpu",
+            f"gpuload.pytorch(device='cpu'), {ctx.cores} cores" + (" [dry run]" if sim else ""),
+            "gpuload",
+            {"device": "cpu", **front},
+            env={"NUMBA_ENABLE_CUDASIM": "0"},
+        ),
+        row(
+            "gpu.e2e.torchvision",
+            "t.batches bytes -> torchvision decode_jpeg(device='cuda') -> v2 transforms per image",
+            "torchvision",
+            task="gpu_torchvision_e2e",
+            requires=("torch", "torchvision"),
+            needs_gpu=True,
+            uses_gpu=True,
+        ),
+    ]
+
+
 def _e2e_ratios(id: str) -> tuple[Ratio, ...]:
     default = Ratio("gpuload_default_over_this", "e2e.gpuload.on", inverse=True)
     return (Ratio("x_limit", "decode.raw_libjpeg"),) + (
@@ -899,6 +1082,7 @@ BUILDERS = {
     "memory": memory_suite,
     "codecs": codecs_suite,
     "kernel": kernel_suite,
+    "gpu": gpu_suite,
 }
 
 

@@ -5,6 +5,9 @@
 * Pipelines are built once per (process, region or not) and reused; a larger batch than the
   pipeline's ``max_batch_size`` rebuilds it at the new size, smaller batches reuse it.
 * Regions are exact (origin = (y0, x0)); no DCT scaling (scale 1); output always RGB.
+  ``roi`` chooses the region of a request's window as in the nvimgcodec backend
+  (``decode_region``): "region" (default) the window, "rows" full-width rows from the top to
+  the window's bottom, "off" the whole image.
 * Only JPEG and PNG go through DALI; other formats decode on the host per image.
 * GPU: each output is copied device-to-device into the staging buffer on the caller's stream,
   which is then synchronised once per batch (DALI reuses its output buffers on the next run).
@@ -27,7 +30,7 @@ from gpuload.errors import DecodeError, MissingDependencyError
 from ._pool import orphan
 from .base import DecodePlan, Decoder, DecodeRequest, as_batch_error, batch_error, host_views
 from .header import ImageHeader
-from .nvimgcodec_decoder import host_decode_rgb
+from .nvimgcodec_decoder import check_roi_mode, decode_region, host_decode_rgb
 
 __all__ = ["DaliDecoder"]
 
@@ -50,6 +53,8 @@ class DaliDecoder(Decoder):
 
     ``threads``: DALI CPU threads (default all cores). ``fast``: fast IDCT, non-fancy chroma
     upsampling. ``hw_load``: share of each batch for the hardware JPEG decoder (mixed mode).
+    ``roi``: what a request's window decodes as: "region" (default) exactly the window,
+    "rows" full-width rows from the top to the window's bottom, "off" the whole image.
     """
 
     name = "dali"
@@ -61,8 +66,10 @@ class DaliDecoder(Decoder):
         *,
         fast: bool = False,
         hw_load: float = 0.75,
+        roi: str = "region",
     ):
         super().__init__(device or Device("cpu"), threads)
+        self.roi = check_roi_mode(roi, self.name)
         # Fail early with the install hint, without importing DALI (left to the first batch).
         try:
             found = importlib.util.find_spec("nvidia.dali") is not None
@@ -137,10 +144,10 @@ class DaliDecoder(Decoder):
     # ----- planning / staging -----------------------------------------------------------------
     def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
         method = "dali" if h.codec in _DALI_CODECS else "host"
-        if r.roi is not None and method == "dali":
-            y0, x0, y1, x1 = r.roi
-            if (y0, x0, y1, x1) != (0, 0, h.height, h.width):
-                return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, method, r.roi)
+        region = decode_region(h, r, self.roi) if method == "dali" else None
+        if region is not None:
+            y0, x0, y1, x1 = region
+            return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, method, region)
         return DecodePlan(h.height, h.width, 3, 0, 0, 1, method)
 
     def _staging_capacity(self, staging) -> int:

@@ -5,10 +5,16 @@ CPU (its libjpeg-turbo / libpng extensions) with ``NVIMGCODEC_DEVICE_CPU_ONLY``.
   at the first batch, never at import or construction, so nothing touches CUDA before fork.
 * Regions use nvImageCodec's region API (``CodeStream.get_sub_code_stream(region=Region(...))``)
   and come back exact: origin = (y0, x0). There is no DCT scaling: ``scale`` is always 1.
+  ``roi`` (``DecodeOptions.roi`` through the loader) says which region a request's window is
+  decoded as, on the GPU and on the CPU alike (:func:`decode_region`): "region" (default) the
+  window exactly, "rows" every full-width row from the top down to the window's bottom edge
+  (the rows the cpu backend's row-truncated decode covers; origin (0, 0)), "off" the whole
+  image.
 * CPU: images decode straight into views of the host staging buffer (``images=`` wrapping
   them with ``as_image``), one single-threaded nvImageCodec decoder per worker thread.
   GPU: one batched decode on the caller's stream; the decoded device images are copied
-  device-to-device into the device staging buffer on that stream (asynchronous).
+  device-to-device into the device staging buffer on that stream (asynchronous); an image
+  one of its CPU backends left in host memory is copied host-to-device instead.
 * Output is always RGB (3 channels), grey JPEGs included (one decode parameter set per batch).
 * An image nvImageCodec cannot decode (it returns None) is decoded on the host instead (strict
   libjpeg-turbo for JPEG, libpng/PIL otherwise), which either succeeds or raises a DecodeError
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
+import threading
 
 import numpy as np
 
@@ -38,6 +45,33 @@ __all__ = ["NvImgCodecDecoder"]
 log = logging.getLogger("gpuload.decode")
 
 INSTALL_HINT = "pip install nvidia-nvimgcodec-cu12 (or: pip install 'gpuload[cuda]')"
+
+ROI_MODES = ("region", "rows", "off")
+"""What the exact-region backends (nvimgcodec, dali) decode for a request's window."""
+
+
+def check_roi_mode(roi, backend: str) -> str:
+    """``roi`` if it names a mode of :data:`ROI_MODES`, else a ValueError naming them."""
+    if not isinstance(roi, str) or roi not in ROI_MODES:
+        raise ValueError(
+            f"the {backend!r} decoder's roi must be 'region' (the window exactly), 'rows' "
+            f"(full-width rows down to the window's bottom) or 'off' (whole images), got {roi!r}"
+        )
+    return roi
+
+
+def decode_region(h: ImageHeader, r: DecodeRequest, roi: str) -> tuple[int, int, int, int] | None:
+    """The region ``(y0, x0, y1, x1)`` an exact-region backend decodes for request ``r`` in
+    ``roi`` mode, or None for the whole image: "region" the request's window, "rows" rows
+    ``[0, y1)`` at full width, "off" (or no window) the whole image."""
+    if r.roi is None or roi == "off":
+        return None
+    y0, x0, y1, x1 = r.roi
+    if roi == "rows":
+        y0, x0, x1 = 0, 0, h.width
+    if (y0, x0, y1, x1) == (0, 0, h.height, h.width):
+        return None
+    return (y0, x0, y1, x1)
 
 
 def require_nv() -> None:
@@ -59,6 +93,12 @@ def _nv():
             f"the 'nvimgcodec' decoder needs nvImageCodec: {INSTALL_HINT}"
         ) from e
     return nvimgcodec
+
+
+def _on_host(image) -> bool:
+    """Whether nvImageCodec left a decoded image in host memory (STRIDED_HOST), as a CPU
+    backend of a CUDA decoder may."""
+    return "HOST" in str(getattr(image, "buffer_kind", ""))
 
 
 def _as_u8(data):
@@ -93,6 +133,10 @@ class NvImgCodecDecoder(Decoder):
     ``threads``: nvImageCodec's CPU worker threads (default all cores).
     ``fast``: fast IDCT and non-fancy chroma upsampling in the libjpeg-turbo path.
     ``hw_load``: share of a batch given to the hardware JPEG decoder (A100/H100) on CUDA.
+    ``roi``: what a request's window decodes as: "region" (default) exactly the window,
+    "rows" full-width rows from the top to the window's bottom, "off" the whole image.
+    ``host_decoded``: images of this decoder's batches that nvImageCodec did not decode and
+    the host did instead (0 when nvImageCodec decoded everything).
     """
 
     name = "nvimgcodec"
@@ -104,11 +148,15 @@ class NvImgCodecDecoder(Decoder):
         *,
         fast: bool = False,
         hw_load: float = 0.75,
+        roi: str = "region",
     ):
         super().__init__(device or Device("cpu"), threads)
+        self.roi = check_roi_mode(roi, self.name)
         require_nv()  # fail early with the install hint; imported at the first batch
         self.fast = bool(fast)
         self.hw_load = float(hw_load)
+        self.host_decoded = 0
+        self._count_lock = threading.Lock()
         self._local = ForkSafeLocal()
         self._pool = WorkerPool(self.threads, "gpuload-nvimgcodec")
 
@@ -156,10 +204,10 @@ class NvImgCodecDecoder(Decoder):
 
     # ----- planning / staging -----------------------------------------------------------------
     def _plan(self, i: int, h: ImageHeader, r: DecodeRequest) -> DecodePlan:
-        if r.roi is not None:
-            y0, x0, y1, x1 = r.roi
-            if (y0, x0, y1, x1) != (0, 0, h.height, h.width):
-                return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, "roi", r.roi)
+        region = decode_region(h, r, self.roi)
+        if region is not None:
+            y0, x0, y1, x1 = region
+            return DecodePlan(y1 - y0, x1 - x0, 3, y0, x0, 1, "roi", region)
         return DecodePlan(h.height, h.width, 3, 0, 0, 1, "full")
 
     def _staging_capacity(self, staging) -> int:
@@ -210,6 +258,7 @@ class NvImgCodecDecoder(Decoder):
             pool = self._pool.get()
             for f in [pool.submit(sub_batch, lo, hi) for lo, hi in bounds]:
                 f.result()
+        self._note_host_decoded(sum(o is None for o in outs), n)
         for i, o in enumerate(outs):
             if o is None:
                 try:
@@ -225,6 +274,7 @@ class NvImgCodecDecoder(Decoder):
         handle = stream_handle(stream)
         views = device_views(staging, plans, offsets)
         outs = self._decode_device(datas, plans, handle)
+        self._note_host_decoded(sum(o is None for o in outs), len(outs))
         for i, o in enumerate(outs):
             if o is None:
                 try:
@@ -233,6 +283,12 @@ class NvImgCodecDecoder(Decoder):
                     raise as_batch_error(i, e)  # noqa: B904 - cause set
                 copy_host_to_device(arr, views[i], stream)
                 continue
+            if _on_host(o):  # a CPU backend's output: it has no CUDA array interface
+                try:
+                    copy_host_to_device(np.asarray(o), views[i], stream)
+                except ValueError as e:  # decoded to another shape than its header says
+                    raise as_batch_error(i, e)  # noqa: B904 - cause set
+                continue
             # nvImageCodec orders its output on the stream it was given; wait only if the
             # image reports another one.
             other = getattr(o, "cuda_stream", handle) not in (handle, None)
@@ -240,6 +296,14 @@ class NvImgCodecDecoder(Decoder):
                 copy_device_to_device(o, views[i], stream, sync_src=other)
             except ValueError as e:  # decoded to another shape than its header says
                 raise as_batch_error(i, e)  # noqa: B904 - cause set
+
+    def _note_host_decoded(self, k: int, n: int) -> None:
+        """Count (and log at debug level) the ``k`` of ``n`` images decoded on the host."""
+        if not k:
+            return
+        with self._count_lock:
+            self.host_decoded += k
+        log.debug("nvImageCodec left %d of %d images to the host decoder", k, n)
 
     def _decode_device(self, datas, plans, handle: int) -> list:
         """nvImageCodec's batched decode on the stream: one output per image, None for an image

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 
 from gpuload.device import Device, resolve_device
 from gpuload.errors import MissingDependencyError
@@ -103,8 +104,11 @@ def get_decoder(
 
     "auto" on a CUDA device picks nvimgcodec, else dali, else cpu (which stages in host memory:
     check ``decoder.device``); on the CPU it picks "cpu". ``options`` go to the backend
-    (e.g. ``fast=True``; cpu: ``roi="off"``; nvimgcodec/dali: ``hw_load=0.9``). ``max_pixels``
-    bounds each image's header dimensions (None: no limit), see ``Decoder.max_pixels``.
+    (e.g. ``fast=True``; ``roi``: cpu "rows"/"region"/"off", nvimgcodec/dali "region"/"rows"/
+    "off"; nvimgcodec/dali: ``hw_load=0.9``); an option the backend does not take is a
+    ValueError naming the ones it does (the cpu fallback of "auto" takes only ``fast``,
+    ``roi`` and ``strict``: ``hw_load`` is for the GPU decoders). ``max_pixels`` bounds each
+    image's header dimensions (None: no limit), see ``Decoder.max_pixels``.
     Creating a decoder neither touches CUDA nor starts threads; that happens at the first batch.
     """
     limit = validate_max_pixels(max_pixels)
@@ -113,21 +117,46 @@ def get_decoder(
     return dec
 
 
+def _options_of(cls: type) -> list[str] | None:
+    """The keyword options ``cls(device, threads, ...)`` takes (None: any, it has ``**kw``)."""
+    try:
+        params = list(inspect.signature(cls.__init__).parameters.values())[3:]
+    except (TypeError, ValueError):  # no signature to read: let the call decide
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _make(name: str, cls: type, dev: Device, threads: int | None, options: dict) -> Decoder:
+    """``cls(dev, threads, **options)``, an option it does not take being a ValueError."""
+    known = _options_of(cls)
+    unknown = [k for k in options if known is not None and k not in known]
+    if unknown:
+        raise ValueError(
+            f"the {name!r} decoder takes no option {', '.join(map(repr, unknown))}; its options "
+            f"are {', '.join(known) or 'none'}"
+        )
+    return cls(dev, threads, **options)
+
+
+_CPU_FALLBACK_OPTIONS = ("fast", "roi", "strict")
+
+
 def _construct(name: str, dev: Device, threads: int | None, options: dict) -> Decoder:
     """The backend instance for ``name`` ("auto" resolved for ``dev``)."""
     if name == "auto":
         if not dev.is_cuda:
-            return _load("cpu")(dev, threads, **options)
+            return _make("cpu", _load("cpu"), dev, threads, options)
         errors = []
         for cand in _AUTO_GPU:
             try:
                 cls = _load(cand)
-                if cand == "cpu":  # host fallback: only the options it understands
-                    return cls(dev, threads, **{k: v for k, v in options.items() if k == "fast"})
-                return cls(dev, threads, **options)
+                if cand == "cpu":  # host fallback: the options it understands (not hw_load)
+                    kw = {k: v for k, v in options.items() if k in _CPU_FALLBACK_OPTIONS}
+                    return _make(cand, cls, dev, threads, kw)
+                return _make(cand, cls, dev, threads, options)
             except MissingDependencyError as e:
                 errors.append(str(e))
-        raise MissingDependencyError(
-            "no decoder available: " + "; ".join(errors)
-        )  # pragma: no cover
-    return _load(name)(dev, threads, **options)
+        raise MissingDependencyError("no decoder available: " + "; ".join(errors))
+    return _make(name, _load(name), dev, threads, options)

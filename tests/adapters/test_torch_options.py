@@ -43,10 +43,39 @@ def test_pin_memory_is_honoured_or_refused(ids_table):
         gpuload.pytorch(ids_table, iterable=True, pin_memory=True)
 
 
+def test_pin_memory_with_device_auto_where_a_gpu_is_found(ids_table, monkeypatch):
+    """device="auto" picks the GPU on a GPU machine (here: made to believe it is one). Without
+    image= ops the batches are still made on the host, so pin_memory=True gives host batches
+    (pinned where torch has CUDA), as torch's DataLoader does, instead of refusing (issue 13);
+    with image= ops the batches are made on the GPU, and pin_memory is refused."""
+    import gpuload.device
+
+    monkeypatch.setattr(gpuload.device, "cuda_available", lambda: True)
+    loader = gpuload.pytorch(ids_table, batch_size=8, columns=["id"], pin_memory=True)
+    assert loader.device == torch.device("cpu")
+    b = next(iter(loader))
+    assert b["id"].device.type == "cpu"
+    assert b["id"].is_pinned() == torch.cuda.is_available()
+    assert sorted(epoch_ids(loader)) == list(range(len(ids_table)))
+    made_on_gpu = "image= ops and device='auto' the batches are made on the GPU already"
+    with pytest.raises(ValueError, match=made_on_gpu):
+        gpuload.pytorch(ids_table, batch_size=8, image=[gpuload.ops.Resize(8)], pin_memory=True)
+
+
 @pytest.mark.gpu
 def test_pin_memory_pins_on_a_gpu_machine(ids_table):
-    b = next(iter(gpuload.pytorch(ids_table, batch_size=8, device="cpu", pin_memory=True)))
-    assert b["id"].is_pinned()
+    for device in ("cpu", "auto"):  # host batches, page-locked (device="auto" included)
+        b = next(iter(gpuload.pytorch(ids_table, batch_size=8, device=device, pin_memory=True)))
+        assert b["id"].device.type == "cpu" and b["id"].is_pinned(), device
+    # device="cuda" without image ops: pinned, then copied to the GPU
+    loader = gpuload.pytorch(
+        ids_table, batch_size=8, columns=["id"], device="cuda", pin_memory=True
+    )
+    batches = list(loader)
+    assert all(b["id"].is_cuda for b in batches)
+    assert sorted(torch.cat([b["id"] for b in batches]).cpu().tolist()) == list(
+        range(len(ids_table))
+    )
     with pytest.raises(ValueError, match="made on the GPU already"):
         gpuload.pytorch(ids_table, batch_size=8, image=[gpuload.ops.Resize(8)], device="cuda",
                         pin_memory=True)  # fmt: skip

@@ -351,6 +351,29 @@ def test_prime_runs_go_unmeasured_before_the_first_and_max_repeats_caps_a_row(mo
     assert recs == {"s.cold": [{"n": 1}], "s.warm": [{"n": 3}, {"n": 4}, {"n": 5}]}
 
 
+def test_no_run_starts_after_the_time_limit(monkeypatch):
+    """A row measured fewer times keeps its runs; a row the limit reached first is 'not run'."""
+    from gpuload.bench import runner
+    from gpuload.bench.suites import Measurement
+
+    clock = iter(range(100))
+    monkeypatch.setattr(runner.time, "monotonic", lambda: float(next(clock)))
+    rec = {"rows": 10, "bytes": 100, "wall_s": 1.0, "cpu_s": 0.5, "peak_rss": 1e6}
+    monkeypatch.setattr(runner, "_run_once", lambda m, resources: {"": {**rec, "id": m.id}})
+    ms = [Measurement(f"k.{i}", "kernel", "g", str(i), "gpuload", "kernel", {}) for i in range(3)]
+    # the clock reads 0, 1, 2, ... at each check: k.0 and k.1 start before 1.5, nothing after
+    recs, failed = runner._repeat_all(ms, None, lambda s: 2, None, lambda msg: None, 1.5)
+    assert not failed and {k: [r[""]["id"] for r in v] for k, v in recs.items()} == {
+        "k.0": ["k.0"],
+        "k.1": ["k.1"],
+        "k.2": [],
+    }
+    monkeypatch.setattr(runner, "_repeat_all", lambda *a: (recs, {}))
+    entries = runner.run_measurements(ms, None, 2, 2, False, log=lambda msg: None, time_limit_s=9)
+    assert [e["status"] for e in entries] == ["ok", "ok", "not run"]
+    assert "time limit (9 s)" in entries[2]["reason"]
+
+
 def test_placeholders_resolve_per_run_in_the_environment_too(tmp_path):
     from gpuload.bench import suites as S
 

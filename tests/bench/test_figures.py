@@ -3,7 +3,6 @@ and kernel micro-benchmarks are cases of the runner like any other."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,18 +12,14 @@ import pytest
 
 from gpuload.bench import suites as S
 
+from ..helpers import benchmark_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.fixture(scope="module")
 def figures():
-    spec = importlib.util.spec_from_file_location(
-        "figures", os.path.join(ROOT, "benchmarks", "figures.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["figures"] = mod  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(mod)
-    yield mod
+    yield benchmark_script("figures")
     sys.modules.pop("figures", None)
 
 

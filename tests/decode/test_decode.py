@@ -5,6 +5,7 @@ points (marked gpu; reported NOT RUN without a GPU)."""
 from __future__ import annotations
 
 import io
+import json
 import multiprocessing as mp
 import os
 import subprocess
@@ -296,6 +297,35 @@ def test_cpu_roi_region_mode_small_windows_exact(jpegs):
     assert dec.output_shapes([h], [DecodeRequest(2, (50, 60, 150, 200))])[0][1] == 160
     with pytest.raises(DecodeError, match="image 1 of the batch: truncated"):
         decode(dec, [data, data[:-500]], [small, small])
+
+
+@pytest.mark.parametrize("name", ["nvimgcodec", "dali"])
+def test_exact_region_backends_honour_every_roi_mode(name, odd_jpeg):
+    """The GPU decoders take ``roi`` as the cpu backend does (DecodeOptions.roi reaches them
+    through the loader): "region" decodes each window exactly, "rows" the full-width rows down
+    to its bottom, "off" the whole image; the pixels are the full decode's in every mode."""
+    if not _have(name):
+        pytest.skip(f"{name} not installed")
+    h = read_header(odd_jpeg)
+    reqs = [DecodeRequest(roi=r) for r in ROIS]
+    full = decode(dec_for(name, roi="off"), [odd_jpeg]).image(0)
+    want = {  # (origin y, origin x, height, width) of each decoded image
+        "region": [(y0, x0, y1 - y0, x1 - x0) for y0, x0, y1, x1 in ROIS],
+        "rows": [(0, 0, y1, h.width) for _, _, y1, _ in ROIS],
+        "off": [(0, 0, h.height, h.width)] * len(ROIS),
+    }
+    for mode, shapes in want.items():
+        dec = dec_for(name, roi=mode)
+        assert dec.roi == mode
+        batch = decode(dec, [odd_jpeg] * len(ROIS), reqs)
+        for i, (oy, ox, hh, ww) in enumerate(shapes):
+            assert tuple(batch.origin[i]) == (oy, ox), (mode, ROIS[i])
+            img = batch.image(i)
+            assert img.shape == (hh, ww, 3), (mode, ROIS[i])
+            assert mad(img, full[oy : oy + hh, ox : ox + ww]) <= 0.01, (mode, ROIS[i])
+    assert dec_for(name).roi == "region"  # the default, what DecodeOptions(roi=True) gives
+    with pytest.raises(ValueError, match="roi must be 'region'.*got 'bogus'"):
+        get_decoder(name, "cpu", roi="bogus")
 
 
 def test_cpu_roi_rows_not_used_for_progressive_or_restart_markers():
@@ -616,8 +646,17 @@ def test_registry_names_and_errors():
         register_decoder("cpu", "x:y")
     # host decoders stage in host memory whatever the loader's device
     assert get_decoder("cpu", Device("cuda", 0)).device == Device("cpu")
+    # an option the backend does not take is a ValueError naming the ones it does
+    no_hw_load = "'cpu' decoder takes no option 'hw_load'; its options are fast, roi, strict"
+    with pytest.raises(ValueError, match=no_hw_load):
+        get_decoder("cpu", "cpu", hw_load=0.5)
+    with pytest.raises(ValueError, match="'pil' decoder takes no option 'fast'"):
+        get_decoder("pil", "cpu", fast=True)
+    with pytest.raises(ValueError, match="roi must be 'rows', 'region' or 'off'"):
+        get_decoder("auto", "cpu", roi="exact")
 
 
+@pytest.mark.cudasim
 def test_device_packing_under_cuda_simulator():
     """The GPU backends' D2D/H2D copies into a device staging buffer, run on Numba's CUDA
     simulator (strided source, as a pitched decoder output would be)."""
@@ -652,8 +691,85 @@ def test_device_packing_under_cuda_simulator():
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
 
 
+_ROI_SIM = """
+import json, logging, sys
+import numpy as np
+from numba import cuda
+from gpuload.decode import DecodeRequest, get_decoder, read_header
+from gpuload.decode._samples import photo_jpegs
+from gpuload.decode.nvimgcodec_decoder import NvImgCodecDecoder
+
+logging.basicConfig(stream=sys.stderr, level=logging.DEBUG)
+datas = photo_jpegs(3, size=(120, 160), target_bytes=(3_000, 6_000), seed=5)
+rois = [(10, 20, 60, 100), (0, 0, 120, 160), (70, 30, 119, 150)]
+reqs = [DecodeRequest(roi=r) for r in rois]
+hdrs = [read_header(d) for d in datas]
+ref = get_decoder("cpu", "cpu", threads=1, roi="off")  # whole images, for the windows' pixels
+full = ref.decode_batch(datas, None, np.empty(3 * 120 * 160 * 3 + 256, np.uint8))
+
+
+def cpu_backend(self):  # no GPU here: nvImageCodec's CPU backend stands in for its GPU ones
+    nv = self._nv
+    return nv.Decoder(device_id=nv.NVIMGCODEC_DEVICE_CPU_ONLY, max_num_cpu_threads=1,
+                      backends=[nv.Backend(nv.BackendKind.CPU_ONLY)],
+                      options=":fancy_upsampling=0 :fast_idct=1")
+
+
+res = {}
+for backend in ("fallback", "nvimgcodec-cpu"):
+    if backend == "nvimgcodec-cpu":
+        NvImgCodecDecoder._make_decoder = cpu_backend
+    for mode in ("region", "rows"):
+        dec = get_decoder("auto", "cuda", roi=mode, fast=True)  # as DecodeOptions(roi=mode)
+        assert (dec.name, str(dec.device), dec.roi, dec.fast) == ("nvimgcodec", "cuda:0", mode, True)
+        staging = cuda.device_array(dec.staging_nbytes(hdrs, reqs), np.uint8)
+        stream = cuda.stream()
+        batch = dec.decode_batch(datas, reqs, staging, stream=stream)
+        stream.synchronize()
+        host = staging.copy_to_host()
+        for i in range(3):
+            off, h, w, c = (int(v) for v in batch.meta[i])
+            oy, ox = (int(v) for v in batch.origin[i])
+            want = full.image(i)[oy : oy + h, ox : ox + w].astype(int)
+            got = host[off : off + h * w * c].reshape(h, w, c).astype(int)
+            res[f"{backend} {mode} {i}"] = [oy, ox, h, w, float(np.abs(got - want).mean())]
+        res[f"{backend} {mode} host_decoded"] = dec.host_decoded
+print(json.dumps(res))
+"""
+
+
+@pytest.mark.cudasim
+def test_gpu_decoders_take_the_roi_option_under_cuda_simulator():
+    """DecodeOptions.roi with the GPU decoder ("auto" on CUDA: nvImageCodec) is honoured, not
+    a TypeError (issue 13): the decoder's CUDA branch under Numba's CUDA simulator, real JPEGs
+    into a device staging buffer, each mode's region and pixels checked against a full CPU
+    decode ("region": the window; "rows": full-width rows down to its bottom). Twice: as it
+    runs here (nvImageCodec cannot make a CUDA decoder without a GPU: a logged warning, every
+    image decoded on the host and counted), and with nvImageCodec's CPU backend standing in
+    for the GPU ones (its region decode, host images copied to the device)."""
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run(
+        [sys.executable, "-c", _ROI_SIM], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    rois = [(10, 20, 60, 100), (0, 0, 120, 160), (70, 30, 119, 150)]
+    for backend, fallbacks in (("fallback", 3), ("nvimgcodec-cpu", 0)):
+        for mode in ("region", "rows"):
+            assert res[f"{backend} {mode} host_decoded"] == fallbacks
+            for i, (y0, x0, y1, x1) in enumerate(rois):
+                want = [y0, x0, y1 - y0, x1 - x0] if mode == "region" else [0, 0, y1, 160]
+                assert res[f"{backend} {mode} {i}"][:4] == want, (backend, mode, i)
+                # fast IDCT against the accurate reference: a few levels at most
+                assert res[f"{backend} {mode} {i}"][4] < 3.0, (backend, mode, i, res)
+    assert "decoding on the host" in r.stderr  # the fallback is logged, never silent
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU entry points (reported NOT RUN without a CUDA GPU)
+
+
+_LIBRARY = {"nvimgcodec": "nvidia.nvimgcodec", "dali": "nvidia.dali"}
 
 
 def _device_staging(nbytes):
@@ -667,6 +783,7 @@ def _device_staging(nbytes):
 def test_gpu_decode_into_device_staging(name, jpegs, odd_jpeg):
     from numba import cuda
 
+    pytest.importorskip(_LIBRARY[name])
     dec = get_decoder(name, "cuda")
     datas = [*jpegs, odd_jpeg]
     reqs = [
@@ -697,6 +814,7 @@ def test_gpu_decode_into_device_staging(name, jpegs, odd_jpeg):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["nvimgcodec", "dali"])
 def test_gpu_mixed_formats_and_errors(name, jpegs):
+    pytest.importorskip(_LIBRARY[name])
     dec = get_decoder(name, "cuda")
     datas, refs = _mixed_batch()
     hdrs = [read_header(d) for d in datas]

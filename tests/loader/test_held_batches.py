@@ -116,6 +116,7 @@ def test_dropped_batches_reuse_the_ring_and_held_ones_do_not(table):
     assert np.shares_memory(b, buf)
 
 
+@pytest.mark.cudasim
 def test_cuda_path_keeps_held_batches_under_the_simulator(tmp_path, table):
     """The same on the CUDA path (device arrays), run by Numba's CUDA simulator."""
     code = f"""

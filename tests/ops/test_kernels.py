@@ -641,6 +641,7 @@ def _run_sim(tmp_path, cases, sizes, seed=17, timeout=600):
     return inputs, np.load(outp)
 
 
+@pytest.mark.cudasim
 def test_cuda_kernel_simulator_matches_reference(tmp_path):
     inputs, res = _run_sim(tmp_path, SIM_CASES, SIM_SIZES)
     for k, (plan, src, meta, wins, params) in enumerate(inputs):
@@ -711,6 +712,7 @@ print("OK")
 """
 
 
+@pytest.mark.cudasim
 def test_cuda_kernels_compile_to_ptx_without_gpu(tmp_path):
     """The CUDA kernels type-check and compile with the real NVVM toolchain (no GPU needed;
     skipped where libNVVM/libdevice are absent)."""

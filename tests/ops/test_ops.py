@@ -565,6 +565,7 @@ np.savez(sys.argv[3], **res)
 """
 
 
+@pytest.mark.cudasim
 def test_cuda_stage_under_simulator(tmp_path):
     plan = ops.compile_ops(
         [

@@ -21,6 +21,7 @@ __all__ = ["DECODERS", "LOADERS", "TASKS", "load"]
 _G = "gpuload.bench.systems.gpuload"
 _DL = "gpuload.bench.systems.deeplake"
 _PIL = "gpuload.bench.systems.pil"
+_GPU = "gpuload.bench.systems.gpu"
 
 TASKS: Mapping[str, str] = MappingProxyType(
     {
@@ -36,6 +37,12 @@ TASKS: Mapping[str, str] = MappingProxyType(
         "e2e": "gpuload.bench.child:e2e",
         "train": "gpuload.bench.child:train",
         "startup": "gpuload.bench.child:startup",
+        "gpu_nvjpeg": f"{_GPU}:nvjpeg_decode",
+        "gpu_torchvision_decode": f"{_GPU}:torchvision_decode",
+        "gpu_kernel": f"{_GPU}:cuda_kernel",
+        "gpu_h2d": f"{_GPU}:h2d",
+        "gpu_e2e": f"{_GPU}:gpuload_e2e",
+        "gpu_torchvision_e2e": f"{_GPU}:torchvision_e2e",
     }
 )
 
