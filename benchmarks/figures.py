@@ -100,6 +100,7 @@ _E2E = {
     "gpuload_on_noverify": "e2e.gpuload.on.noverify",
     "gpuload_fast_optin": "e2e.gpuload.fast",
     "gpuload_tensorflow": "e2e.gpuload.tf",
+    "gpuload_jax": "e2e.gpuload.jax",
     "dataloader_gpuload_pil_transform": "e2e.gpuload.dataloader",
     "torch_dataloader_pil": "e2e.torch_pil",
     "deeplake_pytorch": "e2e.deeplake",
@@ -218,12 +219,14 @@ FIGURES: dict[str, FigureSet] = {
         },
     ),
     "e2e": FigureSet(
-        "README 'Figures' row 7; RESULTS.md 'Decode and augmentation (issue 4)'",
+        "README 'Figures' row 7 and the JAX door row; RESULTS.md 'Decode and augmentation "
+        "(issue 4)' and 'The JAX door (issue 14)'",
         ("e2e",),
         figures=_E2E,
         ratios={
             "off_over_limit": ("gpuload_off", "limit_raw_libjpeg", 0.8),
             "on_over_limit": ("gpuload_on", "limit_raw_libjpeg", 1.5),
+            "jax_over_torch_door": ("gpuload_jax", "gpuload_on", 0.9),
             **{
                 f"on_over_{alt}": ("gpuload_on", alt, 3.0)
                 for alt in ("torch_dataloader_pil", "deeplake_pytorch", "dali_cpu")

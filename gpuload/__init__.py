@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .client import Client, ingest, pytorch, tensorflow, torch_sampler
+from .client import Client, ingest, jax, pytorch, tensorflow, torch_sampler
 from .errors import (
     CommitConflictError,
     DecodeError,
@@ -57,6 +57,7 @@ __all__ = [
     "ingest",
     "open_table",
     "ops",
+    "jax",
     "pytorch",
     "tensorflow",
     "torch_sampler",

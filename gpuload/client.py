@@ -25,6 +25,7 @@ __all__ = [
     "default_root",
     "ingest",
     "is_location",
+    "jax",
     "pytorch",
     "resolve_table",
     "table_location",
@@ -219,6 +220,21 @@ def torch_sampler(table: Any, *, storage_options: Mapping[str, Any] | None = Non
     exactly, workers included; ``seed=None`` draws one that travels in the state. The options
     are ``Table.torch_sampler``'s."""
     return resolve_table(table, storage_options).torch_sampler(**options)
+
+
+@with_spec_options()
+def jax(
+    table: Any,
+    *,
+    sharding: Any = None,
+    storage_options: Mapping[str, Any] | None = None,
+    **options: Any,
+):
+    """JAX access to a table (a Table, a name, a path or a URL): batches (``batch_size=``
+    required) as dicts of ``jax.Array``, zero copy on the CPU; ``sharding=`` (a
+    ``jax.sharding.Sharding``) lays each batch out across devices and hosts, each process
+    loading only its share."""
+    return resolve_table(table, storage_options).jax(sharding=sharding, **options)
 
 
 def _front_door_signature(method: Callable, fn: Callable) -> inspect.Signature:

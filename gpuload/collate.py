@@ -1,5 +1,5 @@
-"""Collate: rows or column batches into one batch of numpy arrays and byte lists, and 64-byte
-aligned buffers (TensorFlow aborts on DLPack buffers that are not 64-byte aligned)."""
+"""Collate: rows or column batches into one batch of numpy arrays and byte lists (64-byte aligned
+buffers, from ``buffers``, re-exported here)."""
 
 from __future__ import annotations
 
@@ -8,19 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from .buffers import ALIGNMENT, aligned_empty
+
 __all__ = ["aligned_empty", "collate_rows", "ALIGNMENT", "BFloat16Bits"]
-
-ALIGNMENT = 64
-
-
-def aligned_empty(shape, dtype, align: int = ALIGNMENT) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data pointer is a multiple of ``align``."""
-    dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(nbytes + align, dtype=np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off : off + nbytes].view(dtype).reshape(shape)
 
 
 def collate_rows(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

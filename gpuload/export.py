@@ -15,7 +15,7 @@ import numpy as np
 
 from .collate import ALIGNMENT, BFloat16Bits
 
-__all__ = ["to_torch", "to_tensorflow", "is_tf_dlpack_safe"]
+__all__ = ["to_torch", "to_tensorflow", "to_jax", "is_tf_dlpack_safe"]
 
 
 def is_tf_dlpack_safe(a: np.ndarray) -> bool:
@@ -95,6 +95,55 @@ def to_tensorflow(batch: Any) -> Any:
     import tensorflow as tf
 
     return _walk(batch, lambda v: _tf_value(v, tf))
+
+
+def _jax_narrow(v: np.ndarray, jax) -> np.ndarray:
+    """What JAX keeps of a 64-bit array without ``jax_enable_x64`` (its 32-bit type, as
+    ``jnp.asarray`` does): floats rounded, integers only if every value fits, else a
+    ValueError, never a silently wrapped label or id."""
+    if v.dtype.itemsize != 8 or v.dtype.kind not in "iuf" or jax.config.jax_enable_x64:
+        return v
+    narrow = np.dtype(f"{v.dtype.kind}4")
+    if v.dtype.kind in "iu" and v.size:
+        info = np.iinfo(narrow)
+        if v.min() < info.min or v.max() > info.max:
+            raise ValueError(
+                f"a {v.dtype} column holds values outside {narrow}'s range [{info.min}, "
+                f"{info.max}], and JAX keeps 64-bit integers only with jax_enable_x64: "
+                "jax.config.update('jax_enable_x64', True) keeps them whole"
+            )
+    return v.astype(narrow)
+
+
+def _jax_value(v: Any, device, jax) -> Any:
+    if isinstance(v, BFloat16Bits):
+        bits = _jax_value(v.bits, device, jax)
+        return jax.lax.bitcast_convert_type(bits, jax.numpy.bfloat16)  # a new buffer (XLA)
+    if isinstance(v, np.ndarray):
+        if v.dtype.kind not in "biuf":
+            return v
+        v = _jax_narrow(v, jax)
+        aligned = v.flags.c_contiguous and v.ctypes.data % ALIGNMENT == 0
+        x = jax.dlpack.from_dlpack(v if aligned else np.ascontiguousarray(v))
+        return x if device is None else jax.device_put(x, device)
+    if isinstance(v, np.generic):
+        return jax.numpy.asarray(v)
+    if hasattr(v, "__dlpack__") and not isinstance(v, (bytes, str, list)):
+        return jax.dlpack.from_dlpack(v)  # a device array: stays where it is
+    if hasattr(v, "__cuda_array_interface__"):
+        import cupy  # the CUDA array interface has no JAX reader; CuPy gives it DLPack
+
+        return jax.dlpack.from_dlpack(cupy.asarray(v))
+    return v  # bytes / str lists stay lists: JAX has no string arrays
+
+
+def to_jax(batch: Any, device: Any = None) -> Any:
+    """numpy arrays -> jax.Array (zero copy on the CPU through DLPack when 64-byte aligned,
+    which the loader's buffers are), recursively through dicts/tuples; ``device`` (a jax
+    Device): host arrays are then placed there (a copy to another device)."""
+    import jax
+
+    return _walk(batch, lambda v: _jax_value(v, device, jax))
 
 
 def _walk(batch: Any, fn) -> Any:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .buffers import aligned_empty
 from .checksums import hash_bytes
 from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
@@ -431,7 +432,7 @@ class TableReader:
         chunks, local = self._locate(idx)
         self._ensure_sizes(chunks)
         if not col.is_var:
-            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
+            out = aligned_empty((len(idx), *col.shape), col.np_dtype)
             for c in np.unique(chunks):
                 sel = chunks == c
                 rows = self.chunk_section(int(c), col).view(col.np_dtype).reshape(-1, *col.shape)
@@ -558,7 +559,7 @@ class TableReader:
             return values
         if not col.is_var:
             plan, _ = self.read_plan(idx, col)  # checks the chunks' sizes before allocating
-            out = np.empty((len(idx), *col.shape), dtype=col.np_dtype)
+            out = aligned_empty((len(idx), *col.shape), col.np_dtype)
             self._fetcher.read_into(plan, out.reshape(-1).view(np.uint8))
             return out
         buf, dest = self.read_column_into(idx, col)

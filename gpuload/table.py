@@ -87,6 +87,15 @@ class Table(TableReader):
         spec = torch_spec(options)
         return torch_front_door(self, spec, transform, iterable=iterable, pin_memory=pin_memory)
 
+    @with_spec_options()
+    def jax(self, *, sharding: Any = None, **options: Any):
+        """JAX access (``gpuload.jax(self, ...)``): batches as dicts of ``jax.Array``, zero copy
+        on the CPU; ``sharding=`` lays each batch out across devices and hosts (see
+        ``gpuload.adapters.jax``)."""
+        from .adapters.jax import jax_front_door
+
+        return jax_front_door(self, LoaderSpec(**options), sharding=sharding)
+
     def torch_sampler(
         self,
         *,
@@ -216,6 +225,11 @@ class Rows:
         return self.table.pytorch(
             transform, iterable=iterable, pin_memory=pin_memory, **self._subset(options)
         )
+
+    @with_spec_options(exclude=("indices",))
+    def jax(self, *, sharding: Any = None, **options: Any):
+        """``Table.jax`` over these rows only."""
+        return self.table.jax(sharding=sharding, **self._subset(options))
 
     def torch_sampler(self, **options: Any):
         """``Table.torch_sampler`` over these rows only (for ``gpuload.pytorch(rows)``)."""

@@ -470,6 +470,7 @@ PEER_PACKAGES = {
     "nvidia.dali": "nvidia-dali-cuda120>=1.40",
     "nvidia.nvimgcodec": "nvidia-nvimgcodec-cu12>=0.5",
     "tensorflow": "tensorflow-cpu>=2.15",
+    "jax": "jax[cpu]>=0.4.30",
     "s3fs": "s3fs>=2023.6",
     "moto": "moto[server]>=5",
 }

@@ -55,6 +55,7 @@ INSTALL = {
     "PIL": "pip install pillow",
     "simplejpeg": "pip install simplejpeg",
     "torchvision": "pip install torchvision (the build matching your torch)",
+    "jax": "pip install 'jax[cpu]' (or pip install 'gpuload[jax]')",
 }
 
 
@@ -895,6 +896,8 @@ E2E_CASES = (
      {"kind": "gpuload", "options": "on", "verify": False}, ("torch",), ()),
     ("e2e.gpuload.fast", "gpuload fast path, roi='region' + fast IDCT (opt-in)", "gpuload",
      {"kind": "gpuload", "options": "fast"}, ("torch", "nvidia.nvimgcodec"), ()),
+    ("e2e.gpuload.jax", "gpuload.jax(t, batch_size=128, image=...) (jax.Array)", "gpuload",
+     {"kind": "gpuload_jax", "options": "on"}, ("jax",), ()),
     ("e2e.gpuload.tf", "gpuload.tensorflow(t, batch_size=128, image=...) (tf.data)", "gpuload",
      {"kind": "gpuload_tf", "options": "on"}, ("tensorflow",), ()),
     ("e2e.gpuload.dataloader", "DataLoader(gpuload.pytorch(t, transform=PIL), num_workers={n})",

@@ -60,6 +60,7 @@ LOADERS: Mapping[str, str] = MappingProxyType(
         "gpuload": f"{_G}:fast_path_loader",
         "gpuload_plain": f"{_G}:plain_loader",
         "gpuload_tf": f"{_G}:tensorflow_loader",
+        "gpuload_jax": f"{_G}:jax_loader",
         "gpuload_dataloader": f"{_G}:dataloader_loader",
         "torch_pil": f"{_PIL}:torch_pil_loader",
         "deeplake": f"{_DL}:e2e_loader",

@@ -223,6 +223,23 @@ def plain_loader(a: dict, workers: int):
     return _epochs(_plain(a), a)
 
 
+def jax_loader(a: dict, workers: int):
+    """``gpuload.jax(t, batch_size=..., image=[...])``: the fast path into ``jax.Array``;
+    synced with ``jax.block_until_ready`` (a no-op for the CPU's zero-copy arrays)."""
+    import jax
+
+    import gpuload
+
+    loader = gpuload.jax(open_src(a), **_loader_kw(a))
+
+    def epoch(e):
+        loader.set_epoch(e)
+        for b in loader:
+            yield jax.block_until_ready(b)
+
+    return epoch, None, loader
+
+
 def tensorflow_loader(a: dict, workers: int):
     """``gpuload.tensorflow(t, batch_size=..., image=[...])`` (tf.data)."""
     import gpuload
