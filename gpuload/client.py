@@ -254,9 +254,14 @@ def tensorflow(
     table: Any,
     *,
     input_context: Any = None,
+    label: Any = None,
     storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ):
     """A ``tf.data.Dataset`` over a table (a Table, a name, a path or a URL): rows without
-    ``batch_size`` (chain ``.batch()``), whole batches from the fast path with it."""
-    return resolve_table(table, storage_options).tensorflow(input_context=input_context, **options)
+    ``batch_size`` (chain ``.batch()``), whole batches from the fast path with it; images
+    channels-last; ``label=`` a column (or a tuple) for ``(features, label)`` elements, so
+    ``model.fit(ds)`` needs no ``.map``."""
+    return resolve_table(table, storage_options).tensorflow(
+        input_context=input_context, label=label, **options
+    )

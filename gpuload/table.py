@@ -117,12 +117,13 @@ class Table(TableReader):
         return torch_sampler(self, spec)
 
     @with_spec_options()
-    def tensorflow(self, *, input_context: Any = None, **options: Any):
+    def tensorflow(self, *, input_context: Any = None, label: Any = None, **options: Any):
         """A ``tf.data.Dataset`` (``gpuload.tensorflow(self, ...)``): rows without ``batch_size``,
-        whole batches from the fast path with it."""
+        whole batches from the fast path with it; images channels-last; ``label=`` a column (or
+        a tuple of columns) for ``(features, label)`` elements that ``model.fit`` takes."""
         from .adapters.tensorflow import tf_front_door
 
-        return tf_front_door(self, LoaderSpec(**options), input_context=input_context)
+        return tf_front_door(self, LoaderSpec(**options), input_context=input_context, label=label)
 
 
 class Row:
@@ -236,9 +237,11 @@ class Rows:
         return self.table.torch_sampler(**self._subset(options))
 
     @with_spec_options(exclude=("indices",))
-    def tensorflow(self, *, input_context: Any = None, **options: Any):
+    def tensorflow(self, *, input_context: Any = None, label: Any = None, **options: Any):
         """``Table.tensorflow`` over these rows only."""
-        return self.table.tensorflow(input_context=input_context, **self._subset(options))
+        return self.table.tensorflow(
+            input_context=input_context, label=label, **self._subset(options)
+        )
 
 
 def split_rows_by(n: int, fractions: Sequence[float], seed: int) -> list[np.ndarray]:

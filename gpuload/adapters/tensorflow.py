@@ -1,5 +1,10 @@
 """TensorFlow front door: ``gpuload.tensorflow(table, ...)`` -> a ``tf.data.Dataset`` of dicts
-with a proper ``element_spec``. Bytes, image and text columns arrive as ``tf.string``.
+with a proper ``element_spec``. Bytes, image and text columns arrive as ``tf.string``; images
+made by ``image=`` ops come channels-last (NHWC, what Keras layers expect) unless the ops hold an
+``ops.ToLayout``. ``label="label"`` (or a tuple of columns) yields ``(features, label)``
+elements, so ``model.fit(ds)`` works without a ``.map``: a lone feature column as itself, several
+as a dict. When gpuload shards (``input_context`` or rank/world), the dataset's auto-shard
+policy is OFF, so ``tf.distribute`` does not shard it again.
 
 Without ``batch_size`` it yields rows (chain ``.batch()``); with ``batch_size`` it yields whole
 batches from gpuload's fast path (threads, prefetch, decode and fused image ops). Shuffling and
@@ -73,10 +78,39 @@ def _to_tf_ready(v: Any) -> Any:
     return v
 
 
+def channels_last(spec: LoaderSpec) -> LoaderSpec:
+    """Keras's layout by default: image ops without a ``ToLayout`` get ``ToLayout("NHWC")``
+    (``ops.ToLayout("NCHW")`` among them keeps channels first)."""
+    from ..ops import ToLayout
+
+    if spec.image is None or any(isinstance(op, ToLayout) for op in spec.image):
+        return spec
+    return spec.replace(image=(*spec.image, ToLayout("NHWC")))
+
+
+def _labels(label: Any, loader: Loader) -> tuple[str, ...] | None:
+    """The label column(s) ``label=`` names, checked against the columns loaded."""
+    if label is None:
+        return None
+    names = (label,) if isinstance(label, str) else tuple(label)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"label must be a column name or a tuple of them, got {label!r}")
+    missing = [n for n in names if n not in loader.columns]
+    if missing:
+        raise ValueError(
+            f"label={label!r}: {', '.join(map(repr, missing))} not among the columns loaded "
+            f"({', '.join(loader.columns)}); add it to columns="
+        )
+    if len(names) == len(loader.columns):
+        raise ValueError(f"label={label!r} leaves no feature column to train on")
+    return names
+
+
 def tf_front_door(
-    table: TableReader, spec: LoaderSpec, *, input_context: Any = None
+    table: TableReader, spec: LoaderSpec, *, input_context: Any = None, label: Any = None
 ) -> tf.data.Dataset:
     """A tf.data.Dataset over a table, as the spec asks (see the module docstring)."""
+    spec = channels_last(spec)
     if input_context is not None:
         if spec.rank is not None or spec.world_size is not None:
             raise ValueError("pass input_context= or rank=/world_size=, not both")
@@ -95,7 +129,7 @@ def tf_front_door(
             "image= ops run, and none were given"
         )
     loader = make_loader(table, spec)
-    return _Cursor(loader, batched).dataset(sized=True)
+    return _Cursor(loader, batched, _labels(label, loader)).dataset(sized=True)
 
 
 def _signature(loader: Loader, batched: bool) -> dict[str, tf.TensorSpec]:
@@ -115,9 +149,10 @@ class _Cursor:
     """Feeds tf.data from a loader and knows, row by row, how far the consumer got: the state
     of a dataset of rows points at the next row, not the next internal batch."""
 
-    def __init__(self, loader: Loader, batched: bool) -> None:
+    def __init__(self, loader: Loader, batched: bool, labels: tuple[str, ...] | None = None):
         self.loader = loader
         self.batched = batched
+        self.labels = labels
         self.pending = 0  # rows of the current internal batch not yet handed to tf.data
         self.resumed = False
         self.handle = TFHandle(self)
@@ -140,7 +175,13 @@ class _Cursor:
         # (gpuload prefetches batches itself, on its own threads.)
         options = tf.data.Options()
         options.experimental_optimization.inject_prefetch = False
+        if self.loader.world_size > 1:  # gpuload shards: tf.distribute must not shard again
+            options.experimental_distribute.auto_shard_policy = (
+                tf.data.experimental.AutoShardPolicy.OFF
+            )
         ds = ds.with_options(options)
+        if self.labels is not None:
+            ds = ds.map(self._supervised)  # one element per element: the state stays exact
         ds.state_dict = self.handle.state_dict
         ds.load_state_dict = self.handle.load_state_dict
         ds.set_epoch = self.loader.set_epoch
@@ -148,6 +189,14 @@ class _Cursor:
         ds.loader = self.loader
         ds.handle = self.handle
         return ds
+
+    def _supervised(self, elem: dict) -> tuple:
+        """(features, label) for Keras's fit: a lone feature column as itself, several as a
+        dict; one label column as itself, several as a tuple."""
+        feats = {k: v for k, v in elem.items() if k not in self.labels}
+        x = next(iter(feats.values())) if len(feats) == 1 else feats
+        y = tuple(elem[k] for k in self.labels)
+        return x, (y[0] if len(y) == 1 else y)
 
     def generate(self, sized: bool):
         if sized and self.resumed:

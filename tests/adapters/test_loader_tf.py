@@ -87,6 +87,70 @@ def test_model_fit_two_epochs(robot):
     assert img.shape == (48, 64, 3)
 
 
+def test_model_fit_on_images_and_labels_without_a_map(robot):
+    """The Keras way: channels-last images and (features, label) elements, nothing mapped."""
+    t, _ = robot
+    ops = gpuload.ops
+    image = [
+        ops.RandomResizedCrop(16),
+        ops.RandomHorizontalFlip(),
+        ops.Normalize((0.5,) * 3, (0.25,) * 3),
+    ]
+    ds = gpuload.tensorflow(
+        t, batch_size=32, shuffle=True, seed=0, image=image, label="label",
+        columns=["image", "label"], device="cpu",
+    )  # fmt: skip
+    x, y = ds.element_spec
+    assert x.shape.as_list() == [None, 16, 16, 3] and y.dtype == tf.int64
+    model = tf.keras.Sequential([
+        tf.keras.Input((16, 16, 3)),
+        tf.keras.layers.Conv2D(4, 3, activation="relu"),
+        tf.keras.layers.GlobalAveragePooling2D(),
+        tf.keras.layers.Dense(10),
+    ])  # fmt: skip
+    model.compile(
+        optimizer="sgd", loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
+    hist = model.fit(ds, epochs=1, verbose=0)
+    assert np.isfinite(hist.history["loss"]).all()
+    # the dataset keeps gpuload's methods: the state says the whole epoch was consumed
+    state = ds.state_dict()
+    assert (state["epoch"], state["position"]) in {(1, 0), (0, 90)}
+
+
+def test_layout_and_label_forms(robot):
+    t, cols = robot
+    ops = gpuload.ops
+    kw = dict(batch_size=8, device="cpu", columns=["image", "state", "label"])
+    nchw = [ops.Resize((8, 8)), ops.ToLayout("NCHW")]
+    b = next(iter(gpuload.tensorflow(t, image=nchw, **kw)))
+    assert b["image"].shape == (8, 3, 8, 8)  # an explicit ToLayout is kept
+    x, y = next(iter(gpuload.tensorflow(t, image=[ops.Resize((8, 8))], label="label", **kw)))
+    assert set(x) == {"image", "state"} and x["image"].shape == (8, 8, 8, 3)
+    np.testing.assert_array_equal(y.numpy(), cols["label"][:8])
+    x, (s, y) = next(iter(gpuload.tensorflow(t, label=("state", "label"), batch_size=8,
+                                             columns=["text", "state", "label"])))  # fmt: skip
+    assert x.dtype == tf.string and s.shape == (8, 14) and y.shape == (8,)
+    x, y = next(iter(gpuload.tensorflow(t, label="label", columns=["state", "label"])))
+    assert x.shape == (14,) and y.shape == ()  # rows too
+    with pytest.raises(ValueError, match="not among the columns loaded"):
+        gpuload.tensorflow(t, label="label", columns=["state"])
+    with pytest.raises(ValueError, match="no feature column"):
+        gpuload.tensorflow(t, label="label", columns=["label"])
+
+
+def test_auto_shard_is_off_when_gpuload_shards(robot):
+    t, _ = robot
+    off = tf.data.experimental.AutoShardPolicy.OFF
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1)
+    sharded = gpuload.tensorflow(t, input_context=ctx, columns=["label"])
+    assert sharded.options().experimental_distribute.auto_shard_policy == off
+    ranked = gpuload.tensorflow(t, batch_size=4, rank=0, world_size=2, columns=["label"])
+    assert ranked.options().experimental_distribute.auto_shard_policy == off
+    whole = gpuload.tensorflow(t, columns=["label"])
+    assert whole.options().experimental_distribute.auto_shard_policy != off
+
+
 def test_dlpack_zero_copy_when_aligned():
     a = aligned_empty((4, 3, 8, 8), np.float32)
     a[...] = np.random.default_rng(0).random(a.shape)

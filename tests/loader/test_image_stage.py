@@ -346,4 +346,4 @@ def test_gpu_tensorflow_image_ops(tmp_path):
     t, _ = _table(tmp_path, n=8)
     ds = gpuload.tensorflow(t, batch_size=4, image=[ops.Resize((8, 8))], device="cuda")
     b = next(iter(ds))
-    assert b["image"].shape == (4, 3, 8, 8) and b["image"].dtype == tf.float32
+    assert b["image"].shape == (4, 8, 8, 3) and b["image"].dtype == tf.float32
