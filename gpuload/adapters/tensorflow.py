@@ -6,8 +6,10 @@ elements, so ``model.fit(ds)`` works without a ``.map``: a lone feature column a
 as a dict. When gpuload shards (``input_context`` or rank/world), the dataset's auto-shard
 policy is OFF, so ``tf.distribute`` does not shard it again.
 
-Without ``batch_size`` it yields rows (chain ``.batch()``); with ``batch_size`` it yields whole
-batches from gpuload's fast path (threads, prefetch, decode and fused image ops). Shuffling and
+Without ``batch_size`` it yields rows (chain ``.batch()``): whole internal batches of
+``ROW_READ`` rows cross the Python/TF boundary and TF splits them (``unbatch``; no Python call per
+row), a counter inside TF keeping ``state_dict()`` exact to the row. With ``batch_size`` it yields
+whole batches from gpuload's fast path (threads, prefetch, decode and fused image ops). Shuffling and
 sharding (``input_context`` from ``tf.distribute``, or rank/world) happen inside gpuload, seeded
 and different every epoch (each pass over the dataset is the next epoch). The dataset carries
 ``state_dict()``, ``load_state_dict()``, ``set_epoch()`` and ``stats()`` of its loader, and
@@ -153,7 +155,9 @@ class _Cursor:
         self.loader = loader
         self.batched = batched
         self.labels = labels
-        self.pending = 0  # rows of the current internal batch not yet handed to tf.data
+        self.handed = 0  # rows of this pass handed to tf.data (whole internal batches)
+        # rows of this pass tf.data delivered (counted inside TF, after its unbatch)
+        self.consumed = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.resumed = False
         self.handle = TFHandle(self)
         # with a tracked chain: the state after each element handed over and not yet delivered
@@ -165,8 +169,10 @@ class _Cursor:
         asserted (one full epoch per pass); a resumed dataset's first pass is shorter, so it has
         none."""
         ds = tf.data.Dataset.from_generator(
-            lambda: self.generate(sized), output_signature=_signature(self.loader, self.batched)
+            lambda: self.generate(sized), output_signature=_signature(self.loader, True)
         )
+        if not self.batched:  # rows: whole batches cross the boundary, TF splits them
+            ds = ds.unbatch().map(self._count)
         if sized:
             count = len(self.loader) if self.batched else self.loader.num_rows
             ds = ds.apply(tf.data.experimental.assert_cardinality(count))
@@ -198,6 +204,11 @@ class _Cursor:
         y = tuple(elem[k] for k in self.labels)
         return x, (y[0] if len(y) == 1 else y)
 
+    def _count(self, elem: dict) -> dict:
+        """A row delivered: counted in TF (no Python per row), for ``state_dict``."""
+        with tf.control_dependencies([self.consumed.assign_add(1)]):
+            return {k: tf.identity(v) for k, v in elem.items()}
+
     def generate(self, sized: bool):
         if sized and self.resumed:
             raise RuntimeError(
@@ -205,36 +216,38 @@ class _Cursor:
                 "load_state_dict() returned (tf.data fixes a dataset's length when it is built, "
                 "and a resumed pass is shorter)"
             )
+        self.handed = 0
+        self.consumed.assign(0)
         if self.handle.tracking and self.delivered is None:
             self.delivered = self.state_dict()  # nothing delivered yet: where this pass starts
         for batch in self.loader:  # each pass over the dataset is the loader's next epoch
-            if self.batched:
-                self._handing_over()
-                yield {k: _to_tf_ready(_host(v)) for k, v in batch.items()}
-                continue
-            host = {k: _host(v) for k, v in batch.items()}
-            n = len(next(iter(host.values()))) if host else 0
-            for i in range(n):
-                self.pending = n - i
-                self._handing_over()
-                yield {k: v[i] for k, v in host.items()}
-            self.pending = 0
-
-    def _handing_over(self) -> None:
-        if self.handle.tracking:
-            self.in_flight.append(self.state_dict())
+            out = {k: _to_tf_ready(_host(v)) for k, v in batch.items()}
+            n = len(next(iter(out.values()))) if out else 0
+            if self.handle.tracking:  # the state after each element handed over
+                state = self.loader.state_dict()
+                states = [state] if self.batched else [
+                    {**state, "position": state["position"] - (n - 1 - i)} for i in range(n)
+                ]  # fmt: skip
+                self.in_flight.extend(states)
+            self.handed += n
+            yield out
 
     def state_dict(self) -> dict[str, Any]:
+        """The loader's state, less the rows of a dataset of rows handed to TF in a batch and
+        not yet delivered (TF's unbatch pulls the next batch only once it delivered every row
+        of the last: nothing is pending when the loader moves on to the next epoch)."""
         state = self.loader.state_dict()
-        state["position"] -= self.pending if self.pending else 0
-        if self.pending:
-            state["position"] += 1  # the row just handed over counts as seen
+        if not self.batched:
+            pending = self.handed - int(self.consumed.numpy())
+            if pending > 0:
+                state["position"] -= pending
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> tf.data.Dataset:
         """Resume from ``state_dict()``; returns the dataset to iterate (its first pass is the
         rest of the saved epoch, then whole epochs; its cardinality is unknown)."""
-        self.pending = 0
+        self.handed = 0
+        self.consumed.assign(0)
         self.loader.load_state_dict(state)
         self.resumed = True
         self.in_flight.clear()

@@ -22,7 +22,7 @@ def test_element_spec_and_rows(robot):
     t, cols = robot
     ds = gpuload.tensorflow(t)
     spec = ds.element_spec
-    assert spec["image"] == tf.TensorSpec((), tf.string, name="image")
+    assert spec["image"].shape == () and spec["image"].dtype == tf.string
     assert spec["state"].shape == (14,) and spec["state"].dtype == tf.float32
     assert spec["label"].dtype == tf.int64 and spec["text"].dtype == tf.string
     rows = list(ds.take(3))
