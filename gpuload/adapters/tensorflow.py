@@ -4,7 +4,10 @@ made by ``image=`` ops come channels-last (NHWC, what Keras layers expect) unles
 ``ops.ToLayout``. ``label="label"`` (or a tuple of columns) yields ``(features, label)``
 elements, so ``model.fit(ds)`` works without a ``.map``: a lone feature column as itself, several
 as a dict. When gpuload shards (``input_context`` or rank/world), the dataset's auto-shard
-policy is OFF, so ``tf.distribute`` does not shard it again.
+policy is OFF, so ``tf.distribute`` does not shard it again. A gpuload error (a corrupt image,
+a bad checksum) iterated in Python comes back as itself (DecodeError, IntegrityError, ...; TF's
+error its cause); inside graphs (``model.fit``, a chained ``.map``) TF's own error stays, its
+message naming table, row and column.
 
 Without ``batch_size`` it yields rows (chain ``.batch()``): whole internal batches of
 ``ROW_READ`` rows cross the Python/TF boundary and TF splits them (``unbatch``; no Python call per
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from ..errors import GpuloadError
 from ..loader import Loader, make_loader
 from ..reader import TableReader
 from ..schema import Column
@@ -155,6 +159,7 @@ class _Cursor:
         self.loader = loader
         self.batched = batched
         self.labels = labels
+        self.error: GpuloadError | None = None  # the gpuload error that ended the last pass
         self.handed = 0  # rows of this pass handed to tf.data (whole internal batches)
         # rows of this pass tf.data delivered (counted inside TF, after its unbatch)
         self.consumed = tf.Variable(0, dtype=tf.int64, trainable=False)
@@ -188,12 +193,14 @@ class _Cursor:
         ds = ds.with_options(options)
         if self.labels is not None:
             ds = ds.map(self._supervised)  # one element per element: the state stays exact
+        ds.__class__ = _raising_class(type(ds))  # gpuload's errors keep their type in Python
         ds.state_dict = self.handle.state_dict
         ds.load_state_dict = self.handle.load_state_dict
         ds.set_epoch = self.loader.set_epoch
         ds.stats = self.loader.stats
         ds.loader = self.loader
         ds.handle = self.handle
+        ds._gpuload_cursor = self
         return ds
 
     def _supervised(self, elem: dict) -> tuple:
@@ -218,8 +225,16 @@ class _Cursor:
             )
         self.handed = 0
         self.consumed.assign(0)
+        self.error = None
         if self.handle.tracking and self.delivered is None:
             self.delivered = self.state_dict()  # nothing delivered yet: where this pass starts
+        try:
+            yield from self._pass()
+        except GpuloadError as e:  # TF turns it into an OpError: the Python iterator re-raises it
+            self.error = e
+            raise
+
+    def _pass(self):
         for batch in self.loader:  # each pass over the dataset is the loader's next epoch
             out = {k: _to_tf_ready(_host(v)) for k, v in batch.items()}
             n = len(next(iter(out.values()))) if out else 0
@@ -253,6 +268,47 @@ class _Cursor:
         self.in_flight.clear()
         self.delivered = None
         return self.dataset(sized=False)
+
+
+_RAISING: dict[type, type] = {}
+
+
+def _raising_class(cls: type) -> type:
+    """``cls`` (a tf.data dataset class) whose Python iterator re-raises the gpuload error
+    (DecodeError, IntegrityError, ...) that TF turned into an ``OpError`` at its boundary, with
+    its type and message (TF's own error is its cause). Inside graphs (``model.fit``) TF's
+    error stays, its message naming table, row and column."""
+    sub = _RAISING.get(cls)
+    if sub is None:
+
+        def __iter__(self):
+            return _Reraising(cls.__iter__(self), self._gpuload_cursor)
+
+        sub = _RAISING[cls] = type(cls.__name__, (cls,), {"__iter__": __iter__})
+    return sub
+
+
+class _Reraising:
+    """A tf.data iterator whose errors from gpuload's generator come back as themselves."""
+
+    def __init__(self, it, cursor: _Cursor) -> None:
+        self._it = it
+        self._cursor = cursor
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._it)
+        except tf.errors.OpError as e:
+            err, self._cursor.error = self._cursor.error, None
+            if err is None:
+                raise
+            raise err from e
+
+    def __getattr__(self, name: str):
+        return getattr(self._it, name)
 
 
 class TFHandle:

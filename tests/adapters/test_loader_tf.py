@@ -151,6 +151,30 @@ def test_auto_shard_is_off_when_gpuload_shards(robot):
     assert whole.options().experimental_distribute.auto_shard_policy != off
 
 
+def test_gpuload_errors_keep_their_type_through_tf(tmp_path):
+    """Iterated in Python, a gpuload error comes back as itself (TF's error its cause); where
+    TF keeps its own (a chained dataset, model.fit), the message names table, row and column."""
+    from gpuload.errors import DecodeError
+
+    from ..helpers import robot_columns
+
+    cols = robot_columns(12, seed=1)
+    cols["image"][5] = cols["image"][5][:200]  # a truncated JPEG
+    gpuload.ingest(tmp_path / "bad", cols)
+    t = gpuload.open_table(tmp_path / "bad")
+    kw = dict(batch_size=4, image=[gpuload.ops.Resize((8, 8))], device="cpu")
+    ds = gpuload.tensorflow(t, **kw)
+    with pytest.raises(DecodeError, match=r"table 'bad', row 5, column 'image'") as info:
+        for _ in ds:
+            pass
+    assert isinstance(info.value.__cause__, tf.errors.OpError)
+    with pytest.raises(tf.errors.OpError, match=r"table 'bad', row 5, column 'image'"):
+        for _ in ds.map(lambda b: b):
+            pass
+    ok = gpuload.tensorflow(t, on_error="skip", **kw)
+    assert sum(int(b["image"].shape[0]) for b in ok) == 11  # skipping still works
+
+
 def test_dlpack_zero_copy_when_aligned():
     a = aligned_empty((4, 3, 8, 8), np.float32)
     a[...] = np.random.default_rng(0).random(a.shape)
