@@ -87,6 +87,10 @@ def _tf_value(v: Any, tf) -> Any:
         return tf.constant(v, dtype=tf.string)
     if hasattr(v, "__dlpack__") and not isinstance(v, (bytes, str, list)):
         return tf.experimental.dlpack.from_dlpack(v.__dlpack__())
+    if hasattr(v, "__cuda_array_interface__"):
+        import cupy  # the CUDA array interface has no TF reader; CuPy gives it DLPack
+
+        return tf.experimental.dlpack.from_dlpack(cupy.asarray(v).toDlpack())
     return v
 
 

@@ -26,7 +26,7 @@ import pytest
 import gpuload
 from gpuload import ops
 
-from .helpers import encode, textured_image
+from .helpers import encode, robot_columns, textured_image
 from .ops._reference_ops import pack_images, random_image
 
 torch = pytest.importorskip("torch")
@@ -258,3 +258,49 @@ def test_gpu_loader_with_roi_region_and_fast_matches_cpu(image_table):
     # IDCT and chroma upsampling differences: libjpeg-turbo's own fast mode moves the mean of
     # these textures by 0.06; another crop moves it by 0.6
     assert (gpu.cpu() - cpu["image"]).abs().mean() < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_tf_device_iterator_keeps_gpu_batches_on_the_gpu(tmp_path):
+    """``gpuload.tensorflow(..., device="cuda").as_device_iterator()``: image batches made on
+    the GPU reach TF through DLPack and stay there (no host round trip), equal to the CPU
+    path's within decoder differences."""
+    tf = pytest.importorskip("tensorflow")
+    pytest.importorskip("cupy")
+    if not tf.config.list_physical_devices("GPU"):
+        pytest.skip("this TensorFlow build sees no GPU")
+    gpuload.ingest(tmp_path / "r", robot_columns(16, seed=4))
+    t = gpuload.open_table(tmp_path / "r")
+    kw = dict(batch_size=8, seed=0, columns=["image"], image=[gpuload.ops.Resize((8, 8))],
+              decode_options=gpuload.DecodeOptions(dct=False, roi=False))  # fmt: skip
+    gpu = [b["image"] for b in gpuload.tensorflow(t, device="cuda", **kw).as_device_iterator()]
+    cpu = [b["image"] for b in gpuload.tensorflow(t, device="cpu", **kw).as_device_iterator()]
+    assert len(gpu) == len(cpu) == 2
+    for g, c in zip(gpu, cpu):
+        assert "GPU" in g.device and g.shape == (8, 8, 8, 3)
+        assert float(np.abs(g.numpy() - c.numpy()).mean()) < 0.1
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_jax_gets_gpu_image_batches_on_the_gpu(tmp_path):
+    """``gpuload.jax(..., device="cuda", image=...)``: image batches made on the GPU reach JAX
+    through DLPack on the device, equal to the CPU path's within decoder differences."""
+    jax = pytest.importorskip("jax")
+    pytest.importorskip("cupy")
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        pytest.skip("this JAX build sees no GPU")
+    gpuload.ingest(tmp_path / "r", robot_columns(16, seed=4))
+    t = gpuload.open_table(tmp_path / "r")
+    kw = dict(batch_size=8, seed=0, columns=["image", "label"], image=[ops.Resize((8, 8))],
+              decode_options=gpuload.DecodeOptions(dct=False, roi=False))  # fmt: skip
+    gpu = list(gpuload.jax(t, device="cuda", **kw))
+    cpu = list(gpuload.jax(t, device="cpu", **kw))
+    assert len(gpu) == len(cpu) == 2
+    for g, c in zip(gpu, cpu):
+        assert g["image"].devices() == {jax.devices("gpu")[0]} and g["image"].shape == (8, 3, 8, 8)
+        assert float(np.abs(np.asarray(g["image"]) - np.asarray(c["image"])).mean()) < 0.1
+        np.testing.assert_array_equal(np.asarray(g["label"]), np.asarray(c["label"]))

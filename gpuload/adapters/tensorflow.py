@@ -9,6 +9,11 @@ a bad checksum) iterated in Python comes back as itself (DecodeError, IntegrityE
 error its cause); inside graphs (``model.fit``, a chained ``.map``) TF's own error stays, its
 message naming table, row and column.
 
+What it copies: tf.data's generator boundary copies every batch into TF's own tensors, and image
+batches made on the GPU come back to the host first (``copy_to_host``). For a custom training
+loop, ``ds.as_device_iterator()`` yields the same batches as TF tensors through DLPack with no
+copy (on the GPU for GPU-made images).
+
 Without ``batch_size`` it yields rows (chain ``.batch()``): whole internal batches of
 ``ROW_READ`` rows cross the Python/TF boundary and TF splits them (``unbatch``; no Python call per
 row), a counter inside TF keeping ``state_dict()`` exact to the row. With ``batch_size`` it yields
@@ -31,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..errors import GpuloadError
+from ..export import to_tensorflow
 from ..loader import Loader, make_loader
 from ..reader import TableReader
 from ..schema import Column
@@ -200,8 +206,23 @@ class _Cursor:
         ds.stats = self.loader.stats
         ds.loader = self.loader
         ds.handle = self.handle
+        ds.as_device_iterator = self.device_batches
         ds._gpuload_cursor = self
         return ds
+
+    def device_batches(self):
+        """The batches as dicts of TF tensors straight from the loader, for custom training
+        loops: through DLPack without a copy, on the GPU for image batches made there (the
+        tf.data dataset instead copies them back to the host at its generator boundary, and TF
+        copies them again). Each pass is the loader's next epoch; ``state_dict()`` of the
+        dataset is exact for it too (nothing reads ahead here)."""
+        if not self.batched:
+            raise ValueError(
+                "as_device_iterator() yields whole batches: pass batch_size= to gpuload.tensorflow"
+            )
+        for batch in self.loader:
+            out = to_tensorflow(batch)
+            yield self._supervised(out) if self.labels is not None else out
 
     def _supervised(self, elem: dict) -> tuple:
         """(features, label) for Keras's fit: a lone feature column as itself, several as a

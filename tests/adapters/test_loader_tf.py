@@ -175,6 +175,24 @@ def test_gpuload_errors_keep_their_type_through_tf(tmp_path):
     assert sum(int(b["image"].shape[0]) for b in ok) == 11  # skipping still works
 
 
+def test_device_iterator_gives_the_same_batches_as_tensors(robot):
+    t, _ = robot
+    kw = dict(batch_size=16, shuffle=True, seed=2, columns=["image", "state", "label"],
+              image=[gpuload.ops.Resize((8, 8))], device="cpu", label="label")  # fmt: skip
+    via_data = list(gpuload.tensorflow(t, **kw))
+    ds = gpuload.tensorflow(t, **kw)
+    direct = list(ds.as_device_iterator())
+    assert len(direct) == len(via_data) == 6
+    for (xd, yd), (xw, yw) in zip(direct, via_data):
+        assert isinstance(xd["image"], tf.Tensor) and xd["image"].shape[1:] == (8, 8, 3)
+        np.testing.assert_array_equal(xd["image"].numpy(), xw["image"].numpy())
+        np.testing.assert_array_equal(xd["state"].numpy(), xw["state"].numpy())
+        np.testing.assert_array_equal(yd.numpy(), yw.numpy())
+    assert ds.state_dict()["epoch"] == 1  # the loader's next epoch, as a pass over ds
+    with pytest.raises(ValueError, match="whole batches"):
+        next(gpuload.tensorflow(t, columns=["label"]).as_device_iterator())
+
+
 def test_dlpack_zero_copy_when_aligned():
     a = aligned_empty((4, 3, 8, 8), np.float32)
     a[...] = np.random.default_rng(0).random(a.shape)
