@@ -36,6 +36,7 @@ from .threads import DaemonThreadPool
 
 __all__ = [
     "Loader",
+    "LoaderFront",
     "LoadedRow",
     "make_loader",
     "draw_seed",
@@ -605,3 +606,38 @@ def _take(v: Any, keep: np.ndarray) -> Any:
     if isinstance(v, np.ndarray):
         return v[keep]
     return [x for x, k in zip(v, keep) if k]
+
+
+class LoaderFront:
+    """What a framework's batched loader shows of the ``Loader`` behind it (iterate for
+    batches, each pass the next epoch; ``len()``, ``set_epoch``, ``state_dict()`` /
+    ``load_state_dict()`` for exact mid-epoch resume, ``stats()``, ``close()``); the adapters
+    add their framework's parts."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+    def stats(self):
+        return self.loader.stats()
+
+    @property
+    def table(self) -> TableReader:
+        return self.loader.table
+
+    def close(self) -> None:
+        self.loader.close()

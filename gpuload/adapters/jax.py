@@ -19,7 +19,6 @@ This module only converts: batching, order and resume live in ``loader.py``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -28,10 +27,9 @@ import numpy as np
 from ..collate import BFloat16Bits
 from ..device import resolve_device
 from ..export import to_jax
-from ..loader import Loader, make_loader
+from ..loader import Loader, LoaderFront, make_loader
 from ..reader import TableReader
 from ..spec import LoaderSpec
-from ..stats import LoaderStats
 
 __all__ = ["JaxLoader", "jax_front_door"]
 
@@ -119,36 +117,11 @@ def _bfloat16(v: BFloat16Bits) -> Any:
     return to_jax(v)
 
 
-class JaxLoader:
+class JaxLoader(LoaderFront):
     """The batched loader for JAX: iterate for dicts of ``jax.Array`` (each pass is the next
     epoch); ``len()``, ``set_epoch``, ``state_dict()``/``load_state_dict()`` (exact mid-epoch
     resume), ``stats()``; ``sharding`` as given."""
 
     def __init__(self, loader: Loader, sharding: Any = None) -> None:
-        self.loader = loader
+        super().__init__(loader)
         self.sharding = sharding
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def stats(self) -> LoaderStats:
-        return self.loader.stats()
-
-    @property
-    def table(self) -> TableReader:
-        return self.loader.table
-
-    def close(self) -> None:
-        self.loader.close()

@@ -28,6 +28,7 @@ from ..distributed import resolve_rank_world
 from ..export import to_torch
 from ..loader import (
     Loader,
+    LoaderFront,
     draw_seed,
     make_loader,
     refuse_pointless_skip,
@@ -38,7 +39,6 @@ from ..loader import (
 from ..reader import TableReader
 from ..sampling import SubsetOrder, shard_for
 from ..spec import LoaderSpec, OnError, refuse_unused
-from ..stats import LoaderStats
 
 __all__ = [
     "torch_front_door",
@@ -371,17 +371,14 @@ class TorchIterableDataset(IterableDataset):
         }
 
 
-class TorchLoader:
+class TorchLoader(LoaderFront):
     """The batched fast path for PyTorch: iterate for dicts of tensors (each pass is the next
     epoch); ``len()``, ``set_epoch``, ``state_dict()``/``load_state_dict()`` (exact mid-epoch
     resume), ``stats()``."""
 
     def __init__(self, loader: Loader, device: torch.device) -> None:
-        self.loader = loader
+        super().__init__(loader)
         self.device = device
-
-    def __iter__(self):
-        return iter(self.loader)
 
     def __getitem__(self, index: Any) -> Any:
         raise TypeError(
@@ -390,28 +387,6 @@ class TorchLoader:
             "DataLoader instead, leave out batch_size= (gpuload.pytorch(t) is a map-style "
             "Dataset; iterable=True an IterableDataset) and give the DataLoader batch_size="
         )
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def stats(self) -> LoaderStats:
-        return self.loader.stats()
-
-    @property
-    def table(self) -> TableReader:
-        return self.loader.table
-
-    def close(self) -> None:
-        self.loader.close()
 
 
 class TorchSampler(Sampler[int]):
