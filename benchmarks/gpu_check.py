@@ -41,13 +41,13 @@ FILES = ("results.json", "report.md", "env.json", "tests.xml", "bench-results.js
 # in the main suite; if it is renamed, the dry run passes none and fails). Marker names are
 # keywords; no folder on the way may contain "cudasim".
 DRY_TESTS = "not cudasim or packing_under_cuda_simulator"
-# Rows that must run: under the simulator (dry run), and on a GPU with gpuload's own deps.
-DRY_REQUIRED = (
+# Rows that must run, under the simulator (dry run) and on a GPU alike: gpuload's own, not the
+# torchvision ones (an optional peer there).
+REQUIRED = (
     "gpu.decode.cpu", "gpu.decode.nvjpeg_hw", "gpu.decode.nvjpeg_cuda",
     "gpu.decode.nvjpeg_default", "gpu.kernel.cuda", "gpu.kernel.cpu", "gpu.h2d.pinned",
     "gpu.h2d.pageable", "gpu.e2e.gpuload", "gpu.e2e.cpu",
 )  # fmt: skip
-GPU_REQUIRED = DRY_REQUIRED
 # Inside 8 minutes, setup and the environment report aside: the tests, then the benchmark,
 # which starts no run after BENCH_STARTS_S (a row keeps the runs it got; one with none is
 # reported "not run") so that it ends, reports written, well before its own limit.
@@ -205,7 +205,7 @@ def problems(out: str, dry: bool) -> list[str]:
     for id, e in entries.items():
         if e["status"] == "failed":
             errs.append(f"benchmark case {id} failed: {e.get('reason')}")
-    for id in DRY_REQUIRED if dry else GPU_REQUIRED:
+    for id in REQUIRED:
         status = entries.get(id, {}).get("status", "absent")
         if status != "ok" and entries:
             errs.append(f"benchmark case {id} is {status}, it must run here")

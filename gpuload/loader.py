@@ -216,6 +216,7 @@ class _Epoch:
     start: int
     nbatches: int
     ahead: int = 0  # the first batch whose blocks the read-ahead has not fully started
+    sections: int = 0  # the first batch whose sections the read-ahead has not asked for
     want: int = 0  # the read-ahead goes on up to this batch (exclusive)
     planning: Future | None = None  # the read-ahead's task, while it runs
 
@@ -511,8 +512,9 @@ class Loader:
         try:
             # first what the batches read whole (offsets, small columns), all at once: their
             # blocks are what planning the rest waits for
-            for k in range(ep.ahead, ep.want):
+            for k in range(max(ep.ahead, ep.sections), ep.want):  # each batch's once
                 self.table.prefetch_sections(rows(k), self.columns)
+            ep.sections = max(ep.sections, ep.want)
             while ep.ahead < ep.want:
                 if not self.table.prefetch(rows(ep.ahead), self.columns):
                     return
