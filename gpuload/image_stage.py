@@ -16,7 +16,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +30,7 @@ from .reader import TableReader
 from .schema import Column
 from .spec import DecodeOptions, OnError
 from .stats import StageClock
+from .windows import BatchWindows
 
 if TYPE_CHECKING:
     from .ops import ImagePlan
@@ -49,18 +50,25 @@ class ImageStageFactory:
     """Builds the ImageStage of a loader (in the loader's process, on first use)."""
 
     def __init__(
-        self, plan: ImagePlan, decoder: str, device: Device, options: DecodeOptions
+        self, plans: Mapping[str, ImagePlan], decoder: str, device: Device, options: DecodeOptions
     ) -> None:
-        self.plan = plan
+        self.plans = dict(plans)  # image column -> its compiled ops
         self.decoder = decoder
         self.device = device
         self.options = options
 
+    @property
+    def plan(self) -> ImagePlan | None:
+        """The plan every image column shares, or None when columns have ops of their own."""
+        distinct = {id(p): p for p in self.plans.values()}
+        return next(iter(distinct.values())) if len(distinct) == 1 else None
+
     def warm_up(self) -> None:
-        """Start compiling the stage's kernel in the background (``ops.warm_up``)."""
+        """Start compiling the stage's kernels in the background (``ops.warm_up``)."""
         from .ops import warm_up
 
-        warm_up(self.plan, self.device)
+        for p in {id(p): p for p in self.plans.values()}.values():
+            warm_up(p, self.device)
 
     def __call__(
         self,
@@ -69,42 +77,67 @@ class ImageStageFactory:
         batch_size: int,
         ring_size: int,
         loader_threads: int = 1,
+        frames: Mapping[str, int] | None = None,
     ) -> ImageStage:
         return ImageStage(
             table,
             columns,
-            self.plan,
+            self.plans,
             self.decoder,
             self.device,
             batch_size,
             ring_size,
             self.options,
             loader_threads,
+            frames=frames,
         )
 
 
 def image_stage_factory(
     table: TableReader,
-    image_ops: Sequence[Any],
+    image_ops: Sequence[Any] | Mapping[str, Sequence[Any]],
     decoder: str,
     device: Device,
     columns: Sequence[str] | None,
     options: DecodeOptions | None = None,
 ) -> tuple[list[str], ImageStageFactory]:
-    """(image columns, factory) for ``image=`` ops on a table: the ops apply to every image
-    column among the loaded columns."""
+    """(image columns, factory) for ``image=`` ops on a table: a list of ops applies to every
+    image column among the loaded columns; ``{column: ops}`` gives each named column its own
+    (other image columns then stay encoded bytes)."""
     from .ops import compile_ops
 
-    plan = compile_ops(list(image_ops))
     names = list(columns) if columns is not None else table.columns
     cols = [table.schema.column(n, table.name) for n in names]
-    image_cols = [c.name for c in cols if c.kind == "image"]
-    if not image_cols:
-        raise SchemaError(
-            f"image= ops need an image column; the loaded columns of table {table.name!r} are "
-            f"{[f'{c.name}: {c.type_string()}' for c in cols]}"
-        )
-    return image_cols, ImageStageFactory(plan, decoder, device, options or DecodeOptions())
+    if isinstance(image_ops, Mapping):
+        for name in image_ops:
+            col = table.schema.column(name, table.name)
+            if name not in names:
+                raise ValueError(
+                    f"image={{{name!r}: ...}}: column {name!r} is not among the loaded columns "
+                    f"{names}; add it to columns="
+                )
+            if col.kind != "image":
+                raise SchemaError(
+                    f"image={{{name!r}: ...}}: column {name!r} of table {table.name!r} is "
+                    f"{col.type_string()}, not an image column"
+                )
+        per_column = {c.name: tuple(image_ops[c.name]) for c in cols if c.name in image_ops}
+    else:
+        per_column = {c.name: tuple(image_ops) for c in cols if c.kind == "image"}
+        if not per_column:
+            raise SchemaError(
+                f"image= ops need an image column; the loaded columns of table {table.name!r} "
+                f"are {[f'{c.name}: {c.type_string()}' for c in cols]}"
+            )
+    compiled: dict[tuple, ImagePlan] = {}
+    plans = {}
+    for name, ops in per_column.items():
+        key = tuple(map(repr, ops))  # equal ops share one plan (and one compiled kernel)
+        if key not in compiled:
+            compiled[key] = compile_ops(list(ops))
+        plans[name] = compiled[key]
+    factory = ImageStageFactory(plans, decoder, device, options or DecodeOptions())
+    return list(plans), factory
 
 
 def decoder_for(name: str, device: Device | str, threads: int, options: DecodeOptions):
@@ -166,25 +199,29 @@ class _Batch:
 
 
 class ImageStage:
-    """Decode + fused ops for the image columns of one loader's batches."""
+    """Decode + fused ops for the image columns of one loader's batches. A windowed column
+    (``frames[column] = K``) makes K images per sample: each distinct frame of a batch is
+    decoded once, and every (sample, offset) runs through the kernel with its sample's ops."""
 
     def __init__(
         self,
         table: TableReader,
         columns: Sequence[Column],
-        plan: ImagePlan,
+        plans: Mapping[str, ImagePlan],
         decoder: str,
         device: Device,
         batch_size: int,
         ring_size: int,
         options: DecodeOptions,
         loader_threads: int = 1,
+        frames: Mapping[str, int] | None = None,
     ) -> None:
         from .ops import FusedImageStage
 
         self.table = table
         self.columns = list(columns)
-        self.plan = plan
+        self.plans = {c.name: plans[c.name] for c in self.columns}
+        self.frames = dict(frames or {})
         self.device = device
         self.options = options
         # Parallelism lives at the batch level (the loader's threads): each batch decodes and
@@ -194,7 +231,13 @@ class ImageStage:
         self.inner_threads = options.threads or max(1, cores // max(1, loader_threads))
         self.decoder = decoder_for(decoder, device, self.inner_threads, options)
         self.kernels = {
-            c.name: FusedImageStage(plan, batch_size, device, depth=ring_size) for c in self.columns
+            c.name: FusedImageStage(
+                self.plans[c.name],
+                batch_size * self.frames.get(c.name, 1),
+                device,
+                depth=ring_size,
+            )
+            for c in self.columns
         }
         self.ring_size = ring_size
         # Raw bytes and decoded staging are only needed while a batch is assembled: one set per
@@ -264,15 +307,18 @@ class ImageStage:
         epoch: int,
         on_error: OnError,
         clock: StageClock,
+        windows: Mapping[str, BatchWindows] | None = None,
     ) -> tuple[dict, np.ndarray | None]:
         """Images of the batch's rows for each image column, and a keep-mask when rows were
-        dropped (on_error="skip"), else None. Random ops draw from (seed, epoch, row)."""
+        dropped (on_error="skip"), else None. Random ops draw from (seed, epoch, row): with
+        ``windows``, every frame of a sample draws from its anchor row (one crop per sample)."""
         keep = np.ones(len(rows), dtype=bool)
         outs: dict[str, Any] = {}
         produced: dict[str, np.ndarray] = {}
         batch = _Batch(table, rows, slot, seed, epoch, on_error is OnError.SKIP, clock)
         for col in self.columns:
-            out, bad = self._column(batch, col, keep)
+            win = windows.get(col.name) if windows else None
+            out, bad = self._column(batch, col, keep, win)
             outs[col.name], produced[col.name] = out, ~bad
             keep &= ~bad
         if keep.all():
@@ -284,44 +330,44 @@ class ImageStage:
                 outs[name] = out[sel]
         return outs, keep
 
-    def _column(self, batch: _Batch, col: Column, keep: np.ndarray):
-        rows = batch.rows
+    def _column(self, batch: _Batch, col: Column, keep: np.ndarray, win: BatchWindows | None):
+        """One column's images for the batch's live rows, and the mask of rows it dropped."""
+        if win is None:
+            frames, index = batch.rows, np.arange(len(batch.rows))[:, None]
+        else:
+            frames, index = win.unique()
         with batch.clock.time("read"):
-            plan, dest = batch.table.read_plan(rows, col)
+            plan, dest = batch.table.read_plan(frames, col)
             total = int(dest[-1])
             buf = self._raw_for(total)[:total]
-            batch.table.fetch_rows(rows, plan, dest, col, buf)
+            batch.table.fetch_rows(frames, plan, dest, col, buf)
         mv = memoryview(buf)
         o = dest.tolist()
-        bad = ~keep
-        datas, heads, idx = [], [], []
-        for i in range(len(rows)):
-            if bad[i]:
-                continue
-            data = mv[o[i] : o[i + 1]]
-            try:
-                heads.append(self._header(data))
-            except DecodeError as e:
-                if batch.skip:
-                    bad[i] = True
-                    continue
-                raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
-            datas.append(data)
-            idx.append(i)
+        live = keep.copy()
+        heads: dict[int, ImageHeader] = {}
         while True:
-            try:
-                out = self._decode_and_run(batch, datas, heads, rows[idx], col)
-                break
-            except DecodeError as e:
-                j = getattr(e, "index", None)
-                if j is None or not 0 <= j < len(idx):
-                    raise
-                i = idx[j]
-                if not batch.skip:
-                    raise self._where(e, rows[i], col, o[i], o[i + 1]) from e
-                bad[i] = True
-                del datas[j], heads[j], idx[j]
-        return out, bad
+            need = np.unique(index[live]) if win is not None else np.flatnonzero(live)
+            failed = None
+            for f in need.tolist():
+                if f not in heads:
+                    try:
+                        heads[f] = self._header(mv[o[f] : o[f + 1]])
+                    except DecodeError as e:
+                        failed = (f, e)
+                        break
+            if failed is None:
+                try:
+                    out = self._decode_and_run(batch, col, mv, o, heads, need, index[live], live)
+                    return out, ~live
+                except DecodeError as e:
+                    j = getattr(e, "index", None)
+                    if j is None or not 0 <= j < len(need):
+                        raise
+                    failed = (int(need[j]), e)
+            f, e = failed
+            if not batch.skip:
+                raise self._where(e, frames[f], col, o[f], o[f + 1]) from e
+            live &= ~(index == f).any(axis=1)  # every sample that needs the frame goes
 
     def _header(self, data: memoryview) -> ImageHeader:
         """The image's header, checked against ``max_pixels`` before anything is sized from it;
@@ -341,30 +387,40 @@ class ImageStage:
             f"table {self.table.name!r}, row {int(row)}, column {col.name!r} ({b - a} bytes): cannot decode: {msg}"
         )
 
-    def _decode_and_run(self, batch: _Batch, datas, heads, rows: np.ndarray, col: Column):
-        plan = self.plan
-        n = len(datas)
+    def _decode_and_run(self, batch: _Batch, col: Column, mv, o, heads, need, index, live):
+        """Decode frames ``need`` (positions in the batch's frames) once each, then run the
+        kernel for every live sample x offset (``index``: (samples, K) frame positions)."""
+        plan = self.plans[col.name]
+        n = len(need)
         t0 = time.perf_counter()
-        H = np.fromiter((h.height for h in heads), np.int64, n)
-        W = np.fromiter((h.width for h in heads), np.int64, n)
-        params = plan.sample_params(H, W, rows, batch.seed, batch.epoch)
+        datas = [mv[o[f] : o[f + 1]] for f in need.tolist()]
+        hs = [heads[f] for f in need.tolist()]
+        item = np.searchsorted(need, index.ravel())  # each item's position among the frames
+        anchors = np.repeat(batch.rows[live], index.shape[1])
+        H = np.fromiter((h.height for h in hs), np.int64, n)[item]
+        W = np.fromiter((h.width for h in hs), np.int64, n)[item]
+        params = plan.sample_params(H, W, anchors, batch.seed, batch.epoch)
         _, requests = decode_requests(plan, params, H, W, self.options)
-        need = self.decoder.staging_nbytes(heads, requests)
-        staging = self._staging_for(need)
+        if len(item) != n or not np.array_equal(item, np.arange(n)):
+            requests = merge_requests(requests, item, n)
+        need_bytes = self.decoder.staging_nbytes(hs, requests)
+        staging = self._staging_for(need_bytes)
         kernel = self.kernels[col.name]
         # GPU decoders copy into the staging buffer on the kernel's stream, so decode and kernel
         # are ordered without a device-wide sync.
         stream = kernel.stream if self.device.is_cuda else None
-        dec = self.decoder.decode_batch(datas, requests, staging, headers=heads, stream=stream)
+        dec = self.decoder.decode_batch(datas, requests, staging, headers=hs, stream=stream)
         t1 = time.perf_counter()
         batch.clock.add("decode", t1 - t0)
-        windows = np.empty((n, 4), np.float32)
-        windows[:, 0] = (params[:, 0] - dec.origin[:, 0]) / dec.scale[:, 0]
-        windows[:, 1] = (params[:, 1] - dec.origin[:, 1]) / dec.scale[:, 1]
-        windows[:, 2] = params[:, 2] / dec.scale[:, 0]
-        windows[:, 3] = params[:, 3] / dec.scale[:, 1]
-        self.stats["decoded"] += n
-        self.stats["dct_scaled"] += int((dec.scale[:, 0] > 1).sum())
+        origin, scale = dec.origin[item], dec.scale[item]
+        windows = np.empty((len(item), 4), np.float32)
+        windows[:, 0] = (params[:, 0] - origin[:, 0]) / scale[:, 0]
+        windows[:, 1] = (params[:, 1] - origin[:, 1]) / scale[:, 1]
+        windows[:, 2] = params[:, 2] / scale[:, 0]
+        windows[:, 3] = params[:, 3] / scale[:, 1]
+        with self._lock:
+            self.stats["decoded"] += n
+            self.stats["dct_scaled"] += int((dec.scale[:, 0] > 1).sum())
         flat = staging.reshape(-1) if hasattr(staging, "reshape") else staging
         if not self.device.is_cuda:
             import numba
@@ -372,10 +428,31 @@ class ImageStage:
             # thread-local: this batch's kernel gets this thread's share of the cores
             numba.set_num_threads(min(self.inner_threads, numba.config.NUMBA_NUM_THREADS))
         slot = batch.slot
-        out = kernel.run(flat[: max(1, dec.nbytes)], dec.meta, windows, params, out_index=slot)
+        meta = np.ascontiguousarray(dec.meta[item])
+        out = kernel.run(flat[: max(1, dec.nbytes)], meta, windows, params, out_index=slot)
         if self.device.is_cuda:
             # Wait (on this assembling thread) for the batch's own event, not for the device:
             # the consumer then reads a finished batch on whatever stream it uses.
             kernel.events[slot].synchronize()
+        if col.name in self.frames:
+            out = out.reshape((index.shape[0], index.shape[1], *out.shape[1:]))
         batch.clock.add("kernel", time.perf_counter() - t1)
         return BFloat16Bits(out) if plan.out_dtype == "bfloat16" else out
+
+
+def merge_requests(requests: Sequence[Any], item: np.ndarray, n: int) -> list[Any]:
+    """One decode request per frame from the requests of the items that read it: the finest
+    DCT scale any of them allows and the union of their regions (scales are powers of two,
+    so a region aligned to a coarser scale is aligned to the finer one too)."""
+    from .decode import DecodeRequest
+
+    scale = [0] * n
+    roi: list[Any] = [False] * n  # False: no item yet; None: the whole image
+    for r, f in zip(requests, item.tolist()):
+        scale[f] = r.scale if scale[f] == 0 else min(scale[f], r.scale)
+        if roi[f] is False or r.roi is None or roi[f] is None:
+            roi[f] = r.roi if roi[f] is False else None
+        else:
+            a, b = roi[f], r.roi
+            roi[f] = (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
+    return [DecodeRequest(int(s), r if r is not False else None) for s, r in zip(scale, roi)]

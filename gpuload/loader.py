@@ -33,6 +33,7 @@ from .sampling import Shard, Shuffle, shard_for
 from .spec import LoaderSpec, OnError
 from .stats import LoaderStats, StageClock
 from .threads import DaemonThreadPool
+from .windows import PAD_SUFFIX, BatchWindows, WindowIndex, stack_window, window_columns
 
 __all__ = [
     "Loader",
@@ -43,6 +44,8 @@ __all__ = [
     "refuse_pointless_skip",
     "subset_digest",
     "transformed",
+    "read_columns",
+    "window_anchors",
 ]
 
 log = logging.getLogger("gpuload.loader")
@@ -119,6 +122,47 @@ def make_loader(
         world_size=world,
         export=export,
     )
+
+
+def window_anchors(
+    reader: TableReader, spec: LoaderSpec, columns: Sequence[str], subset: np.ndarray | None
+) -> tuple[WindowIndex, np.ndarray | None]:
+    """The episode index of a windowed spec, and the anchor rows: with ``drop_incomplete``
+    the rows (of ``subset``, when given) whose every window lies inside their episode."""
+    ws = spec.windows
+    for c in (ws.episode, *ws.columns):
+        reader.schema.column(c, reader.name)  # SchemaError naming the table and its columns
+    window_columns(ws, columns)
+    clash = [c + PAD_SUFFIX for c in ws.columns if c + PAD_SUFFIX in columns]
+    if clash:
+        raise ValueError(f"columns {clash} would be shadowed by the windows' pad masks")
+    index = WindowIndex.build(reader, ws)
+    if ws.drop_incomplete:
+        ok = index.complete(len(reader))
+        subset = np.flatnonzero(ok) if subset is None else subset[ok[subset]]
+    return index, subset
+
+
+def read_columns(
+    table: TableReader,
+    rows: np.ndarray,
+    columns: Sequence[str],
+    wins: Mapping[str, BatchWindows] | None,
+) -> dict[str, Any]:
+    """``columns`` of ``rows``; with windows, a windowed column is read once per distinct row
+    its windows need and comes as (B, K, ...) (lists of lists for bytes and text), with its
+    ``<column>_is_pad`` mask (B, K)."""
+    if wins is None:
+        return table.read(rows, list(columns)) if columns else {}
+    flat = [c for c in columns if c not in wins]
+    data = table.read(rows, flat) if flat else {}
+    for c in columns:
+        if c in wins:
+            distinct, index = wins[c].unique()
+            data[c] = stack_window(table.read(distinct, [c])[c], index)
+    for c, w in wins.items():
+        data[c + PAD_SUFFIX] = w.pad
+    return data
 
 
 class LoadedRow:
@@ -261,6 +305,9 @@ class Loader:
                     f"image column {c!r} is not among the loaded columns {self.columns}"
                 )
         self.plain_columns = [c for c in self.columns if c not in self.image_columns]
+        self.windows: WindowIndex | None = None
+        if spec.windows is not None:
+            self.windows, self.subset = window_anchors(reader, spec, self.columns, self.subset)
         # Batch-level parallelism. With image decode every core assembles a batch of its own
         # (decode and kernel release the GIL) plus one thread to overlap each batch's Python work
         # (headers, parameters, export): 3 threads measured best on 2 cores. Bytes-only batches
@@ -320,8 +367,20 @@ class Loader:
 
     @property
     def image_plan(self) -> Any:
-        """The compiled image ops (output shape and dtype), or None without image ops."""
+        """The compiled image ops every image column shares (output shape and dtype), or None
+        without image ops or when columns have ops of their own (see ``image_plans``)."""
         return self._stage_factory.plan if self._stage_factory is not None else None
+
+    @property
+    def image_plans(self) -> dict[str, Any]:
+        """Each transformed image column's compiled ops."""
+        return dict(self._stage_factory.plans) if self._stage_factory is not None else {}
+
+    def window_length(self, column: str) -> int:
+        """Rows a sample gathers from ``column`` (its leading dimension after the batch's), or
+        0 when the column is not windowed."""
+        ws = self.spec.windows
+        return ws.length(column) if ws is not None and column in ws.columns else 0
 
     @property
     def epoch(self) -> int:
@@ -434,8 +493,14 @@ class Loader:
             with self._lock:
                 if self._stage is None:
                     cols = [self.table.schema[c] for c in self.image_columns]
+                    frames = {c: self.window_length(c) for c in self.image_columns}
                     self._stage = self._stage_factory(
-                        self.table, cols, self.batch_size, self.ring_size, self.num_threads
+                        self.table,
+                        cols,
+                        self.batch_size,
+                        self.ring_size,
+                        self.num_threads,
+                        frames={c: k for c, k in frames.items() if k},
                     )
         return self._stage
 
@@ -445,8 +510,9 @@ class Loader:
         lo = ep.start + b * bs
         hi = min(lo + bs, ep.shard.count)
         rows = ep.order.at(ep.shard.positions(lo, hi))
+        wins = self.windows.gather(rows) if self.windows is not None else None
         with clock.time("read"):
-            data = self.table.read(rows, self.plain_columns) if self.plain_columns else {}
+            data = self._read_plain(rows, wins)
         images: dict = {}
         stage = self.image_stage()
         if stage is not None:
@@ -458,6 +524,7 @@ class Loader:
                 epoch=ep.epoch,
                 on_error=self.spec.on_error,
                 clock=clock,
+                windows=wins,
             )
             if keep is not None:  # rows dropped by on_error="skip"
                 self._count("skipped", int(len(rows) - keep.sum()))
@@ -486,6 +553,19 @@ class Loader:
             }
         return batch, hi - lo
 
+    def _read_plain(self, rows: np.ndarray, wins: dict[str, BatchWindows] | None) -> dict:
+        """The batch's columns that are not decoded here (windowed ones as (B, K, ...))."""
+        return read_columns(self.table, rows, self.plain_columns, wins)
+
+    def _batch_rows(self, ep: _Epoch, k: int) -> np.ndarray:
+        """The rows batch ``k`` reads: its anchors and, with windows, every row of theirs."""
+        lo = ep.start + k * self.batch_size
+        rows = ep.order.at(ep.shard.positions(lo, min(lo + self.batch_size, ep.shard.count)))
+        if self.windows is None:
+            return rows
+        wins = self.windows.gather(rows)
+        return np.unique(np.concatenate([rows, *(w.targets.ravel() for w in wins.values())]))
+
     def _read_ahead(self, ep: _Epoch, b: int) -> None:
         """Remote tables with the block cache: have the blocks (and the sections read whole)
         of the ``READ_AHEAD`` batches from batch ``b`` on downloaded, so their round trips
@@ -504,19 +584,15 @@ class Loader:
         fetcher skips blocks cached or in flight); stops at the first batch its bound on
         downloads outstanding leaves incomplete, taken up again at the next batch. A failure
         is left to the batch that needs the same bytes to raise."""
-
-        def rows(k: int) -> np.ndarray:
-            lo = ep.start + k * self.batch_size
-            return ep.order.at(ep.shard.positions(lo, min(lo + self.batch_size, ep.shard.count)))
-
+        rows = self._batch_rows
         try:
             # first what the batches read whole (offsets, small columns), all at once: their
             # blocks are what planning the rest waits for
             for k in range(max(ep.ahead, ep.sections), ep.want):  # each batch's once
-                self.table.prefetch_sections(rows(k), self.columns)
+                self.table.prefetch_sections(rows(ep, k), self.columns)
             ep.sections = max(ep.sections, ep.want)
             while ep.ahead < ep.want:
-                if not self.table.prefetch(rows(ep.ahead), self.columns):
+                if not self.table.prefetch(rows(ep, ep.ahead), self.columns):
                     return
                 ep.ahead += 1
         except Exception as e:  # noqa: BLE001 - the batch reading these rows reports it

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -19,8 +19,10 @@ import numpy as np
 
 from .decode.header import DEFAULT_MAX_PIXELS, validate_max_pixels
 from .sampling import RowSelection, Shuffle, Tail, coerce_enum
+from .windows import WindowSpec
 
 __all__ = [
+    "WINDOW_OPTIONS",
     "DecodeOptions",
     "LoaderSpec",
     "OnError",
@@ -89,7 +91,14 @@ class LoaderSpec:
     - ``indices``: a subset of rows (a slice, row positions or a boolean mask; ``t[a:b]`` and
       ``t.split()`` pass it for you): every epoch, shard and resume runs over these rows only.
     - ``image``: image ops (``gpuload.ops``) run as one fused kernel per batch on every loaded
-      image column; ``decoder``, ``decode_options`` and ``device`` say how and where.
+      image column, or ``{column: [ops]}`` with each image column's own ops (and output shape);
+      ``decoder``, ``decode_options`` and ``device`` say how and where.
+    - ``episode``, ``window``, ``window_seconds``: samples are windows of rows inside an
+      episode (``gpuload.windows``): ``window={"action": range(0, 50)}`` gathers the anchor row
+      and the 49 after it, ``window_seconds={"state": [-0.02, 0]}`` the rows nearest those
+      offsets of the ``timestamp`` column (within ``tolerance_s``); offsets outside the episode
+      repeat its edge row and are flagged in ``<column>_is_pad``. ``drop_incomplete=True``
+      keeps only anchors whose whole window lies inside their episode.
     - ``drop_last``: leave out a last batch smaller than ``batch_size``.
     - ``uneven``: "pad" or "drop", how ranks' shares are evened out.
     - ``on_error``: "raise" or "skip" a row that cannot be decoded or transformed.
@@ -105,7 +114,7 @@ class LoaderSpec:
     epoch: int | None = None
     columns: tuple[str, ...] | None = None
     indices: RowSelection | slice | Sequence[int] | np.ndarray | None = None
-    image: tuple[Any, ...] | None = None
+    image: tuple[Any, ...] | Mapping[str, Any] | None = None
     decoder: str = "auto"
     decode_options: DecodeOptions | None = None
     device: Any = "auto"
@@ -116,6 +125,13 @@ class LoaderSpec:
     num_threads: int | None = None
     rank: int | None = None
     world_size: int | None = None
+    episode: str | None = None
+    window: Mapping[str, Sequence[int]] | None = None
+    window_seconds: Mapping[str, Sequence[float]] | None = None
+    timestamp: str = "timestamp"
+    tolerance_s: float = 1e-4
+    drop_incomplete: bool = False
+    windows: WindowSpec | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -132,7 +148,8 @@ class LoaderSpec:
         if self.indices is not None:
             set_(self, "indices", RowSelection(self.indices))
         if self.image is not None:
-            set_(self, "image", tuple(self.image) if _is_seq(self.image) else (self.image,))
+            set_(self, "image", _image_ops(self.image))
+        self._windows()
         if self.decode_options is None:
             set_(self, "decode_options", DecodeOptions())
         elif not isinstance(self.decode_options, DecodeOptions):
@@ -151,6 +168,36 @@ class LoaderSpec:
             raise TypeError(f"drop_last must be True or False, got {self.drop_last!r}")
         _check_rank(self.rank, self.world_size)
 
+    def _windows(self) -> None:
+        given = [n for n in WINDOW_OPTIONS if n in self.given()]
+        if self.episode is None and given:
+            raise ValueError(
+                f"{', '.join(given)}: windows need episode= (the column naming each row's episode)"
+            )
+        if self.episode is None:
+            return
+        ws = WindowSpec.build(
+            self.episode,
+            self.window,
+            self.window_seconds,
+            self.timestamp,
+            self.tolerance_s,
+            self.drop_incomplete,
+        )
+        if self.window_seconds is None and ("timestamp" in given or "tolerance_s" in given):
+            raise ValueError("timestamp= and tolerance_s= are for window_seconds=, not given")
+        object.__setattr__(self, "windows", ws)
+        for name in ("window", "window_seconds"):
+            v = getattr(self, name)
+            if v is not None:
+                object.__setattr__(self, name, dict(v))
+
+    def image_ops(self, column: str) -> tuple[Any, ...] | None:
+        """The image ops of ``column`` (None: the column is not transformed)."""
+        if isinstance(self.image, Mapping):
+            return self.image.get(column)
+        return self.image
+
     def given(self) -> list[str]:
         """The options set to something other than their default."""
         return [f.name for f in _OPTIONS if not _is_default(self, f)]
@@ -164,6 +211,20 @@ class LoaderSpec:
 
 def _is_seq(v: Any) -> bool:
     return isinstance(v, Iterable) and not isinstance(v, (str, bytes))
+
+
+def _image_ops(image: Any) -> tuple[Any, ...] | dict[str, tuple[Any, ...]]:
+    """Ops for every image column (a tuple), or per column (``{column: ops}``)."""
+    if isinstance(image, Mapping):
+        if not image:
+            raise ValueError("image={} names no column: pass None for no image ops")
+        out = {}
+        for col, ops in image.items():
+            if not isinstance(col, str):
+                raise TypeError(f"image= keys are image column names, got {col!r}")
+            out[col] = tuple(ops) if _is_seq(ops) else (ops,)
+        return out
+    return tuple(image) if _is_seq(image) else (image,)
 
 
 def _columns(columns: Any) -> tuple[str, ...] | None:
@@ -188,7 +249,8 @@ def _check_rank(rank: Any, world: Any) -> None:
         raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world}")
 
 
-_OPTIONS = dataclasses.fields(LoaderSpec)
+_OPTIONS = tuple(f for f in dataclasses.fields(LoaderSpec) if f.init)
+WINDOW_OPTIONS = ("window", "window_seconds", "timestamp", "tolerance_s", "drop_incomplete")
 _DEFAULT_SPEC_VALUES = {
     "shuffle": Shuffle.NONE,
     "uneven": Tail.PAD,

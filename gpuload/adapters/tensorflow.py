@@ -40,7 +40,8 @@ from ..export import to_tensorflow
 from ..loader import Loader, make_loader
 from ..reader import TableReader
 from ..schema import Column
-from ..spec import LoaderSpec, refuse_unused
+from ..spec import WINDOW_OPTIONS, LoaderSpec, refuse_unused
+from ..windows import PAD_SUFFIX
 
 __all__ = ["tf_front_door", "column_spec", "TFHandle"]
 
@@ -56,6 +57,8 @@ ROW_OPTIONS = (
     "num_threads",
     "rank",
     "world_size",
+    "episode",
+    *WINDOW_OPTIONS,
 )
 ROW_READ = 256  # rows per internal batch when the dataset yields rows
 
@@ -95,9 +98,14 @@ def channels_last(spec: LoaderSpec) -> LoaderSpec:
     (``ops.ToLayout("NCHW")`` among them keeps channels first)."""
     from ..ops import ToLayout
 
-    if spec.image is None or any(isinstance(op, ToLayout) for op in spec.image):
+    def nhwc(ops: tuple) -> tuple:
+        return ops if any(isinstance(op, ToLayout) for op in ops) else (*ops, ToLayout("NHWC"))
+
+    if spec.image is None:
         return spec
-    return spec.replace(image=(*spec.image, ToLayout("NHWC")))
+    if isinstance(spec.image, Mapping):
+        return spec.replace(image={c: nhwc(ops) for c, ops in spec.image.items()})
+    return spec.replace(image=nhwc(spec.image))
 
 
 def _labels(label: Any, loader: Loader) -> tuple[str, ...] | None:
@@ -148,12 +156,25 @@ def _signature(loader: Loader, batched: bool) -> dict[str, tf.TensorSpec]:
     spec = loader.spec
     cols = [loader.table.schema[c] for c in loader.columns]
     fixed = spec.batch_size if (batched and spec.drop_last) else None
-    out = {c.name: column_spec(c, fixed, batched) for c in cols}
-    plan = loader.image_plan
-    if plan is not None:
-        shape = plan.out_shape(1)[1:]
-        for c in loader.image_columns:
-            out[c] = tf.TensorSpec((fixed, *shape), _TF_DTYPES[plan.out_dtype], name=c)
+    out = {}
+    plans = loader.image_plans
+    for c in cols:
+        k = loader.window_length(c.name)
+        win = (k,) if k else ()
+        if c.name in plans:
+            plan = plans[c.name]
+            shape = (fixed, *win, *plan.out_shape(1)[1:])
+            out[c.name] = tf.TensorSpec(shape, _TF_DTYPES[plan.out_dtype], name=c.name)
+        elif win:
+            base = column_spec(c, fixed, batched)
+            shape = (*base.shape[:1], k, *base.shape[1:])
+            out[c.name] = tf.TensorSpec(shape, base.dtype, name=c.name)
+        else:
+            out[c.name] = column_spec(c, fixed, batched)
+    ws = spec.windows
+    for c in ws.columns if ws is not None else ():
+        name = c + PAD_SUFFIX
+        out[name] = tf.TensorSpec((fixed, ws.length(c)), tf.bool, name=name)
     return out
 
 

@@ -31,14 +31,16 @@ from ..loader import (
     LoaderFront,
     draw_seed,
     make_loader,
+    read_columns,
     refuse_pointless_skip,
     split_rows,
     subset_digest,
     transformed,
+    window_anchors,
 )
 from ..reader import TableReader
 from ..sampling import SubsetOrder, shard_for
-from ..spec import LoaderSpec, OnError, refuse_unused
+from ..spec import WINDOW_OPTIONS, LoaderSpec, OnError, refuse_unused
 
 __all__ = [
     "torch_front_door",
@@ -152,12 +154,12 @@ def torch_front_door(
     refuse_unused(
         spec,
         MAP_STYLE,
-        ("columns", "indices"),
+        ("columns", "indices", "episode", *WINDOW_OPTIONS),
         "torch's DataLoader does the rest of the work here (batching, order, workers); "
         f"{TO_BATCHED}, or iterable=True for {', '.join(ITERABLE_OPTIONS[2:])}",
     )
     subset = table.select_rows(spec.indices) if spec.indices is not None else None
-    return TorchDataset(table, transform, spec.columns, subset=subset)
+    return TorchDataset(table, transform, spec.columns, subset=subset, spec=spec)
 
 
 SAMPLER_OPTIONS = ("shuffle", "seed", "epoch", "rank", "world_size", "uneven", "indices")
@@ -198,7 +200,9 @@ def _pinned(batch: Any, copy_to: torch.device | None = None) -> Any:
 
 class TorchDataset(Dataset):
     """Map-style dataset: ``ds[i]`` is a dict of the row's columns (or ``transform(row)``);
-    over a ``subset`` of rows (from ``select_rows``), ``ds[i]`` is the subset's i-th row."""
+    over a ``subset`` of rows (from ``select_rows``), ``ds[i]`` is the subset's i-th row. With
+    windows (``spec.episode``), ``ds[i]`` is the window anchored at row i (``(K, ...)`` values
+    and ``<column>_is_pad``); with ``drop_incomplete`` only complete windows are counted."""
 
     def __init__(
         self,
@@ -206,12 +210,17 @@ class TorchDataset(Dataset):
         transform: Callable | None = None,
         columns: Sequence[str] | None = None,
         subset: np.ndarray | None = None,
+        spec: LoaderSpec | None = None,
     ) -> None:
         self.table = table
         self.transform = transform
         self.columns = list(columns) if columns is not None else None
         self.subset = subset
-        table.schema.select(self.columns, table.name)
+        loaded = [c.name for c in table.schema.select(self.columns, table.name)]
+        self.windows = None
+        if spec is not None and spec.windows is not None:
+            self.windows, self.subset = window_anchors(table, spec, loaded, subset)
+            self.columns = loaded
 
     def __len__(self) -> int:
         return len(self.subset) if self.subset is not None else len(self.table)
@@ -225,7 +234,10 @@ class TorchDataset(Dataset):
             idx = self.table.select_rows(np.asarray(indices, dtype=np.int64))
         else:
             idx = self.subset[_positions(indices, len(self.subset), self.table.name)]
-        data = self.table.read(idx, self.columns)
+        if self.windows is not None:
+            data = read_columns(self.table, idx, self.columns, self.windows.gather(idx))
+        else:
+            data = self.table.read(idx, self.columns)
         if self.transform is None:
             return [r.to_dict() for r in split_rows(self.table, idx, data)]
         outs = transformed(self.table, self.transform, idx, data, OnError.RAISE, [0])
