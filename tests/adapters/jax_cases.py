@@ -198,3 +198,19 @@ def test_sharded_over_two_host_devices(table):
     assert out["devices"] == 2 and out["rank_world"] == [0, 1]
     assert out["batches"] == ROWS // 8 and out["ok"]
     assert "does not split over the sharding" in out["uneven"] and "drop_last=True" in out["uneven"]
+
+
+def test_windows_equal_the_torch_door(tmp_path):
+    from ..loader.test_windows import episode_table
+
+    t = episode_table(tmp_path / "ep", [3, 1, 9, 6])
+    kw = dict(batch_size=5, shuffle=True, seed=2, episode="episode_index",
+              columns=["episode_index", "id", "action", "cam"], device="cpu",
+              window={"action": range(0, 4), "id": [-1, 0]}, window_seconds={"cam": [-0.02, 0]},
+              image={"cam": [ops.RandomResizedCrop(8), ops.RandomHorizontalFlip()]})  # fmt: skip
+    got, want = list(gpuload.jax(t, **kw)), list(gpuload.pytorch(t, **kw))
+    assert len(got) == len(want) == 4
+    for g, w in zip(got, want):
+        assert g["cam"].shape == (len(w["id"]), 2, 3, 8, 8) and g["id_is_pad"].dtype == jnp.bool_
+        for k in w:
+            np.testing.assert_array_equal(np.asarray(g[k]), w[k].numpy())
