@@ -428,8 +428,16 @@ class Loader:
             "world_size": self.world_size,
             "num_rows": self.total_rows,
             "subset": subset_digest(self.subset),
+            "windows": self._windows_key(),
             "table_version": self.table.version,
         }
+
+    def _windows_key(self) -> str | None:
+        """What a sample is (episode column and windows), for a resume to check."""
+        ws = self.spec.windows
+        if ws is None:
+            return None
+        return hashlib.sha256(repr(ws).encode()).hexdigest()[:16]
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()``: the same table, shuffle and sharding are required, and
@@ -440,6 +448,7 @@ class Loader:
             ("shuffle", Shuffle.coerce(state.get("shuffle")), self.spec.shuffle),
             ("num_rows", state.get("num_rows"), self.total_rows),
             ("subset", state.get("subset"), subset_digest(self.subset)),
+            ("windows", state.get("windows"), self._windows_key()),
             ("world_size", state.get("world_size"), self.world_size),
             ("rank", state.get("rank"), self.rank),
         ]

@@ -282,3 +282,14 @@ def test_an_episode_split_in_two_is_refused(tmp_path):
     t = gpuload.ingest(str(tmp_path / "t"), {"e": np.array([0, 0, 1, 1, 0], np.int64)})
     with pytest.raises(SchemaError, match="episode 0 .* rows 0-1 and 4-4.*contiguous"):
         t.batches(2, episode="e", window={"e": [0]})
+
+
+def test_a_resume_needs_the_same_windows(table):
+    windowed = table.batches(4, episode="episode_index", window=WINDOWS, seed=0)
+    next(iter(windowed))
+    for other in (
+        table.batches(4, seed=0),
+        table.batches(4, episode="episode_index", window={**WINDOWS, "id": [-1, 0]}, seed=0),
+    ):
+        with pytest.raises(ValueError, match="windows"):
+            other.load_state_dict(windowed.state_dict())
