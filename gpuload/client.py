@@ -92,11 +92,19 @@ class Client:
         schema: Schema | Mapping[str, Any] | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         progress: bool | None = None,
+        *,
+        image_format: str = "png",
+        batches: bool | None = None,
     ) -> Table:
         """Write ``data`` as table ``name`` (mode "create", "append" or "overwrite") and open it.
 
-        ``data``: a dict of columns, an iterable of row dicts, a pyarrow Table, a pandas
-        DataFrame, a Parquet file/folder, an image folder (class subfolders), or a Table."""
+        ``data``: a dict of columns, an iterable of row dicts or of column batches (dicts,
+        RecordBatches, DataFrames; ``batches=True`` when they are only numeric arrays), a
+        pyarrow Table, a pandas DataFrame, a Parquet file/folder, an image folder (class
+        subfolders), WebDataset tar shards (``"shard-{000..009}.tar"``, a list, or
+        ``gpuload.sources.WebDataset(..., columns=)``), or a Table. Image columns also take
+        ``{"bytes", "path"}`` dicts, PIL images and uint8 arrays, encoded as ``image_format``
+        says ("png" lossless by default, "jpeg", "keep": see ``gpuload.sources.images``)."""
         return ingest(
             self.table_url(name),
             data,
@@ -107,6 +115,8 @@ class Client:
             self.storage_options,
             self.cache,
             self.fetch,
+            image_format=image_format,
+            batches=batches,
         )
 
     def list_tables(self) -> list[str]:
@@ -151,11 +161,25 @@ def ingest(
     storage_options: Mapping[str, Any] | None = None,
     cache: CacheOptions | bool | str | None = None,
     fetch: FetchOptions | None = None,
+    *,
+    image_format: str = "png",
+    batches: bool | None = None,
 ) -> Table:
-    """Write ``data`` to the table at a path or URL and open the committed snapshot."""
+    """Write ``data`` to the table at a path or URL and open the committed snapshot (the
+    sources and options are ``Client.ingest``'s)."""
     store = Store(os.fspath(url), storage_options, fetch.retry if fetch is not None else None)
     label = os.path.basename(os.fspath(url).rstrip("/")) or os.fspath(url)
-    manifest = ingest_into(store, label, data, mode, schema, chunk_bytes, progress)
+    manifest = ingest_into(
+        store,
+        label,
+        data,
+        mode,
+        schema,
+        chunk_bytes,
+        progress,
+        image_format=image_format,
+        batches=batches,
+    )
     return Table(store, manifest, cache=cache, fetch=fetch)
 
 

@@ -5,18 +5,46 @@ state, an int label and a text instruction. Images are crops, flips and colour/n
 the real photographs that scikit-image's wheel ships; without scikit-image, procedurally textured
 scenes are used instead (never flat colours or pure noise, which decode unrealistically).
 Deterministic for a seed; generated on all cores.
+
+``make_episode_table`` makes an ALOHA-like table of robot episodes instead (two JPEG cameras,
+observation.state and action float32[14], per-frame indices and timestamps, a task per episode),
+whose images carry a corner tag naming their row (see ``frame_tag``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-__all__ = ["make_demo_table", "demo_rows", "DEMO_HEIGHT", "DEMO_WIDTH", "TASKS"]
+if TYPE_CHECKING:
+    from .table import Table
+
+__all__ = [
+    "make_demo_table",
+    "demo_rows",
+    "DEMO_HEIGHT",
+    "DEMO_WIDTH",
+    "TASKS",
+    "make_episode_table",
+    "ensure_episode_table",
+    "episode_rows",
+    "episode_lengths",
+    "episode_metadata",
+    "episode_table_name",
+    "frame_tag",
+    "EPISODE_FPS",
+    "EPISODE_LENGTHS",
+    "EPISODE_SCHEMA",
+    "EPISODE_SIZE",
+    "EPISODE_TASKS",
+    "TAG_MODULUS",
+    "TAG_SIZE",
+]
 
 DEMO_HEIGHT, DEMO_WIDTH = 480, 640
 TARGET_BYTES = 25_000
@@ -198,25 +226,20 @@ def demo_rows(
         yield from pool.map(_rows_block, blocks)
 
 
-class _Batches:
+class _Rows:
     """An iterable of row dicts fed from column batches (what ingest consumes), with a length."""
 
-    def __init__(self, rows: int, seed: int, workers: int | None) -> None:
-        self.rows, self.seed, self.workers = rows, seed, workers
+    def __init__(self, rows: int, batches: Callable[[], Iterator[dict]]) -> None:
+        self.rows, self.batches = rows, batches
 
     def __len__(self) -> int:
         return self.rows
 
-    def __iter__(self):
-        for b in demo_rows(self.rows, self.seed, self.workers):
-            n = len(b["label"])
-            for j in range(n):
-                yield {
-                    "image": b["image"][j],
-                    "state": b["state"][j],
-                    "label": b["label"][j],
-                    "instruction": b["instruction"][j],
-                }
+    def __iter__(self) -> Iterator[dict]:
+        for b in self.batches():
+            names = list(b)
+            for j in range(len(b[names[0]])):
+                yield {k: b[k][j] for k in names}
 
 
 def make_demo_table(
@@ -227,7 +250,7 @@ def make_demo_table(
     workers: int | None = None,
     progress: bool | None = None,
     storage_options=None,
-):
+) -> Table:
     """Generate the demo table at ``dest`` (a path or URL) and return it opened."""
     from .client import ingest
 
@@ -239,9 +262,317 @@ def make_demo_table(
     }
     return ingest(
         os.fspath(dest),
-        _Batches(rows, seed, workers),
+        _Rows(rows, lambda: demo_rows(rows, seed, workers)),
         mode=mode,
         schema=schema,
         progress=progress,
         storage_options=storage_options,
     )
+
+
+# -- the episode table: ALOHA-shaped robot episodes ---------------------------------------------
+# One row per frame, rows grouped by episode in episode then frame order, like a LeRobot ALOHA
+# table: episode_index, frame_index, index (global row), timestamp (frame_index / fps), two JPEG
+# cameras, observation.state and action float32[14] (action[t] ~= state[t + 1]), task text.
+#
+# Frame tag: the top-left 16x32 pixels of every image are two solid 16x16 squares, the first
+# encoding frame_index and the second episode_index, each modulo TAG_MODULUS (512): value v is
+# the colour (16 + 32 * (v & 7), 16 + 32 * (v >> 3 & 7), 16 + 32 * (v >> 6 & 7)). The squares sit
+# on JPEG block boundaries, so their centres survive quality-50 4:2:0 encoding within a few
+# levels; `frame_tag(decoded)` reads them back.
+
+EPISODE_SIZE = (480, 640)  # ALOHA's cameras
+EPISODE_FPS = 50  # ALOHA's control rate
+EPISODE_LENGTHS = (40, 120)  # frames per episode, both inclusive (seeded per episode)
+EPISODE_QUALITY = 50  # the JPEG quality ALOHA's recorder uses
+EPISODE_TASKS = (
+    "insert the peg into the socket",
+    "transfer the cube to the other arm",
+    "put the battery in the remote",
+    "open the ziploc bag",
+    "thread the velcro strap",
+    "tear off a paper towel",
+    "stack the cups",
+    "wipe up the spill",
+)
+EPISODE_SCHEMA = {
+    "episode_index": "int64",
+    "frame_index": "int64",
+    "index": "int64",
+    "timestamp": "float32",
+    "cam_high": "image/jpeg",
+    "cam_left_wrist": "image/jpeg",
+    "observation.state": "float32[14]",
+    "action": "float32[14]",
+    "task": "text",
+}
+TAG_SIZE = 16
+TAG_MODULUS = 512
+_EPISODE_FORMAT = 1  # bump when the generated content changes (invalidates cached tables)
+_MIN_SIDE = 32
+_POOL_PIXELS = 150_000_000  # below this much image work, worker start-up costs more than it saves
+_GRIPPERS = (6, 13)  # ALOHA's joint order: 6 arm joints + gripper, left arm then right
+
+
+def episode_lengths(episodes: int, seed: int = 0) -> np.ndarray:
+    """Frames in each episode, drawn per episode, so a longer table starts with a shorter one."""
+    lo, hi = EPISODE_LENGTHS
+    return np.array(
+        [np.random.default_rng([seed, e, 10]).integers(lo, hi + 1) for e in range(episodes)],
+        dtype=np.int64,
+    )
+
+
+def _tag_colour(value: int) -> np.ndarray:
+    v = int(value) % TAG_MODULUS
+    return np.array([16 + 32 * (v >> s & 7) for s in (0, 3, 6)], np.uint8)
+
+
+def _tag_value(pixel: np.ndarray) -> int:
+    k = np.clip(np.rint((np.asarray(pixel, np.float64) - 16) / 32), 0, 7).astype(int)
+    return int(k[0] | k[1] << 3 | k[2] << 6)
+
+
+def frame_tag(image: np.ndarray) -> tuple[int, int]:
+    """(episode_index, frame_index), each modulo TAG_MODULUS, read from a decoded HxWx3 episode
+    image's corner squares: lets a test check cheaply which row an image belongs to."""
+    img = np.asarray(image)
+    c = slice(TAG_SIZE // 4, TAG_SIZE - TAG_SIZE // 4)  # the centre, clear of chroma blending
+    frame = img[c, c, :3].reshape(-1, 3).mean(0)
+    episode = img[c, TAG_SIZE + c.start : TAG_SIZE + c.stop, :3].reshape(-1, 3).mean(0)
+    return _tag_value(episode), _tag_value(frame)
+
+
+def _trajectory(seed: int, episode: int, frames: int, fps: float) -> np.ndarray:
+    """Joint positions at frames 0..frames (one past the end, for the last action): per joint a
+    sum of three sines with seeded amplitudes, frequencies (0.1-1 Hz) and phases."""
+    rng = np.random.default_rng([seed, episode, 11])
+    t = np.arange(frames + 1, dtype=np.float64)[:, None, None] / fps
+    amp = rng.uniform(0.05, 0.4, (1, 14, 3))
+    freq = rng.uniform(0.1, 1.0, (1, 14, 3))
+    phase = rng.uniform(0, 2 * np.pi, (1, 14, 3))
+    q = rng.uniform(-0.5, 0.5, 14) + (amp * np.sin(2 * np.pi * freq * t + phase)).sum(-1)
+    for g in _GRIPPERS:  # grippers open and close within [0.1, 0.9]
+        q[:, g] = 0.5 + 0.4 * np.tanh(2 * np.sin(q[:, g] * 3))
+    return q.astype(np.float32)
+
+
+def _scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """A per-episode background: a crop of a base scene at the output's aspect, resized to
+    (h, w), flipped, colour-shifted and with sensor noise baked in."""
+    bases = _bases()
+    src = bases[int(rng.integers(len(bases)))]
+    sh, sw = src.shape[:2]
+    ch = min(sh, int(sw * h / w)) * rng.uniform(0.6, 1.0)
+    cw = ch * w / h
+    y0, x0 = int(rng.uniform(0, sh - ch)), int(rng.uniform(0, sw - cw))
+    crop = src[y0 : y0 + max(1, int(ch)), x0 : x0 + max(1, int(cw))]
+    img = _resize(np.ascontiguousarray(crop[:, ::-1] if rng.random() < 0.5 else crop), h, w)
+    gain = rng.uniform(0.8, 1.2, 3) * (1 + rng.normal(0, 0.02, (h, w, 1)))  # uneven lighting
+    noisy = img * gain + rng.uniform(-15, 15) + rng.normal(0, 3.0, img.shape)
+    return np.clip(noisy, 0, 255).astype(np.uint8)
+
+
+def _disc(radius: int) -> np.ndarray:
+    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return x * x + y * y <= radius * radius
+
+
+def _paste(img: np.ndarray, cy: float, cx: float, mask: np.ndarray, colour: np.ndarray) -> None:
+    """Paint ``colour`` where ``mask`` (centred at cy, cx) covers ``img``, clipped to its edges."""
+    r = mask.shape[0] // 2
+    y0, x0 = int(round(cy)) - r, int(round(cx)) - r
+    ya, xa = max(0, y0), max(0, x0)
+    yb, xb = min(img.shape[0], y0 + mask.shape[0]), min(img.shape[1], x0 + mask.shape[1])
+    if ya < yb and xa < xb:
+        img[ya:yb, xa:xb][mask[ya - y0 : yb - y0, xa - x0 : xb - x0]] = colour
+
+
+def _tag(img: np.ndarray, episode: int, frame: int) -> np.ndarray:
+    img[:TAG_SIZE, :TAG_SIZE] = _tag_colour(frame)
+    img[:TAG_SIZE, TAG_SIZE : 2 * TAG_SIZE] = _tag_colour(episode)
+    return img
+
+
+def _encode(img: np.ndarray) -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(img, quality=EPISODE_QUALITY, colorsubsampling="420")
+
+
+def _cam_high(rng: np.random.Generator, q: np.ndarray, episode: int, h: int, w: int) -> list:
+    """The overhead camera: a fixed scene with both arms' grippers (discs) moving over it."""
+    bg = _scene(rng, h, w)
+    mask = _disc(max(3, round(0.07 * min(h, w))))
+    colours = rng.integers(0, 256, (2, 3)).astype(np.uint8)
+    ys = h * (0.55 + 0.3 * np.sin(q[:, [1, 8]]))
+    xs = w * (np.array([0.3, 0.7]) + 0.18 * np.sin(q[:, [0, 7]]))
+    out = []
+    for t in range(len(q) - 1):
+        img = bg.copy()
+        for arm in range(2):
+            _paste(img, ys[t, arm], xs[t, arm], mask, colours[arm])
+        out.append(_encode(_tag(img, episode, t)))
+    return out
+
+
+def _cam_wrist(rng: np.random.Generator, q: np.ndarray, episode: int, h: int, w: int) -> list:
+    """The left wrist camera: the scene pans with the wrist joints; the gripper's two jaws open
+    and close at the bottom of the view."""
+    big_h, big_w = h + h // 4, w + w // 4
+    bg = _scene(rng, big_h, big_w)
+    mask = _disc(max(2, round(0.05 * min(h, w))))
+    colour = rng.integers(0, 256, 3).astype(np.uint8)
+    oy = ((big_h - h) * (0.5 + 0.5 * np.sin(q[:, 2]))).astype(int)
+    ox = ((big_w - w) * (0.5 + 0.5 * np.sin(q[:, 3]))).astype(int)
+    out = []
+    for t in range(len(q) - 1):
+        img = bg[oy[t] : oy[t] + h, ox[t] : ox[t] + w].copy()
+        gap = w * (0.05 + 0.2 * float(q[t, _GRIPPERS[0]]))
+        for side in (-1, 1):
+            _paste(img, 0.88 * h, w / 2 + side * gap, mask, colour)
+        out.append(_encode(_tag(img, episode, t)))
+    return out
+
+
+def _episode_block(args: tuple[int, int, int, int, int, int, float]) -> dict:
+    """The columns of one episode (runs in a worker process)."""
+    seed, episode, frames, row0, h, w, fps = args
+    rng = np.random.default_rng([seed, episode, 12])
+    q = _trajectory(seed, episode, frames, fps)
+    f = np.arange(frames, dtype=np.int64)
+    task = EPISODE_TASKS[int(rng.integers(len(EPISODE_TASKS)))]
+    return {
+        "episode_index": np.full(frames, episode, np.int64),
+        "frame_index": f,
+        "index": row0 + f,
+        "timestamp": (f / fps).astype(np.float32),
+        "cam_high": _cam_high(rng, q, episode, h, w),
+        "cam_left_wrist": _cam_wrist(rng, q, episode, h, w),
+        "observation.state": q[:-1],
+        "action": q[1:] + rng.normal(0, 1e-3, (frames, 14)).astype(np.float32),
+        "task": [task] * frames,
+    }
+
+
+def _episode_args(episodes: int, size: tuple[int, int], fps: float) -> tuple[int, int]:
+    """Validate the episode table's arguments; returns (height, width)."""
+    h, w = (int(x) for x in size)
+    if int(episodes) < 1:
+        raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if h < _MIN_SIDE or w < _MIN_SIDE:
+        raise ValueError(f"image size must be at least {_MIN_SIDE}x{_MIN_SIDE}, got {h}x{w}")
+    if not fps > 0:
+        raise ValueError(f"fps must be > 0, got {fps}")
+    return h, w
+
+
+def episode_rows(
+    episodes: int,
+    seed: int = 0,
+    size: tuple[int, int] = EPISODE_SIZE,
+    fps: float = EPISODE_FPS,
+    workers: int | None = None,
+) -> Iterator[dict]:
+    """Column batches of the episode table, one per episode, in order. Made in worker processes
+    (all cores by default) when the image work outweighs their start-up."""
+    h, w = _episode_args(episodes, size, fps)
+    lengths = episode_lengths(episodes, seed)
+    starts = np.cumsum(lengths) - lengths
+    jobs = [(seed, e, int(lengths[e]), int(starts[e]), h, w, float(fps)) for e in range(episodes)]
+    small = workers is None and 2 * int(lengths.sum()) * h * w < _POOL_PIXELS
+    workers = min(workers or os.cpu_count() or 1, episodes)
+    if workers <= 1 or small:
+        yield from map(_episode_block, jobs)
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        yield from pool.map(_episode_block, jobs)
+
+
+def episode_metadata(
+    episodes: int, seed: int = 0, size: tuple[int, int] = EPISODE_SIZE, fps: float = EPISODE_FPS
+) -> dict:
+    """The table metadata an episode table carries (fps above all; also what made it)."""
+    h, w = _episode_args(episodes, size, fps)
+    return {
+        "fps": int(fps) if float(fps).is_integer() else float(fps),
+        "episodes": int(episodes),
+        "seed": int(seed),
+        "image_size": [h, w],
+        "generator": f"gpuload.demo.make_episode_table/{_EPISODE_FORMAT}",
+        "frame_tag": "top-left 16x16 squares: frame_index, then episode_index (mod 512); "
+        "gpuload.demo.frame_tag reads them",
+    }
+
+
+def make_episode_table(
+    dest: str | os.PathLike,
+    episodes: int = 50,
+    seed: int = 0,
+    size: tuple[int, int] = EPISODE_SIZE,
+    fps: float = EPISODE_FPS,
+    mode: str = "create",
+    workers: int | None = None,
+    progress: bool | None = None,
+    storage_options=None,
+) -> Table:
+    """Generate an ALOHA-like episode table at ``dest`` (a path or URL) and return it opened:
+    ``episodes`` episodes of 40-120 frames, two JPEG cameras of ``size`` (height, width)."""
+    from .client import ingest
+    from .schema import Schema
+
+    meta = episode_metadata(episodes, seed, size, fps)
+    schema = Schema(Schema.from_spec(EPISODE_SCHEMA).columns, meta)
+    rows = int(episode_lengths(episodes, seed).sum())
+    return ingest(
+        os.fspath(dest),
+        _Rows(rows, lambda: episode_rows(episodes, seed, size, fps, workers)),
+        mode=mode,
+        schema=schema,
+        progress=progress,
+        storage_options=storage_options,
+    )
+
+
+def episode_table_name(
+    episodes: int, seed: int = 0, size: tuple[int, int] = EPISODE_SIZE, fps: float = EPISODE_FPS
+) -> str:
+    """The folder name of a cached episode table: ``episodes-<N>-<seed>-<H>x<W>[-<fps>fps]``."""
+    h, w = _episode_args(episodes, size, fps)
+    tail = "" if fps == EPISODE_FPS else f"-{fps:g}fps"
+    return f"episodes-{episodes}-{seed}-{h}x{w}{tail}"
+
+
+def ensure_episode_table(
+    root: str | os.PathLike,
+    episodes: int = 50,
+    seed: int = 0,
+    size: tuple[int, int] = EPISODE_SIZE,
+    fps: float = EPISODE_FPS,
+    progress: bool | None = None,
+    workers: int | None = None,
+) -> tuple[str, bool]:
+    """The episode table ``<root>/<episode_table_name(...)>``, generated unless a table made
+    with the same arguments (and generator version) is already there. Returns (path, generated)."""
+    import json
+    import shutil
+
+    from .errors import GpuloadError
+    from .table import open_table
+
+    path = os.path.join(os.fspath(root), episode_table_name(episodes, seed, size, fps))
+    want = json.loads(json.dumps(episode_metadata(episodes, seed, size, fps)))
+    try:
+        t = open_table(path)
+        if dict(t.schema.metadata) == want and len(t) == episode_lengths(episodes, seed).sum():
+            return path, False
+    except GpuloadError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.fspath(root), exist_ok=True)
+    make_episode_table(
+        path, episodes, seed, size, fps, mode="overwrite", workers=workers, progress=progress
+    )
+    return path, True

@@ -54,7 +54,9 @@ def _torch_value(v: Any, device, torch) -> Any:
         and isinstance(v[0], np.ndarray)
         and v[0].dtype.kind in "biuf"
     ):
-        return _torch_value(np.stack(v), device, torch)
+        if all(a.shape == v[0].shape for a in v):
+            return _torch_value(np.stack(v), device, torch)
+        return [_torch_value(a, device, torch) for a in v]  # ragged rows: one tensor each
     return v  # bytes / str lists stay lists, as torch's default_collate leaves them
 
 

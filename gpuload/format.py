@@ -1,9 +1,11 @@
 """The on-disk format (see docs/FORMAT.md): manifest JSON + immutable chunk files.
 
 A chunk holds, for each column, one section (64-byte aligned): fixed-shape columns as raw
-little-endian arrays; variable-length columns as concatenated bytes plus an int64 offsets
-section, so any row's bytes are one byte range. Since format 2 every chunk ends with the
-hashes of its pages (gpuload.checksums), so every read can be verified.
+little-endian arrays; variable-length columns (image, bytes, text, ragged) as concatenated bytes
+plus an int64 offsets section, so any row's bytes are one byte range. Since format 2 every chunk
+ends with the hashes of its pages (gpuload.checksums), so every read can be verified. Format 3
+is format 2 plus ragged columns: only a manifest whose schema has one is written as format 3,
+so readers that know format 2 keep reading every other table.
 
 A manifest is validated completely when it is parsed: every field's type and range, the nesting
 depth of metadata, and every section against its chunk. A malformed manifest is one
@@ -37,14 +39,21 @@ __all__ = [
 ]
 
 FORMAT_NAME = "gpuload-table"
-FORMAT_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest this gpuload writes (for schemas that need it: written_version)
+SUPPORTED_VERSIONS = (1, 2, 3)
+RAGGED_SINCE = 3  # the first format with ragged columns
 ALIGN = 64
 MANIFEST = "manifest.json"
 CHUNK_RE = re.compile(r"chunks/[0-9a-f]{32}\.chunk")
 MAX_INT = 1 << 50  # offsets, sizes, rows and versions: far beyond any real table, far below 2^63
 MAX_DEPTH = 32  # nesting depth of free-form metadata
 _TABLE_ID_RE = re.compile(r"[0-9a-f]{1,64}")
+
+
+def written_version(schema: Schema) -> int:
+    """The format version a manifest of ``schema`` is written as: the oldest that holds it (3
+    with a ragged column, else 2), so an older gpuload refuses only what it cannot read."""
+    return RAGGED_SINCE if any(c.is_ragged for c in schema) else 2
 
 
 def version_path(version: int) -> str:
@@ -172,7 +181,7 @@ class Manifest:
     chunks: tuple[ChunkInfo, ...]
     created: float = 0.0
     updated: float = 0.0
-    format_version: int = FORMAT_VERSION
+    format_version: int = 2  # as read; a manifest is written as written_version(schema)
 
     @property
     def num_rows(self) -> int:
@@ -185,7 +194,7 @@ class Manifest:
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": written_version(self.schema),
             "table_id": self.table_id,
             "version": self.version,
             "created": self.created,
@@ -216,6 +225,10 @@ class Manifest:
                 f"(reads {list(SUPPORTED_VERSIONS)}); upgrade gpuload to read it"
             )
         schema = _schema(d.get("schema"), where)
+        if ver < RAGGED_SINCE and any(c.is_ragged for c in schema):
+            raise FormatError(
+                f"{where}: format version {ver} has no ragged columns (they need {RAGGED_SINCE})"
+            )
         chunks_json = d.get("chunks")
         if not isinstance(chunks_json, list):
             raise FormatError(f"{where}: field 'chunks' must be a list")
@@ -291,6 +304,11 @@ def _check_column(here: str, c: ChunkInfo, col, limit: int) -> None:
             raise FormatError(
                 f"{here}: column {col.name!r} row hashes must be {8 * c.rows} bytes inside the "
                 "checksummed pages"
+            )
+        if col.is_ragged and sec.length % col.item_nbytes:
+            raise FormatError(
+                f"{here}: ragged column {col.name!r} has {sec.length} bytes, not a whole number "
+                f"of {col.item_nbytes}-byte {col.type_string()} elements"
             )
     elif sec.length != c.rows * col.row_nbytes:
         raise FormatError(

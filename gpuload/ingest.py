@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 
@@ -15,32 +14,29 @@ import numpy as np
 
 from .errors import SchemaError, TableNotFoundError
 from .format import Manifest
+from .ragged import ragged_row_bytes
 from .reader import TableReader
 from .schema import Column, Schema, detect_codec
+from .sources.arrow import arrow_batch_to_columns, arrow_source, parquet_source
+from .sources.base import BATCH_ROWS, RawBatch, Source
+from .sources.batches import batches_source, looks_like_batches, peek
+from .sources.frames import pandas_columns
+from .sources.images import check_image_format, image_value_bytes, is_image_value
+from .sources.webdataset import WebDataset, looks_like_shards
 from .storage import Store
 from .versions import read_manifest
 from .writer import DEFAULT_CHUNK_BYTES, TableWriter
 
-__all__ = ["ingest_into", "infer_schema", "IMAGE_EXTENSIONS"]
+__all__ = ["ingest_into", "infer_schema", "IMAGE_EXTENSIONS", "arrow_batch_to_columns"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
-BATCH_ROWS = 1024
-RawBatch = dict[str, Any]
-
-
-@dataclass
-class Source:
-    """Raw column batches plus what we know up front (row count, table metadata, schema hints)."""
-
-    batches: Iterator[tuple[RawBatch, int]]
-    total: int | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-    schema_hint: Schema | None = None
 
 
 # -- sources ---------------------------------------------------------------------------------
-def as_source(data: Any, batch_rows: int = BATCH_ROWS) -> Source:
-    """Recognise the kind of ``data`` and stream it as raw column batches."""
+def as_source(data: Any, batch_rows: int = BATCH_ROWS, batches: bool | None = None) -> Source:
+    """Recognise the kind of ``data`` and stream it as raw column batches. ``batches``: whether
+    an iterable yields column batches (True) or row dicts (False); None tells them apart by the
+    first item (see ``gpuload.sources.batches``)."""
     if isinstance(data, TableReader):
         return Source(
             _table_batches(data, batch_rows),
@@ -48,21 +44,31 @@ def as_source(data: Any, batch_rows: int = BATCH_ROWS) -> Source:
             dict(data.schema.metadata),
             data.schema,
         )
+    if isinstance(data, WebDataset):
+        return data.source(batch_rows)
+    if looks_like_shards(data):
+        return WebDataset(data).source(batch_rows)
     if isinstance(data, (str, os.PathLike)):
         return _path_source(os.fspath(data), batch_rows)
     mod = type(data).__module__ or ""
     if mod.startswith("pyarrow"):
-        return _arrow_source(data, batch_rows)
+        return arrow_source(data, batch_rows)
     if mod.startswith("pandas") and hasattr(data, "columns") and hasattr(data, "iloc"):
-        cols = {str(c): _pandas_column(data[c]) for c in data.columns}
-        return _dict_source(cols, batch_rows)
+        return _dict_source(pandas_columns(data), batch_rows)
     if isinstance(data, Mapping):
         return _dict_source(data, batch_rows)
     if isinstance(data, Iterable) and not isinstance(data, (bytes, bytearray)):
-        return _rows_source(data, batch_rows)
+        if batches is None:
+            if isinstance(data, (list, tuple)):
+                first = data[0] if data else None
+            else:
+                first, data = peek(data)  # a generator: its first item is put back
+            batches = looks_like_batches(first)
+        return batches_source(data) if batches else _rows_source(data, batch_rows)
     raise SchemaError(
-        f"cannot ingest a {type(data).__name__}: pass a dict of columns, an iterable of row dicts, "
-        "a pyarrow Table, a pandas DataFrame, a Parquet path, an image folder or a gpuload Table"
+        f"cannot ingest a {type(data).__name__}: pass a dict of columns, an iterable of row dicts "
+        "or of column batches, a pyarrow Table, a pandas DataFrame, a Parquet path, an image "
+        "folder, WebDataset shards or a gpuload Table"
     )
 
 
@@ -135,112 +141,6 @@ def _rows_source(rows: Iterable[Mapping[str, Any]], batch_rows: int) -> Source:
     return Source(gen(), total)
 
 
-def _pandas_column(s) -> Any:
-    values = s.to_numpy()
-    if values.dtype == object:
-        return list(values)
-    return values
-
-
-def _arrow_source(data: Any, batch_rows: int) -> Source:
-    import pyarrow as pa
-
-    if isinstance(data, pa.RecordBatch):
-        data = pa.Table.from_batches([data])
-    if not isinstance(data, pa.Table):
-        raise SchemaError(
-            f"cannot ingest pyarrow object {type(data).__name__}; pass a pyarrow Table"
-        )
-    meta = _arrow_metadata(data.schema)
-
-    def gen():
-        start = 0
-        for rb in data.to_batches(max_chunksize=batch_rows):
-            yield arrow_batch_to_columns(rb, start), rb.num_rows
-            start += rb.num_rows
-
-    return Source(gen(), data.num_rows, meta)
-
-
-def _arrow_metadata(schema) -> dict[str, Any]:
-    import json
-
-    md = schema.metadata or {}
-    raw = md.get(b"gpuload")
-    if raw:
-        try:
-            return json.loads(raw)
-        except ValueError:
-            return {}
-    return {}
-
-
-def arrow_batch_to_columns(rb, row0: int = 0) -> RawBatch:
-    """A pyarrow RecordBatch as {name: list of bytes/str or numpy array}, zero-copy where possible."""
-    return {name: _arrow_array(rb.column(i), name, row0) for i, name in enumerate(rb.schema.names)}
-
-
-def _arrow_array(arr, name: str, row0: int) -> Any:
-    import pyarrow.types as pt
-
-    if arr.null_count:
-        bad = int(np.flatnonzero(~np.asarray(arr.is_valid()))[0])
-        raise SchemaError(
-            f"row {row0 + bad}, column {name!r}: null value (gpuload columns have no nulls)"
-        )
-    t = arr.type
-    if pt.is_binary(t) or pt.is_large_binary(t):
-        bufs = arr.buffers()
-        off_dtype = np.int64 if pt.is_large_binary(t) else np.int32
-        offs = np.frombuffer(bufs[1], dtype=off_dtype)[arr.offset : arr.offset + len(arr) + 1]
-        data = bufs[2].to_pybytes() if bufs[2] is not None else b""
-        o = offs.tolist()
-        return [data[o[i] : o[i + 1]] for i in range(len(arr))]
-    if pt.is_fixed_size_binary(t):
-        return [v.as_py() for v in arr]
-    if pt.is_string(t) or pt.is_large_string(t):
-        return arr.to_pylist()
-    if pt.is_boolean(t) or pt.is_integer(t) or pt.is_floating(t):
-        return arr.to_numpy(zero_copy_only=False)
-    if pt.is_fixed_size_list(t) or pt.is_list(t) or pt.is_large_list(t):
-        return _arrow_nested(arr, name, row0)
-    if pt.is_dictionary(t):
-        return _arrow_array(arr.cast(t.value_type), name, row0)
-    raise SchemaError(
-        f"column {name!r}: arrow type {t} is not supported (use binary, string, numbers or lists)"
-    )
-
-
-def _arrow_nested(arr, name: str, row0: int) -> np.ndarray:
-    import pyarrow.types as pt
-
-    shape: list[int] = []
-    cur = arr
-    n = len(arr)
-    while pt.is_fixed_size_list(cur.type) or pt.is_list(cur.type) or pt.is_large_list(cur.type):
-        if pt.is_fixed_size_list(cur.type):
-            size = cur.type.list_size
-            flat = cur.flatten()
-        else:
-            offs = np.asarray(cur.offsets)
-            lens = np.diff(offs)
-            if lens.size and (lens != lens[0]).any():
-                bad = int(np.flatnonzero(lens != lens[0])[0])
-                raise SchemaError(
-                    f"column {name!r}: ragged lists (lengths {int(lens[0])} and {int(lens[bad])}); "
-                    "fixed-shape columns need equal lengths"
-                )
-            size = int(lens[0]) if lens.size else 0
-            flat = cur.flatten()
-        shape.append(size)
-        cur = flat
-    values = cur.to_numpy(zero_copy_only=False)
-    try:
-        return values.reshape(n, *shape)
-    except ValueError:
-        raise SchemaError(f"column {name!r}: cannot reshape nested lists to {shape}") from None
-
-
 def _table_batches(table: TableReader, batch_rows: int):
     """A gpuload table's rows in order, as raw column batches (read and verified)."""
     for lo in range(0, len(table), batch_rows):
@@ -256,37 +156,13 @@ def _path_source(path: str, batch_rows: int) -> Source:
             return as_source(TableReader.open(path), batch_rows)
         files = sorted(os.listdir(path))
         if any(f.endswith(".parquet") for f in files):
-            return _parquet_source(path, batch_rows)
+            return parquet_source(path, batch_rows)
         return _image_folder_source(path, batch_rows)
     if path.endswith(".parquet") or path.endswith(".pq") or "://" in path:
-        return _parquet_source(path, batch_rows)
+        return parquet_source(path, batch_rows)
     raise SchemaError(
         f"cannot ingest {path!r}: expected a Parquet file or folder, an image folder or a table"
     )
-
-
-def _parquet_source(path: str, batch_rows: int) -> Source:
-    try:
-        import pyarrow.dataset as ds
-    except ImportError as e:
-        from .errors import MissingDependencyError
-
-        raise MissingDependencyError(
-            "reading Parquet needs pyarrow: pip install 'gpuload[arrow]'"
-        ) from e
-    dataset = ds.dataset(path, format="parquet")
-    total = dataset.count_rows()
-    meta = _arrow_metadata(dataset.schema)
-
-    def gen():
-        start = 0
-        for rb in dataset.to_batches(batch_size=batch_rows):
-            if rb.num_rows == 0:
-                continue
-            yield arrow_batch_to_columns(rb, start), rb.num_rows
-            start += rb.num_rows
-
-    return Source(gen(), total, meta)
 
 
 def _image_folder_source(root: str, batch_rows: int) -> Source:
@@ -341,7 +217,8 @@ def _image_folder_source(root: str, batch_rows: int) -> Source:
 
 # -- inference and validation -----------------------------------------------------------------
 def infer_column(name: str, values: Any) -> Column:
-    """The column type of a batch of values, from its first value (and array dtype/shape)."""
+    """The column type of a batch of values, from its first value (and array dtype/shape):
+    arrays whose first dimension varies within the batch make a ragged column."""
     if isinstance(values, np.ndarray) and values.dtype != object:
         if values.dtype.kind in "SUV":
             raise SchemaError(
@@ -358,6 +235,8 @@ def infer_column(name: str, values: Any) -> Column:
         return Column(name, "image") if detect_codec(v) else Column(name, "bytes")
     if isinstance(v, str):
         return Column(name, "text")
+    if is_image_value(v):  # {"bytes", "path"} dicts (Hugging Face datasets), PIL images
+        return Column(name, "image")
     if isinstance(v, (bool, np.bool_)):
         return Column(name, "scalar", "bool")
     if isinstance(v, (int, np.integer)):
@@ -373,20 +252,50 @@ def infer_column(name: str, values: Any) -> Column:
             _dtype_name(np.asarray(v).dtype) if isinstance(v, np.floating) else "float64",
         )
     if isinstance(v, (np.ndarray, list, tuple)):
-        try:
-            a = np.asarray(v)
-        except ValueError:
-            raise SchemaError(f"row 0, column {name!r}: ragged nested lists") from None
-        if a.dtype == object or a.dtype.kind not in "biuf":
-            raise SchemaError(f"row 0, column {name!r}: arrays must be numeric, got {a.dtype}")
-        if a.ndim == 0:
-            return Column(name, "scalar", _dtype_name(a.dtype))
-        return Column(name, "array", _dtype_name(a.dtype), tuple(a.shape))
+        return _infer_array(name, values)
     if v is None:
         raise SchemaError(
             f"row 0, column {name!r}: None cannot be stored; gpuload columns have no nulls"
         )
     raise SchemaError(f"row 0, column {name!r}: cannot store a {type(v).__name__}")
+
+
+def _infer_array(name: str, values: Any) -> Column:
+    """Array values: a fixed-shape column when every value of the batch has row 0's shape, a
+    ragged one ("float32[*,14]") when only their first dimension varies (an empty list fits any
+    inner shape). Anything else is typed from row 0 and refused row by row when converted."""
+    arrays = []
+    for j, x in enumerate(values):
+        try:
+            a = np.asarray(x)
+        except ValueError:
+            raise SchemaError(f"row {j}, column {name!r}: ragged nested lists") from None
+        if a.dtype == object or a.dtype.kind not in "biuf":
+            if a.size == 0 and a.ndim == 1:
+                arrays.append(None)  # [] or an empty object array: a row of length 0
+                continue
+            if j == 0:
+                raise SchemaError(f"row 0, column {name!r}: arrays must be numeric, got {a.dtype}")
+            break
+        arrays.append(a)
+    first = arrays[0]
+    if first is not None and first.ndim == 0:
+        return Column(name, "scalar", _dtype_name(first.dtype))
+    full = [a for a in arrays if a is not None and not (a.size == 0 and a.ndim == 1)]
+    same = len(arrays) == len(values) and all(
+        a is not None and a.shape == first.shape for a in arrays
+    )
+    if first is not None and first.shape[0] > 0 and (same or len(arrays) < len(values)):
+        return Column(name, "array", _dtype_name(first.dtype), tuple(first.shape))
+    inner = {a.shape[1:] for a in full}
+    if len(arrays) == len(values) and len(inner) <= 1 and all(a.ndim >= 1 for a in full):
+        dtype = np.result_type(*[a.dtype for a in full]) if full else np.dtype(np.float64)
+        return Column(name, "ragged", _dtype_name(dtype), next(iter(inner), ()))
+    if first is None:
+        raise SchemaError(
+            f"row 0, column {name!r}: an empty row leaves the type open; pass schema="
+        )
+    return Column(name, "array", _dtype_name(first.dtype), tuple(first.shape))
 
 
 def _dtype_name(dt: np.dtype) -> str:
@@ -396,17 +305,24 @@ def _dtype_name(dt: np.dtype) -> str:
     return dt.newbyteorder("=").name
 
 
-def infer_schema(batch: RawBatch) -> Schema:
-    """A Schema inferred from one raw batch."""
-    return Schema(tuple(infer_column(k, v) for k, v in batch.items()))
+def infer_schema(batch: RawBatch, hint: Schema | None = None) -> Schema:
+    """A Schema inferred from one raw batch; columns ``hint`` names take its types."""
+    return Schema(
+        tuple(
+            hint[k] if hint is not None and k in hint else infer_column(k, v)
+            for k, v in batch.items()
+        ),
+        hint.metadata if hint is not None else {},
+    )
 
 
 class _Validator:
     """Validates and converts raw batches against a schema; tracks image codecs seen."""
 
-    def __init__(self, schema: Schema, label: str) -> None:
+    def __init__(self, schema: Schema, label: str, image_format: str = "png") -> None:
         self.schema = schema
         self.label = label
+        self.image_format = check_image_format(image_format)
         self.codecs: dict[str, set[str]] = {c.name: set() for c in schema if c.kind == "image"}
 
     def convert(self, batch: RawBatch, n: int, row0: int) -> dict[str, Any]:
@@ -438,33 +354,13 @@ class _Validator:
 
     def _column(self, col: Column, v: Any, row0: int) -> Any:
         if col.kind in ("image", "bytes"):
-            vals = []
-            seen = self.codecs.get(col.name)
-            for j, x in enumerate(v):
-                if isinstance(x, bytes):
-                    b = x
-                elif isinstance(x, (bytearray, memoryview)):
-                    b = bytes(x)
-                elif isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 1:
-                    b = x.tobytes()
-                else:
-                    raise SchemaError(
-                        f"{self._where(col, row0 + j)}: expected bytes ({col.type_string()}), got {type(x).__name__}"
-                    )
-                if seen is not None:
-                    codec = detect_codec(b)
-                    if codec is None:
-                        raise SchemaError(
-                            f"{self._where(col, row0 + j)}: {len(b)} bytes are not a recognised image "
-                            "(JPEG, PNG, WebP, GIF, BMP, TIFF); store them in a 'bytes' column instead"
-                        )
-                    if col.codec not in (None, "mixed") and codec != col.codec:
-                        raise SchemaError(
-                            f"{self._where(col, row0 + j)}: a {codec} image in a column declared {col.type_string()}"
-                        )
-                    seen.add(codec)
-                vals.append(b)
-            return vals
+            return self._bytes(col, v, row0)
+        if col.is_ragged:
+            dtype = col.np_dtype
+            return [
+                ragged_row_bytes(x, dtype, col.shape, lambda j=j: self._where(col, row0 + j))
+                for j, x in enumerate(v)
+            ]
         if col.kind == "text":
             vals = []
             for j, x in enumerate(v):
@@ -475,6 +371,31 @@ class _Validator:
                 vals.append(x.encode("utf-8"))
             return vals
         return self._numeric(col, v, row0)
+
+    def _bytes(self, col: Column, v: Any, row0: int) -> list[bytes]:
+        """Image or bytes values (bytes, {"bytes", "path"} dicts; for images also PIL images
+        and uint8 arrays, encoded per ``image_format``) as bytes, image codecs checked."""
+        vals = []
+        image = col.kind == "image"
+        seen = self.codecs.get(col.name)
+        for j, x in enumerate(v):
+            b = image_value_bytes(
+                x, image, self.image_format, lambda j=j: self._where(col, row0 + j)
+            )
+            if seen is not None:
+                codec = detect_codec(b)
+                if codec is None:
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: {len(b)} bytes are not a recognised image "
+                        "(JPEG, PNG, WebP, GIF, BMP, TIFF); store them in a 'bytes' column instead"
+                    )
+                if col.codec not in (None, "mixed") and codec != col.codec:
+                    raise SchemaError(
+                        f"{self._where(col, row0 + j)}: a {codec} image in a column declared {col.type_string()}"
+                    )
+                seen.add(codec)
+            vals.append(b)
+        return vals
 
     def _numeric(self, col: Column, v: Any, row0: int) -> np.ndarray:
         target = col.np_dtype
@@ -523,9 +444,13 @@ class _Validator:
                     ]
                 )
             if xa.shape != col.shape:
+                hint = ""
+                if col.shape and xa.ndim == len(col.shape) and xa.shape[1:] == col.shape[1:]:
+                    star = ",".join(["*", *map(str, col.shape[1:])])
+                    hint = f"; for arrays of varying length declare schema={{{col.name!r}: '{col.dtype}[{star}]'}}"
                 raise SchemaError(
                     f"{self._where(col, row0 + j)}: shape {xa.shape} does not match the column's "
-                    f"{col.type_string()} (shape {col.shape})"
+                    f"{col.type_string()} (shape {col.shape}){hint}"
                 )
 
     def final_schema(self) -> Schema:
@@ -556,10 +481,17 @@ def ingest_into(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     progress: bool | None = None,
     batch_rows: int = BATCH_ROWS,
+    image_format: str = "png",
+    batches: bool | None = None,
 ) -> Manifest:
-    """Validate and write ``data`` to the table at ``store`` as one new committed version."""
+    """Validate and write ``data`` to the table at ``store`` as one new committed version
+    (written chunk by chunk, committed once at the end: a failure midway commits nothing).
+    ``image_format`` ("png", "jpeg" or "keep") says how PIL images and uint8 arrays bound for
+    image columns are encoded (see ``gpuload.sources.images``); ``batches`` whether an
+    iterable yields column batches (None: told apart by its first item)."""
+    check_image_format(image_format)
     given = Schema.from_spec(schema) if schema is not None else None
-    src = as_source(data, batch_rows)
+    src = as_source(data, batch_rows, batches)
     existing = None
     if mode == "append":
         try:
@@ -585,13 +517,13 @@ def ingest_into(
             ),
             existing.metadata,
         )
+    elif first is not None:
+        target = infer_schema(first[0], src.schema_hint)
     elif src.schema_hint is not None:
         target = src.schema_hint
-    elif first is not None:
-        target = infer_schema(first[0])
     else:
         raise SchemaError(f"cannot infer the schema of {label!r} from empty data; pass schema=")
-    validator = _Validator(target, label)
+    validator = _Validator(target, label, image_format)
     writer = TableWriter(store, target, mode, chunk_bytes, label)
     row = 0
     try:

@@ -28,6 +28,7 @@ from .device import resolve_device
 from .distributed import resolve_rank_world
 from .errors import TransformError
 from .image_stage import ImageStageFactory, image_stage_factory
+from .ragged import pad_ragged
 from .reader import TableReader
 from .sampling import Shard, Shuffle, shard_for
 from .spec import LoaderSpec, OnError
@@ -46,9 +47,12 @@ __all__ = [
     "transformed",
     "read_columns",
     "window_anchors",
+    "LENGTH_SUFFIX",
 ]
 
 log = logging.getLogger("gpuload.loader")
+
+LENGTH_SUFFIX = "_length"  # the lengths of a padded ragged column (pad_ragged=)
 
 STATE_VERSION = 2
 
@@ -305,6 +309,21 @@ class Loader:
                     f"image column {c!r} is not among the loaded columns {self.columns}"
                 )
         self.plain_columns = [c for c in self.columns if c not in self.image_columns]
+        self.ragged_columns = [c for c in self.plain_columns if reader.schema[c].is_ragged]
+        if spec.pad_ragged is not False and not self.ragged_columns:
+            raise ValueError(
+                f"pad_ragged={spec.pad_ragged!r}: none of the loaded columns is ragged"
+            )
+        clash = [
+            c + LENGTH_SUFFIX for c in self.ragged_columns if c + LENGTH_SUFFIX in self.columns
+        ]
+        if spec.pad_ragged is not False and clash:
+            raise ValueError(f"columns {clash} would be shadowed by pad_ragged's lengths")
+        if spec.pad_ragged is not False and transform is not None:
+            raise ValueError(
+                "pad_ragged= pads whole batches; a per-row transform gets each row's array "
+                "(pad in the transform, or leave out transform=)"
+            )
         self.windows: WindowIndex | None = None
         if spec.windows is not None:
             self.windows, self.subset = window_anchors(reader, spec, self.columns, self.subset)
@@ -539,6 +558,8 @@ class Loader:
                 self._count("skipped", int(len(rows) - keep.sum()))
                 rows = rows[keep]
                 data = {k: _take(v, keep) for k, v in data.items()}
+        if self.spec.pad_ragged is not False:
+            data = self._pad_ragged(data)
         if self.transform is not None:
             with clock.time("transform"):
                 skipped = [0]
@@ -565,6 +586,33 @@ class Loader:
     def _read_plain(self, rows: np.ndarray, wins: dict[str, BatchWindows] | None) -> dict:
         """The batch's columns that are not decoded here (windowed ones as (B, K, ...))."""
         return read_columns(self.table, rows, self.plain_columns, wins)
+
+    def _pad_ragged(self, data: dict[str, Any]) -> dict[str, Any]:
+        """Ragged columns as (B, [K,] L, *inner) arrays and ``<column>_length`` (``pad_ragged``)."""
+        pr = self.spec.pad_ragged
+        max_len = None if pr is True else int(pr)
+        for c in self.ragged_columns:
+            col, v = self.table.schema[c], data[c]
+            k = self.window_length(c)
+            flat = [a for row in v for a in row] if k else v
+            try:
+                padded, lengths = pad_ragged(flat, col.shape, col.np_dtype, max_len)
+            except ValueError as e:
+                raise ValueError(f"table {self.table.name!r}, column {c!r}: {e}") from None
+            if k:
+                padded = padded.reshape(len(v), k, *padded.shape[1:])
+                lengths = lengths.reshape(len(v), k)
+            data[c], data[c + LENGTH_SUFFIX] = padded, lengths
+        return data
+
+    def need_padded_ragged(self, door: str) -> None:
+        """Refuse ragged columns left as lists where ``door`` needs whole arrays (TF, JAX)."""
+        if self.ragged_columns and self.spec.pad_ragged is False:
+            raise ValueError(
+                f"{door} needs arrays of one shape per batch, and columns "
+                f"{self.ragged_columns} are ragged: pass pad_ragged=True (pad each batch to its "
+                "longest row) or pad_ragged=N (a fixed length), or leave them out with columns="
+            )
 
     def _batch_rows(self, ep: _Epoch, k: int) -> np.ndarray:
         """The rows batch ``k`` reads: its anchors and, with windows, every row of theirs."""

@@ -22,6 +22,7 @@ from .checksums import hash_bytes
 from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
 from .format import Manifest
+from .ragged import ragged_views
 from .sampling import EpochOrder, RowSelection, Shuffle, SubsetOrder
 from .schema import Column, Schema
 from .storage import Store
@@ -29,7 +30,7 @@ from .versions import read_manifest
 
 __all__ = ["TableReader"]
 
-ColumnValues = Any  # list[bytes] | list[str] | np.ndarray
+ColumnValues = Any  # list[bytes] | list[str] | np.ndarray | list[np.ndarray] (ragged columns)
 
 
 def _table_label(url: str) -> str:
@@ -334,12 +335,25 @@ class TableReader:
         return items
 
     def _offsets_check(self, column: Column):
+        """The check of an offsets section before anything is read or allocated from it:
+        starts at 0, ends at the data length, never decreases; for ragged columns every row is
+        also a whole number of inner elements (byte offsets, multiples of ``item_nbytes``)."""
+        item = column.item_nbytes if column.is_ragged else 1
+
         def check(info, sec, buf) -> None:
             data_len = info.data[column.name].length
-            if buf[0] != 0 or buf[-1] != data_len or (buf.size > 1 and np.any(np.diff(buf) < 0)):
+            lens = np.diff(buf)
+            where = (
+                f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
+                f"(bytes [{sec.offset}, {sec.end}))"
+            )
+            if buf[0] != 0 or buf[-1] != data_len or (lens.size and np.any(lens < 0)):
+                raise FormatError(f"{where} are corrupt")
+            bad = np.flatnonzero(lens % item) if item > 1 else ()
+            if len(bad):
                 raise FormatError(
-                    f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
-                    f"(bytes [{sec.offset}, {sec.end})) are corrupt"
+                    f"{where} are corrupt: row {int(bad[0])} of the chunk has {int(lens[bad[0]])} "
+                    f"bytes, not a whole number of {item}-byte {column.type_string()} elements"
                 )
 
         return check
@@ -551,11 +565,17 @@ class TableReader:
         return {c.name: self.read_column(idx, c) for c in cols}
 
     def read_column(self, idx: np.ndarray, col: Column) -> ColumnValues:
-        """One column of rows ``idx``: bytes/str list or a stacked numpy array."""
+        """One column of rows ``idx``: bytes/str list, a stacked numpy array, or for a ragged
+        column a list of arrays of shape (n_i, *inner)."""
         if self._is_small(col):
             values = self._read_small(idx, col)
             if col.kind == "text":
                 values = self._decode_text(values, col)
+            elif col.is_ragged:
+                bounds = np.zeros(len(values) + 1, dtype=np.int64)
+                np.cumsum([len(v) for v in values], out=bounds[1:])
+                packed = np.frombuffer(bytearray(b"".join(values)), dtype=np.uint8)
+                values = self._ragged(packed, bounds, col)
             return values
         if not col.is_var:
             plan, _ = self.read_plan(idx, col)  # checks the chunks' sizes before allocating
@@ -563,12 +583,19 @@ class TableReader:
             self._fetcher.read_into(plan, out.reshape(-1).view(np.uint8))
             return out
         buf, dest = self.read_column_into(idx, col)
+        if col.is_ragged:
+            return self._ragged(buf, dest, col)
         mv = memoryview(buf)
         d = dest.tolist()
         values: list = [mv[d[i] : d[i + 1]].tobytes() for i in range(len(idx))]
         if col.kind == "text":
             values = self._decode_text(values, col)
         return values
+
+    def _ragged(self, buf: np.ndarray, bounds: np.ndarray, col: Column) -> list[np.ndarray]:
+        """Rows of a ragged column from their packed bytes: arrays viewing ``buf``."""
+        where = f"table {self.name!r}, column {col.name!r}"
+        return ragged_views(buf, bounds, col.np_dtype, col.shape, where)
 
     def _decode_text(self, values: list, col: Column) -> list[str]:
         try:
@@ -692,4 +719,4 @@ class _AsyncReader:
                 f.set_exception(exc)
             else:
                 v = task.result()[k]
-                f.set_result(np.array(v) if col.kind == "array" else v)
+                f.set_result(np.array(v) if col.kind in ("array", "ragged") else v)

@@ -1,7 +1,10 @@
 """Column types and table schemas: what a column holds and how it is laid out in a chunk.
 
-Variable-length kinds (image, bytes, text) are stored as concatenated raw bytes plus an int64
-offsets index; fixed-shape kinds (scalar, array) as raw little-endian arrays.
+Variable-length kinds (image, bytes, text, ragged) are stored as concatenated raw bytes plus an
+int64 offsets index; fixed-shape kinds (scalar, array) as raw little-endian arrays. A ragged
+column ("float32[*,14]") holds per row an array of shape (n_i, *inner) of one numeric dtype: its
+row bytes are that array's little-endian values, so n_i is the row's byte length over the bytes
+of one inner element (``Column.item_nbytes``).
 """
 
 from __future__ import annotations
@@ -17,8 +20,10 @@ from .errors import SchemaError
 
 __all__ = ["Column", "Schema", "parse_type", "detect_codec", "NUMERIC_DTYPES"]
 
-VAR_KINDS = ("image", "bytes", "text")
+BYTES_KINDS = ("image", "bytes", "text")  # a row is an opaque byte string
+VAR_KINDS = (*BYTES_KINDS, "ragged")  # stored as concatenated bytes + an offsets index
 FIXED_KINDS = ("scalar", "array")
+NUMERIC_KINDS = ("scalar", "array", "ragged")  # carry a numeric dtype
 NUMERIC_DTYPES = (
     "bool",
     "int8",
@@ -36,7 +41,7 @@ NUMERIC_DTYPES = (
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,127}")
 MAX_DIM = 1 << 31  # one dimension of an array column
 MAX_ROW_NBYTES = 1 << 40  # one row of a fixed-shape column
-_TYPE_RE = re.compile(r"^\s*([a-z0-9]+)\s*(?:\[\s*([0-9,\s]*)\s*\])?\s*$")
+_TYPE_RE = re.compile(r"^\s*([a-z0-9]+)\s*(?:\[\s*([0-9*,\s]*)\s*\])?\s*$")
 IMAGE_CODECS = ("jpeg", "png", "webp", "gif", "bmp", "tiff", "mixed")
 
 
@@ -69,7 +74,8 @@ def detect_codec(data: bytes | memoryview) -> str | None:
 
 
 def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
-    """A positive integer shape whose rows stay below MAX_ROW_NBYTES (a manifest may lie)."""
+    """A positive integer shape whose rows (or inner elements, for ragged columns) stay below
+    MAX_ROW_NBYTES (a manifest may lie)."""
     if not isinstance(shape, (tuple, list)):
         raise SchemaError(f"column {name!r}: shape must be a list of integers, got {shape!r}")
     out = []
@@ -86,7 +92,8 @@ def _check_shape(name: str, shape: Any) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class Column:
-    """One column: ``kind`` is image/bytes/text/scalar/array; numeric kinds carry dtype and shape."""
+    """One column: ``kind`` is image/bytes/text/scalar/array/ragged; numeric kinds carry a dtype
+    and a shape (for ragged columns the inner shape of one element, () for "int32[*]")."""
 
     name: str
     kind: str
@@ -102,7 +109,7 @@ class Column:
                 f"column {self.name!r}: unknown kind {self.kind!r}; "
                 f"expected one of {', '.join(VAR_KINDS + FIXED_KINDS)}"
             )
-        if self.kind in FIXED_KINDS:
+        if self.kind in NUMERIC_KINDS:
             if self.dtype not in NUMERIC_DTYPES:
                 raise SchemaError(
                     f"column {self.name!r}: dtype {self.dtype!r} is not one of {', '.join(NUMERIC_DTYPES)}"
@@ -132,15 +139,28 @@ class Column:
         return self.kind in VAR_KINDS
 
     @property
+    def is_ragged(self) -> bool:
+        """True for ragged columns: per row an array of shape (n_i, *shape)."""
+        return self.kind == "ragged"
+
+    @property
     def np_dtype(self) -> np.dtype:
-        """Little-endian numpy dtype of a fixed-shape column."""
-        if self.is_var:
+        """Little-endian numpy dtype of a numeric (fixed-shape or ragged) column."""
+        if self.kind not in NUMERIC_KINDS:
             raise SchemaError(f"column {self.name!r} ({self.kind}) has no numpy dtype")
         return np.dtype(self.dtype).newbyteorder("<")
 
     @property
     def row_nbytes(self) -> int:
         """Bytes per row of a fixed-shape column."""
+        if self.is_var:
+            raise SchemaError(f"column {self.name!r} ({self.kind}) has rows of varying size")
+        return self.item_nbytes
+
+    @property
+    def item_nbytes(self) -> int:
+        """Bytes of one element of ``shape``: a row of a fixed-shape column, one inner element
+        (one step of the first dimension) of a ragged one."""
         return int(self.np_dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
 
     def type_string(self) -> str:
@@ -151,13 +171,16 @@ class Column:
             return self.kind
         if self.kind == "scalar":
             return str(self.dtype)
-        return f"{self.dtype}[{','.join(str(s) for s in self.shape)}]"
+        dims = [str(s) for s in self.shape]
+        if self.kind == "ragged":
+            dims.insert(0, "*")
+        return f"{self.dtype}[{','.join(dims)}]"
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"name": self.name, "kind": self.kind}
         if self.dtype is not None:
             d["dtype"] = self.dtype
-        if self.kind == "array":
+        if self.kind in ("array", "ragged"):
             d["shape"] = list(self.shape)
         if self.codec is not None:
             d["codec"] = self.codec
@@ -187,7 +210,8 @@ class Column:
 
 def parse_type(name: str, spec: str | Column | Mapping[str, Any]) -> Column:
     """A Column from a compact type string ("image", "image/png", "bytes", "text", "int64",
-    "float32[14]", "uint8[2,3]") or a Column/JSON mapping."""
+    "float32[14]", "uint8[2,3]", ragged "int32[*]" and "float32[*,14]") or a Column/JSON
+    mapping."""
     if isinstance(spec, Column):
         if spec.name != name:
             return Column(name, spec.kind, spec.dtype, spec.shape, spec.codec, spec.metadata)
@@ -216,11 +240,18 @@ def parse_type(name: str, spec: str | Column | Mapping[str, Any]) -> Column:
     dtype = aliases.get(dtype, dtype)
     if dims is None:
         return Column(name, "scalar", dtype)
+    parts = [x.strip() for x in dims.split(",")]
+    kind = "array"
+    if parts and parts[0] == "*":
+        kind, parts = "ragged", parts[1:]
     try:
-        shape = tuple(int(x) for x in dims.split(",") if x.strip())
+        shape = tuple(int(x) for x in parts if x)
     except ValueError:
-        raise SchemaError(f"column {name!r}: cannot parse shape in {spec!r}") from None
-    return Column(name, "array", dtype, shape)
+        raise SchemaError(
+            f"column {name!r}: cannot parse shape in {spec!r} (only the first dimension may "
+            "be '*', as in 'float32[*,14]')"
+        ) from None
+    return Column(name, kind, dtype, shape)
 
 
 @dataclass(frozen=True)

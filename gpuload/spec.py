@@ -99,6 +99,10 @@ class LoaderSpec:
       offsets of the ``timestamp`` column (within ``tolerance_s``); offsets outside the episode
       repeat its edge row and are flagged in ``<column>_is_pad``. ``drop_incomplete=True``
       keeps only anchors whose whole window lies inside their episode.
+    - ``pad_ragged``: ragged columns (``"float32[*,14]"``) come as one (B, L, ...) array padded
+      with zeros and ``<column>_length`` (B,): ``True`` pads to the batch's longest row, an
+      integer to that fixed length (a longer row is an error; nothing is truncated); False
+      (default) leaves them lists of arrays.
     - ``drop_last``: leave out a last batch smaller than ``batch_size``.
     - ``uneven``: "pad" or "drop", how ranks' shares are evened out.
     - ``on_error``: "raise" or "skip" a row that cannot be decoded or transformed.
@@ -131,6 +135,7 @@ class LoaderSpec:
     timestamp: str = "timestamp"
     tolerance_s: float = 1e-4
     drop_incomplete: bool = False
+    pad_ragged: bool | int = False
     windows: WindowSpec | None = field(default=None, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -167,6 +172,11 @@ class LoaderSpec:
         if not isinstance(self.drop_last, (bool, np.bool_)):
             raise TypeError(f"drop_last must be True or False, got {self.drop_last!r}")
         _check_rank(self.rank, self.world_size)
+        pr = self.pad_ragged
+        if not isinstance(pr, (bool, np.bool_)) and (not _is_int(pr) or pr < 1):
+            raise ValueError(
+                f"pad_ragged must be True, False or a length >= 1 to pad every batch to, got {pr!r}"
+            )
 
     def _windows(self) -> None:
         given = [n for n in WINDOW_OPTIONS if n in self.given()]

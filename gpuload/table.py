@@ -163,7 +163,7 @@ class Row:
 
 def _cell(values: ColumnValues, col: Column) -> Any:
     v = values[0]
-    if col.kind == "array":
+    if col.kind in ("array", "ragged"):
         return np.array(v)  # an owned copy, not a view into the batch buffer
     return v
 

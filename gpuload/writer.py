@@ -21,7 +21,7 @@ import numpy as np
 
 from .checksums import DEFAULT_PAGE_BYTES, PageChecksums, hash_bytes, page_hashes
 from .errors import CommitConflictError, SchemaError, TableExistsError
-from .format import ALIGN, ChunkInfo, Manifest, Section, version_path
+from .format import ALIGN, ChunkInfo, Manifest, Section, version_path, written_version
 from .schema import Column, Schema
 from .storage import Store
 from .versions import create_version, point_to, try_read_manifest
@@ -286,6 +286,7 @@ class TableWriter:
             chunks=(tuple(base.chunks) if append else ()) + tuple(self._new_chunks),
             created=base.created if append else now,
             updated=now,
+            format_version=written_version(schema),
         )
         manifest.validate(f"new manifest of {self.label!r}")
         return manifest

@@ -59,7 +59,9 @@ def jax_front_door(table: TableReader, spec: LoaderSpec, sharding: Any = None) -
         export = lambda b: to_jax(b, target)  # noqa: E731 - the loader's export hook
     else:
         export = _Global(sharding, jax.process_count())
-    return JaxLoader(make_loader(table, spec, export=export), sharding)
+    loader = make_loader(table, spec, export=export)
+    loader.need_padded_ragged("gpuload.jax")
+    return JaxLoader(loader, sharding)
 
 
 def _jax_device(dev) -> Any:

@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from ..errors import GpuloadError
 from ..export import to_tensorflow
-from ..loader import Loader, make_loader
+from ..loader import LENGTH_SUFFIX, Loader, make_loader
 from ..reader import TableReader
 from ..schema import Column
 from ..spec import WINDOW_OPTIONS, LoaderSpec, refuse_unused
@@ -59,6 +59,7 @@ ROW_OPTIONS = (
     "world_size",
     "episode",
     *WINDOW_OPTIONS,
+    "pad_ragged",
 )
 ROW_READ = 256  # rows per internal batch when the dataset yields rows
 
@@ -149,6 +150,7 @@ def tf_front_door(
             "image= ops run, and none were given"
         )
     loader = make_loader(table, spec)
+    loader.need_padded_ragged("gpuload.tensorflow")
     return _Cursor(loader, batched, _labels(label, loader)).dataset(sized=True)
 
 
@@ -165,6 +167,13 @@ def _signature(loader: Loader, batched: bool) -> dict[str, tf.TensorSpec]:
             plan = plans[c.name]
             shape = (fixed, *win, *plan.out_shape(1)[1:])
             out[c.name] = tf.TensorSpec(shape, _TF_DTYPES[plan.out_dtype], name=c.name)
+        elif c.is_ragged:
+            width = None if spec.pad_ragged is True else int(spec.pad_ragged)
+            out[c.name] = tf.TensorSpec(
+                (fixed, *win, width, *c.shape), _TF_DTYPES[c.dtype], name=c.name
+            )
+            name = c.name + LENGTH_SUFFIX
+            out[name] = tf.TensorSpec((fixed, *win), tf.int64, name=name)
         elif win:
             base = column_spec(c, fixed, batched)
             shape = (*base.shape[:1], k, *base.shape[1:])

@@ -214,3 +214,14 @@ def test_windows_equal_the_torch_door(tmp_path):
         assert g["cam"].shape == (len(w["id"]), 2, 3, 8, 8) and g["id_is_pad"].dtype == jnp.bool_
         for k in w:
             np.testing.assert_array_equal(np.asarray(g[k]), w[k].numpy())
+
+
+def test_ragged_columns_are_padded_or_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    traj = [rng.standard_normal((k, 2)).astype(np.float32) for k in (0, 3, 1, 5)]
+    t = gpuload.ingest(str(tmp_path / "r"), {"id": np.arange(4), "traj": traj})
+    with pytest.raises(ValueError, match="pad_ragged"):
+        gpuload.jax(t, batch_size=2)
+    b = next(iter(gpuload.jax(t, batch_size=4, pad_ragged=6)))
+    assert b["traj"].shape == (4, 6, 2) and b["traj_length"].tolist() == [0, 3, 1, 5]
+    np.testing.assert_array_equal(np.asarray(b["traj"])[3, :5], traj[3])

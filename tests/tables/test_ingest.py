@@ -54,14 +54,21 @@ def test_ingest_pyarrow_and_parquet(client, tmp_path):
     assert t.schema["state"].type_string() == "float32[14]"
 
 
-def test_ingest_parquet_ragged_lists_rejected(client, tmp_path):
+def test_ingest_parquet_ragged_lists(client, tmp_path):
+    """Lists whose lengths vary become a ragged column; lists varying below the first
+    dimension are refused (only the first dimension of a ragged column varies)."""
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"v": pa.array([[1.0, 2.0], [3.0]])}), tmp_path / "r.parquet")
-    with pytest.raises(SchemaError, match="ragged"):
-        client.ingest("r", str(tmp_path / "r.parquet"))
-    assert "r" not in client.list_tables()
+    t = client.ingest("r", str(tmp_path / "r.parquet"))
+    assert t.schema["v"].type_string() == "float64[*]"
+    assert [list(x) for x in t[:]["v"]] == [[1.0, 2.0], [3.0]]
+    nested = pa.array([[[1.0, 2.0], [3.0, 4.0]], [[5.0], [6.0, 7.0]]])
+    pq.write_table(pa.table({"v": nested}), tmp_path / "n.parquet")
+    with pytest.raises(SchemaError, match=r"row 1, column 'v': nested lists whose inner"):
+        client.ingest("n", str(tmp_path / "n.parquet"))
+    assert "n" not in client.list_tables()
 
 
 def test_ingest_arrow_nulls_rejected(client):
@@ -132,7 +139,7 @@ def test_explicit_schema(client):
         ({"x": [1.5, 2.5]}, {"x": "int64"}, "float64 values cannot be stored as int64"),
         ({"x": ["a", "b"]}, {"x": "int64"}, "expected numbers"),
         ({"x": [[1, 2], [1, 2, 3]]}, {"x": "int64[2]"}, r"row 1, column 'x': shape \(3,\)"),
-        ({"x": [[1, 2], [1, 2, 3]]}, None, "row 1, column 'x'"),
+        ({"x": [[1, 2], [[1, 2]]]}, None, r"row 1, column 'x': shape \(1, 2\)"),
         ({"x": [b"a", "b"]}, {"x": "bytes"}, r"row 1, column 'x': expected bytes"),
         ({"x": [b"not an image"]}, {"x": "image"}, "not a recognised image"),
         ({"x": [300]}, {"x": "uint8"}, "out of range for uint8"),
