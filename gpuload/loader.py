@@ -309,21 +309,7 @@ class Loader:
                     f"image column {c!r} is not among the loaded columns {self.columns}"
                 )
         self.plain_columns = [c for c in self.columns if c not in self.image_columns]
-        self.ragged_columns = [c for c in self.plain_columns if reader.schema[c].is_ragged]
-        if spec.pad_ragged is not False and not self.ragged_columns:
-            raise ValueError(
-                f"pad_ragged={spec.pad_ragged!r}: none of the loaded columns is ragged"
-            )
-        clash = [
-            c + LENGTH_SUFFIX for c in self.ragged_columns if c + LENGTH_SUFFIX in self.columns
-        ]
-        if spec.pad_ragged is not False and clash:
-            raise ValueError(f"columns {clash} would be shadowed by pad_ragged's lengths")
-        if spec.pad_ragged is not False and transform is not None:
-            raise ValueError(
-                "pad_ragged= pads whole batches; a per-row transform gets each row's array "
-                "(pad in the transform, or leave out transform=)"
-            )
+        self.ragged_columns = self._ragged(reader, spec, transform)
         self.windows: WindowIndex | None = None
         if spec.windows is not None:
             self.windows, self.subset = window_anchors(reader, spec, self.columns, self.subset)
@@ -586,6 +572,25 @@ class Loader:
     def _read_plain(self, rows: np.ndarray, wins: dict[str, BatchWindows] | None) -> dict:
         """The batch's columns that are not decoded here (windowed ones as (B, K, ...))."""
         return read_columns(self.table, rows, self.plain_columns, wins)
+
+    def _ragged(self, reader: TableReader, spec: LoaderSpec, transform: Any) -> list[str]:
+        """The loaded ragged columns; refuse ``pad_ragged`` where it would do nothing."""
+        ragged = [c for c in self.plain_columns if reader.schema[c].is_ragged]
+        if spec.pad_ragged is False:
+            return ragged
+        if not ragged:
+            raise ValueError(
+                f"pad_ragged={spec.pad_ragged!r}: none of the loaded columns is ragged"
+            )
+        clash = [c + LENGTH_SUFFIX for c in ragged if c + LENGTH_SUFFIX in self.columns]
+        if clash:
+            raise ValueError(f"columns {clash} would be shadowed by pad_ragged's lengths")
+        if transform is not None:
+            raise ValueError(
+                "pad_ragged= pads whole batches; a per-row transform gets each row's array "
+                "(pad in the transform, or leave out transform=)"
+            )
+        return ragged
 
     def _pad_ragged(self, data: dict[str, Any]) -> dict[str, Any]:
         """Ragged columns as (B, [K,] L, *inner) arrays and ``<column>_length`` (``pad_ragged``)."""
