@@ -429,13 +429,14 @@ class ImageStage:
             numba.set_num_threads(min(self.inner_threads, numba.config.NUMBA_NUM_THREADS))
         slot = batch.slot
         meta = np.ascontiguousarray(dec.meta[item])
-        out = kernel.run(flat[: max(1, dec.nbytes)], meta, windows, params, out_index=slot)
+        k = index.shape[1] if col.name in self.frames else 1
+        out = kernel.run(
+            flat[: max(1, dec.nbytes)], meta, windows, params, out_index=slot, frames=k
+        )
         if self.device.is_cuda:
             # Wait (on this assembling thread) for the batch's own event, not for the device:
             # the consumer then reads a finished batch on whatever stream it uses.
             kernel.events[slot].synchronize()
-        if col.name in self.frames:
-            out = out.reshape((index.shape[0], index.shape[1], *out.shape[1:]))
         batch.clock.add("kernel", time.perf_counter() - t1)
         return BFloat16Bits(out) if plan.out_dtype == "bfloat16" else out
 

@@ -247,17 +247,21 @@ class FusedImageStage:
             a = np.ascontiguousarray(a)
         return a
 
-    def run(self, src, meta, windows, params, out_index=None, src_pinned: bool = False):
+    def run(
+        self, src, meta, windows, params, out_index=None, src_pinned: bool = False, frames: int = 1
+    ):
         """Run the kernel on one batch (see the class docstring).
 
         CUDA: device inputs must be ready when ``run`` is called (their producer's stream
-        synchronised, or made to wait on by ``self.stream``). ``src_pinned=True``: ``src`` is page-locked host memory that the caller will
+        synchronised, or made to wait on by ``self.stream``). ``frames=K``: the batch is
+        B / K samples of K images each, returned as (B / K, K, ...) (the view the slot's lease
+        watches, so a held windowed batch keeps its slot). ``src_pinned=True``: ``src`` is page-locked host memory that the caller will
         not rewrite before ``self.events[slot]`` has completed; it is then copied to the device
         directly instead of through the stage's own pinned staging buffer. Device arrays
         (numba, or anything with ``__cuda_array_interface__``) are always used in place.
         """
         if self.device.is_cuda:
-            return self._run_cuda(src, meta, windows, params, out_index, src_pinned)
+            return self._run_cuda(src, meta, windows, params, out_index, src_pinned, frames)
         src = self._host(src, np.uint8, "src", 1)
         meta = self._host(meta, np.int64, "meta", 2)
         windows = self._host(windows, np.float32, "windows", 2)
@@ -270,7 +274,7 @@ class FusedImageStage:
             k = self._slot(out_index)
             self._release(k)
         if B == 0:
-            return self._lease(k, 0)
+            return self._lease(k, 0, frames)
         kernel = self._cpu_kernel()
         if kernel is self._kernel:
             _fused.note_parallel_use()
@@ -284,7 +288,7 @@ class FusedImageStage:
             self._means[k],
             self._kviews[k][:B],
         )
-        return self._lease(k, B)
+        return self._lease(k, B, frames)
 
     __call__ = run
 
@@ -307,9 +311,14 @@ class FusedImageStage:
         self._kviews[k] = new.view(kdtype) if new.dtype != kdtype else new
         self._leases[k] = None
 
-    def _lease(self, k: int, B: int):
-        """A new view of slot ``k``'s first ``B`` rows, watched through a weak reference."""
+    def _lease(self, k: int, B: int, frames: int = 1):
+        """A new view of slot ``k``'s first ``B`` rows (as (B / frames, frames, ...) when
+        ``frames`` > 1), watched through a weak reference."""
         view = self.outputs[k][:B]
+        if frames != 1:
+            if B % frames:
+                raise ValueError(f"a batch of {B} images is not whole samples of {frames}")
+            view = view.reshape((B // frames, frames, *view.shape[1:]))
         self._leases[k] = weakref.ref(view)
         return view
 
@@ -359,14 +368,14 @@ class FusedImageStage:
         self._d_src = cuda.device_array(cap, dtype=np.uint8)
         self._src_cap = cap
 
-    def _run_cuda(self, src, meta, windows, params, out_index, src_pinned=False):
+    def _run_cuda(self, src, meta, windows, params, out_index, src_pinned=False, frames=1):
         meta_h = self._host(meta, np.int64, "meta", 2)
         B = self._check_batch(meta_h)
         with self._lock:
             k = self._slot(out_index)
             self._release(k)
             if B == 0:
-                return self._lease(k, 0)
+                return self._lease(k, 0, frames)
             if self._used[k]:
                 self.events[k].synchronize()  # the slot's pinned buffers are free again
             src, windows, params, nsrc = self._cuda_inputs(src, meta_h, windows, params, B)
@@ -391,7 +400,7 @@ class FusedImageStage:
             ev.record(self.stream)
             self._used[k] = True
             self.event = ev
-            return self._lease(k, B)
+            return self._lease(k, B, frames)
 
     def _cuda_inputs(self, src, meta_h, windows, params, B: int):
         """src, windows and params as device arrays (left there) or checked host arrays, and

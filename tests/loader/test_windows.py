@@ -293,3 +293,19 @@ def test_a_resume_needs_the_same_windows(table):
     ):
         with pytest.raises(ValueError, match="windows"):
             other.load_state_dict(windowed.state_dict())
+
+
+def test_held_windowed_image_batches_stay_valid(tmp_path):
+    torch = pytest.importorskip("torch")
+    t = episode_table(tmp_path / "t", [7, 9, 8])
+    kw = dict(batch_size=4, shuffle=True, seed=1, episode="episode_index", columns=["cam", "episode_index"],
+              window={"cam": [-1, 0]}, image=[ops.RandomResizedCrop(8)])  # fmt: skip
+    held = gpuload.pytorch(t, **kw)
+    kept = [b["cam"] for _ in range(3) for b in held]  # the tensors themselves, not copies
+    fresh = gpuload.pytorch(t, **kw)
+    ref = [b["cam"].clone() for _ in range(3) for b in fresh]
+    assert len(kept) == 18 and kept[0].shape == (4, 2, 3, 8, 8)
+    for i, (a, b) in enumerate(zip(kept, ref)):
+        assert torch.equal(a, b), f"kept batch {i} was overwritten"
+    assert held.stats().images["held_replaced"] > 0
+    assert fresh.stats().images["held_replaced"] == 0
