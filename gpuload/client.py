@@ -25,6 +25,7 @@ __all__ = [
     "default_root",
     "ingest",
     "is_location",
+    "is_ray_dataset",
     "jax",
     "pytorch",
     "resolve_table",
@@ -104,7 +105,9 @@ class Client:
         subfolders), WebDataset tar shards (``"shard-{000..009}.tar"``, a list, or
         ``gpuload.sources.WebDataset(..., columns=)``), or a Table. Image columns also take
         ``{"bytes", "path"}`` dicts, PIL images and uint8 arrays, encoded as ``image_format``
-        says ("png" lossless by default, "jpeg", "keep": see ``gpuload.sources.images``)."""
+        says ("png" lossless by default, "jpeg", "keep": see ``gpuload.sources.images``).
+        A ``ray.data.Dataset`` is written by Ray's workers and committed once as one version
+        (``gpuload.ray.write_table``)."""
         return ingest(
             self.table_url(name),
             data,
@@ -166,9 +169,17 @@ def ingest(
     batches: bool | None = None,
 ) -> Table:
     """Write ``data`` to the table at a path or URL and open the committed snapshot (the
-    sources and options are ``Client.ingest``'s)."""
+    sources and options are ``Client.ingest``'s). A Ray Dataset is written by Ray's workers
+    in parallel and committed once (``gpuload.ray.write_table``)."""
     store = Store(os.fspath(url), storage_options, fetch.retry if fetch is not None else None)
     label = os.path.basename(os.fspath(url).rstrip("/")) or os.fspath(url)
+    if is_ray_dataset(data):
+        from .adapters.ray import write_dataset
+
+        manifest = write_dataset(
+            data, store.url, label, mode, schema, chunk_bytes, storage_options, image_format
+        )
+        return Table(store, manifest, cache=cache, fetch=fetch)
     manifest = ingest_into(
         store,
         label,
@@ -181,6 +192,11 @@ def ingest(
         batches=batches,
     )
     return Table(store, manifest, cache=cache, fetch=fetch)
+
+
+def is_ray_dataset(data: Any) -> bool:
+    """Whether ``data`` is a ``ray.data.Dataset``, told without importing Ray."""
+    return type(data).__module__.startswith("ray.data") and hasattr(data, "write_datasink")
 
 
 def is_location(arg: str) -> bool:

@@ -7,13 +7,14 @@ import os
 import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from itertools import chain, islice
 from typing import Any
 
 import numpy as np
 
 from .errors import SchemaError, TableNotFoundError
-from .format import Manifest
+from .format import ChunkInfo, Manifest
 from .ragged import ragged_row_bytes
 from .reader import TableReader
 from .schema import Column, Schema, detect_codec
@@ -25,9 +26,17 @@ from .sources.images import check_image_format, image_value_bytes, is_image_valu
 from .sources.webdataset import WebDataset, looks_like_shards
 from .storage import Store
 from .versions import read_manifest
-from .writer import DEFAULT_CHUNK_BYTES, TableWriter
+from .writer import DEFAULT_CHUNK_BYTES, ChunkWriter, TableWriter
 
-__all__ = ["ingest_into", "infer_schema", "IMAGE_EXTENSIONS", "arrow_batch_to_columns"]
+__all__ = [
+    "BlockStager",
+    "Staged",
+    "ingest_into",
+    "infer_schema",
+    "target_schema",
+    "IMAGE_EXTENSIONS",
+    "arrow_batch_to_columns",
+]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".jfif")
 
@@ -464,6 +473,97 @@ class _Validator:
         return Schema(tuple(cols), self.schema.metadata)
 
 
+def target_schema(given: Schema | None, existing: Schema | None) -> Schema | None:
+    """The schema rows are validated against before any is seen: the one given, else an
+    existing table's (when appending; image codecs left open, recorded from the rows), else
+    None (inferred from the first batch)."""
+    if given is not None:
+        return given
+    if existing is None:
+        return None
+    return Schema(
+        tuple(
+            Column(
+                c.name, c.kind, c.dtype, c.shape, None if c.kind == "image" else c.codec, c.metadata
+            )
+            for c in existing
+        ),
+        existing.metadata,
+    )
+
+
+@dataclass
+class Staged:
+    """What a ``BlockStager`` wrote: uncommitted chunks, in row order, and the schema of their
+    rows (image codecs as observed; None when no row was seen)."""
+
+    schema: Schema | None
+    chunks: list[ChunkInfo] = field(default_factory=list)
+    rows: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+class BlockStager:
+    """Ingest's validation and conversion for data arriving in blocks in another process (a
+    Ray write task): each block (anything ``ingest`` takes as one piece: a pyarrow Table, a
+    DataFrame, a dict of columns) is checked against ``schema`` (None: inferred from the first
+    block, as ingest does) and written as chunk files that no manifest names yet. Committing
+    them is the caller's (``TableWriter.stage``); ``discard`` removes them."""
+
+    def __init__(
+        self,
+        store: Store,
+        label: str,
+        schema: Schema | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        image_format: str = "png",
+        name_prefix: str = "",
+    ) -> None:
+        self.store, self.label = store, label
+        self.image_format = check_image_format(image_format)
+        self.chunk_bytes, self.name_prefix = chunk_bytes, name_prefix
+        self.rows = 0
+        self.metadata: dict[str, Any] | None = None
+        self._schema = schema
+        self._validator: _Validator | None = None
+        self._writer: ChunkWriter | None = None
+
+    def add(self, block: Any) -> int:
+        """Validate, convert and write one block; returns its row count."""
+        src = as_source(block, BATCH_ROWS)
+        if self.metadata is None:
+            self.metadata = dict(src.metadata)
+        rows = 0
+        for raw, n in src.batches:
+            if n == 0:
+                continue
+            if self._writer is None:
+                self._start(self._schema or infer_schema(raw, src.schema_hint))
+            self._writer.write(self._validator.convert(raw, n, self.rows), n)  # type: ignore[union-attr]
+            self.rows += n
+            rows += n
+        return rows
+
+    def _start(self, schema: Schema) -> None:
+        self._validator = _Validator(schema, self.label, self.image_format)
+        self._writer = ChunkWriter(
+            self.store, schema, self.chunk_bytes, self.label, self.name_prefix
+        )
+
+    def finish(self) -> Staged:
+        """Write the buffered rows; what was staged."""
+        if self._writer is None:
+            return Staged(self._schema, [], 0, self.metadata or {})
+        self._writer.flush()
+        final = self._validator.final_schema()  # type: ignore[union-attr]
+        return Staged(final, list(self._writer.chunks), self.rows, self.metadata or {})
+
+    def discard(self) -> None:
+        """Remove every chunk written so far (best effort)."""
+        if self._writer is not None:
+            self._writer.discard()
+
+
 def _progress(total: int | None, label: str, enabled: bool | None):
     from tqdm.auto import tqdm
 
@@ -500,28 +600,12 @@ def ingest_into(
             existing = None
     it = iter(src.batches)
     first = next(it, None)
-    if given is not None:
-        target = given
-    elif existing is not None:
-        target = Schema(
-            tuple(
-                Column(
-                    c.name,
-                    c.kind,
-                    c.dtype,
-                    c.shape,
-                    None if c.kind == "image" else c.codec,
-                    c.metadata,
-                )
-                for c in existing
-            ),
-            existing.metadata,
-        )
-    elif first is not None:
+    target = target_schema(given, existing)
+    if target is None and first is not None:
         target = infer_schema(first[0], src.schema_hint)
-    elif src.schema_hint is not None:
+    elif target is None and src.schema_hint is not None:
         target = src.schema_hint
-    else:
+    elif target is None:
         raise SchemaError(f"cannot infer the schema of {label!r} from empty data; pass schema=")
     validator = _Validator(target, label, image_format)
     writer = TableWriter(store, target, mode, chunk_bytes, label)

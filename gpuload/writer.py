@@ -7,15 +7,22 @@ rebases onto the winner's version and tries again (appends commute); a create, a
 schema change that loses it raises CommitConflictError. A commit never reports success with
 another writer's rows gone, and never deletes chunks: replaced ones stay for live readers until
 ``vacuum`` removes them after its grace period.
+
+The two halves are separable, so the chunks of one version may come from many processes (the
+Ray sink, ``gpuload.adapters.ray``): ``ChunkWriter`` writes chunk files and returns their
+``ChunkInfo`` (plain data, ``ChunkInfo.to_json``), touching no manifest; ``start_version``
+records the version a write starts from; ``TableWriter(..., base=that version)`` plus
+``stage(chunks)`` commits chunks written elsewhere through the same protocol as its own.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -26,51 +33,69 @@ from .schema import Column, Schema
 from .storage import Store
 from .versions import create_version, point_to, try_read_manifest
 
-__all__ = ["TableWriter", "DEFAULT_CHUNK_BYTES", "MODES"]
+__all__ = [
+    "ChunkWriter",
+    "TableWriter",
+    "DEFAULT_CHUNK_BYTES",
+    "MODES",
+    "merge_codecs",
+    "same_columns",
+    "start_version",
+]
 
 log = logging.getLogger("gpuload.writer")
 DEFAULT_CHUNK_BYTES = 32 << 20
 MODES = ("create", "append", "overwrite")
 MAX_COMMIT_TRIES = 200  # appends rebase on each lost race; each lost race means another's win
 _PAD = bytes(ALIGN)
+_PREFIX_RE = re.compile(r"[0-9a-f]{0,16}")
+_UNREAD = object()  # TableWriter(base=...) not given: read the latest version
 
 
-class TableWriter:
-    """Buffers validated column batches into chunks and commits them as one new version."""
+def start_version(store: Store, mode: str, label: str) -> Manifest | None:
+    """The latest version a write in ``mode`` starts from (None: no table yet). A create of a
+    table that exists raises TableExistsError here, before anything is written."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    base = try_read_manifest(store)
+    _refuse_existing(mode, base, label)
+    return base
+
+
+def _refuse_existing(mode: str, base: Manifest | None, label: str) -> None:
+    if mode == "create" and base is not None:
+        raise TableExistsError(
+            f"table {label!r} already exists (version {base.version}); "
+            "use mode='append' or mode='overwrite'"
+        )
+
+
+class ChunkWriter:
+    """Writes validated column batches as new chunk files, cut at row boundaries once they reach
+    ``chunk_bytes``. The files are invisible to readers until a commit names them; this class
+    knows no manifest. ``name_prefix`` (up to 16 hex digits) starts every chunk's random name,
+    so the chunks of one distributed write can be found by name (the rest is random)."""
 
     def __init__(
         self,
         store: Store,
         schema: Schema,
-        mode: str = "create",
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         label: str | None = None,
+        name_prefix: str = "",
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        if not _PREFIX_RE.fullmatch(name_prefix):
+            raise ValueError(f"name_prefix must be 0-16 lowercase hex digits, got {name_prefix!r}")
         self.store = store
-        self.label = label or store.url
-        self.mode = mode
-        self.chunk_bytes = int(chunk_bytes)
-        self.base: Manifest | None = try_read_manifest(store)
-        if mode == "create" and self.base is not None:
-            raise TableExistsError(
-                f"table {self.label!r} already exists (version {self.base.version}); "
-                "use mode='append' or mode='overwrite'"
-            )
-        if mode == "append" and self.base is not None:
-            _check_same_schema(self.base.schema, schema, self.label)
-            schema = _merge_codecs(self.base.schema, schema)
         self.schema = schema
-        self._new_chunks: list[ChunkInfo] = []
-        self._published = False  # a version naming this writer's chunks exists
-        self._keep_chunks = False  # whether one exists is unknown
-        self._reset_buffers()
+        self.label = label or store.url
+        self.chunk_bytes = int(chunk_bytes)
+        self.name_prefix = name_prefix
+        self.chunks: list[ChunkInfo] = []  # written so far, in row order
         self.rows_written = 0
-        self._closed = False
-        store.makedirs()
+        self._reset_buffers()
 
     def _reset_buffers(self) -> None:
         self._parts: dict[str, list] = {c.name: [] for c in self.schema}
@@ -82,8 +107,6 @@ class TableWriter:
     def write(self, batch: Mapping[str, object], n: int) -> None:
         """Append ``n`` rows given as validated column values (list of bytes or numpy array).
         Chunks are cut at row boundaries as soon as they reach ``chunk_bytes``."""
-        if self._closed:
-            raise RuntimeError("writer is closed")
         if n == 0:
             return
         row_bytes = np.zeros(n, dtype=np.int64)
@@ -167,11 +190,100 @@ class TableWriter:
         hashes = page_hashes(parts, DEFAULT_PAGE_BYTES).tobytes()
         sums = PageChecksums(DEFAULT_PAGE_BYTES, covers, hash_bytes(hashes))
         parts.append(hashes)
-        name = f"chunks/{uuid.uuid4().hex}.chunk"
+        name = f"chunks/{self.name_prefix}{uuid.uuid4().hex[len(self.name_prefix) :]}.chunk"
         size = self.store.write_new(name, parts)
-        self._new_chunks.append(ChunkInfo(name, rows, size, data, offsets, sums, rowhash))
+        self.chunks.append(ChunkInfo(name, rows, size, data, offsets, sums, rowhash))
         self.rows_written += rows
         self._reset_buffers()
+
+    def discard(self) -> None:
+        """Delete the chunk files written so far (best effort: one that cannot be removed is
+        logged and left for ``vacuum``) and drop the buffered rows."""
+        for c in self.chunks:
+            try:
+                self.store.remove(c.file)
+            except OSError as e:
+                log.warning(
+                    "could not remove uncommitted chunk %s of %s: %s", c.file, self.label, e
+                )
+        self.chunks.clear()
+        self._reset_buffers()
+
+
+class TableWriter:
+    """Buffers validated column batches into chunks and commits them, with any chunks staged from
+    other processes, as one new version on top of ``base``."""
+
+    def __init__(
+        self,
+        store: Store,
+        schema: Schema,
+        mode: str = "create",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        label: str | None = None,
+        *,
+        base: Manifest | None | object = _UNREAD,
+    ) -> None:
+        """``base``: the version this write started from (``start_version``; None for no
+        table); read now when not given."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.store = store
+        self.label = label or store.url
+        self.mode = mode
+        self._chunks = ChunkWriter(store, schema, chunk_bytes, self.label)
+        if base is _UNREAD:
+            base = start_version(store, mode, self.label)
+        _refuse_existing(mode, base, self.label)  # type: ignore[arg-type]
+        self.base: Manifest | None = base  # type: ignore[assignment]
+        if mode == "append" and self.base is not None:
+            _check_same_schema(self.base.schema, schema, self.label)
+            schema = _merge_codecs(self.base.schema, schema)
+        self.schema = self._chunks.schema = schema
+        self._staged: list[ChunkInfo] = []  # written elsewhere, committed with this writer's
+        self._published = False  # a version naming this writer's chunks exists
+        self._keep_chunks = False  # whether one exists is unknown
+        self._closed = False
+        store.makedirs()
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._chunks.chunk_bytes
+
+    @property
+    def rows_written(self) -> int:
+        """Rows in the chunks this writer wrote and staged."""
+        return self._chunks.rows_written + sum(c.rows for c in self._staged)
+
+    @property
+    def _new_chunks(self) -> list[ChunkInfo]:
+        """Every chunk this commit publishes, in row order: staged ones, then its own."""
+        return [*self._staged, *self._chunks.chunks]
+
+    @property
+    def may_have_published(self) -> bool:
+        """True once a version naming these chunks exists or may exist: then nothing of this
+        write may be deleted."""
+        return self._published or self._keep_chunks
+
+    def write(self, batch: Mapping[str, object], n: int) -> None:
+        """Append ``n`` rows given as validated column values (list of bytes or numpy array).
+        Chunks are cut at row boundaries as soon as they reach ``chunk_bytes``."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        self._chunks.write(batch, n)
+
+    def flush(self) -> None:
+        """Write the buffered rows as one chunk file (not yet visible to readers)."""
+        self._chunks.flush()
+
+    def stage(self, chunks: Iterable[ChunkInfo]) -> None:
+        """Add chunks written into this table's store by other processes (``ChunkWriter``) to
+        this commit, in order. Their sections are validated against the schema at commit; from
+        here on they are this writer's: ``abort`` and a conflicting commit remove them."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        self._staged.extend(chunks)
 
     # -- commit ----------------------------------------------------------------------------
     def commit(self, schema: Schema | None = None, metadata: Mapping | None = None) -> Manifest:
@@ -292,22 +404,14 @@ class TableWriter:
         return manifest
 
     def abort(self) -> None:
-        """Delete the chunks this writer wrote; the committed table is untouched. Chunks of a
-        version this writer published, or may have published, are never deleted."""
-        if self._published or self._keep_chunks:
-            self._new_chunks = []
-            self._reset_buffers()
-            self._closed = True
-            return
-        for c in self._new_chunks:
-            try:
-                self.store.remove(c.file)
-            except OSError as e:
-                log.warning(
-                    "could not remove uncommitted chunk %s of %s: %s", c.file, self.label, e
-                )
-        self._new_chunks.clear()
-        self._reset_buffers()
+        """Delete the chunks this writer wrote or staged; the committed table is untouched.
+        Chunks of a version this writer published, or may have published, are never deleted."""
+        if not self.may_have_published:
+            self._chunks.chunks[:0] = self._staged
+            self._chunks.discard()
+        self._chunks.chunks.clear()
+        self._chunks._reset_buffers()
+        self._staged.clear()
         self._closed = True
 
 
@@ -347,3 +451,15 @@ def _merge_codecs(existing: Schema, new: Schema) -> Schema:
             codec = "mixed" if (c.codec and n.codec) else (c.codec or n.codec)
         cols.append(Column(c.name, c.kind, c.dtype, c.shape, codec, c.metadata))
     return Schema(tuple(cols), existing.metadata)
+
+
+def same_columns(a: Schema, b: Schema) -> bool:
+    """Whether rows of schema ``b`` may be committed into a table of schema ``a``: the same
+    names, kinds, dtypes and shapes, in order (image codecs and metadata aside)."""
+    return _layout(a) == _layout(b)
+
+
+def merge_codecs(existing: Schema, new: Schema) -> Schema:
+    """``existing`` with each image column's codec widened by ``new``'s ("mixed" when they
+    differ); both must have the same columns."""
+    return _merge_codecs(existing, new)
