@@ -65,8 +65,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name == "ops":
+    if name in ("ops", "ray", "sources", "ragged", "windows"):  # loaded on first use
         import importlib
 
-        return importlib.import_module(".ops", __name__)
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'gpuload' has no attribute {name!r}")
