@@ -59,12 +59,13 @@ def test_alternatives_read_gpuload_windows(wb, table):
 @pytest.mark.slow
 def test_quick_run_records_every_case(wb, tmp_path):
     env = {**os.environ, "GPULOAD_BENCH_CACHE": str(tmp_path / "cache")}
-    cmd = [sys.executable, "benchmarks/windows_bench.py", "--quick", "--out", str(tmp_path)]
+    cmd = [sys.executable, "benchmarks/windows_bench.py", "--quick", "--episodes", "3",
+           "--size", "48x64", "--min-time", "0.3", "--out", str(tmp_path)]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| gpuload.windows |" in p.stdout and "machine:" in p.stdout
     result = json.loads((tmp_path / "windows.json").read_text())
-    assert result["table"]["episodes"] == 6 and result["table"]["size"] == "96x128"
+    assert result["table"]["episodes"] == 3 and result["table"]["size"] == "48x64"
     assert result["machine"]["cpu"]
     runs = {r["case"]: r for r in result["runs"]}
     assert set(runs) == set(wb.CASES)
