@@ -45,7 +45,7 @@ from ray.data import Datasink, Datasource, ReadTask
 from ray.data.block import BlockAccessor, BlockMetadata
 from ray.data.datasource.datasink import WriteResult
 
-from ..errors import GpuloadError, SchemaError
+from ..errors import FormatError, GpuloadError, SchemaError
 from ..format import ChunkInfo, Manifest
 from ..ingest import BlockStager, target_schema
 from ..reader import TableReader
@@ -386,9 +386,36 @@ class TableSource(Datasource):
 def _read_chunks(table: TableReader, columns: list[str], bounds: list[int]) -> Iterator[pa.Table]:
     """A read task: one pyarrow block per chunk (rows ``bounds[i]`` to ``bounds[i + 1]``)."""
     cols = [table.schema[n] for n in columns]
+    packed = [c.name for c in cols if c.kind in ("image", "bytes", "text")]
+    rest = [c.name for c in cols if c.name not in packed]
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        values = table.read(np.arange(lo, hi, dtype=np.int64), columns)
+        rows = np.arange(lo, hi, dtype=np.int64)
+        values: dict[str, Any] = table.read(rows, rest) if rest else {}
+        for name in packed:  # straight into Arrow's layout: no Python object per row
+            values[name] = _packed_array(table, rows, table.schema[name])
         yield arrow_block(values, cols)
+
+
+def _packed_array(table: TableReader, rows: np.ndarray, col: Column) -> pa.Array:
+    """A bytes, image or text column of ``rows`` as one Arrow array built on the verified
+    buffer the reader gathers (text checked to be UTF-8, as the reader's own decode does)."""
+    buf, dest = table.read_column_into(rows, col)
+    large = int(dest[-1]) >= (1 << 31) - 1
+    if col.kind == "text":
+        typ = pa.large_string() if large else pa.string()
+    else:
+        typ = pa.large_binary() if large else pa.binary()
+    offsets = dest.astype(np.int64 if large else np.int32)
+    arr = pa.Array.from_buffers(typ, len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(buf)])
+    if col.kind == "text":
+        try:
+            arr.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise FormatError(
+                f"table {table.name!r}, column {col.name!r}, rows {rows[0]}-{rows[-1]}: text "
+                f"that is not UTF-8 ({e})"
+            ) from None
+    return arr
 
 
 def arrow_schema(columns: Sequence[Column]) -> pa.Schema:
@@ -410,7 +437,9 @@ def arrow_block(values: Mapping[str, Any], columns: Sequence[Column]) -> pa.Tabl
     arrays = []
     for col in columns:
         v = values[col.name]
-        if col.kind in ("image", "bytes"):
+        if isinstance(v, pa.Array):
+            arrays.append(v)
+        elif col.kind in ("image", "bytes"):
             arrays.append(pa.array(v, type=_binary_type(v)))
         elif col.kind == "text":
             arrays.append(pa.array(v, type=pa.string()))
