@@ -14,6 +14,7 @@ depth of metadata, and every section against its chunk. A malformed manifest is 
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -232,9 +233,7 @@ class Manifest:
         chunks_json = d.get("chunks")
         if not isinstance(chunks_json, list):
             raise FormatError(f"{where}: field 'chunks' must be a list")
-        chunks = tuple(
-            ChunkInfo.from_json(c, f"{where} chunk {i}") for i, c in enumerate(chunks_json)
-        )
+        chunks = _parse_chunks(chunks_json, where)
         table_id = d.get("table_id", "")
         if not isinstance(table_id, str) or not _TABLE_ID_RE.fullmatch(table_id):
             raise FormatError(f"{where}: field 'table_id' must be 1-64 lowercase hex digits")
@@ -281,6 +280,21 @@ class Manifest:
     @staticmethod
     def now() -> float:
         return time.time()
+
+
+def _parse_chunks(chunks_json: list, where: str) -> tuple[ChunkInfo, ...]:
+    """The chunk entries, with the cyclic garbage collector paused: a manifest of N chunks makes
+    ~13 N long-lived objects, and the collector's passes over them doubled the parse time
+    (benchmarks/RESULTS.md, "The manifest at a billion rows")."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return tuple(
+            ChunkInfo.from_json(c, f"{where} chunk {i}") for i, c in enumerate(chunks_json)
+        )
+    finally:
+        if paused:
+            gc.enable()
 
 
 def _check_column(here: str, c: ChunkInfo, col, limit: int) -> None:

@@ -9,6 +9,8 @@ of one inner element (``Column.item_nbytes``).
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -157,11 +159,12 @@ class Column:
             raise SchemaError(f"column {self.name!r} ({self.kind}) has rows of varying size")
         return self.item_nbytes
 
-    @property
+    @functools.cached_property
     def item_nbytes(self) -> int:
         """Bytes of one element of ``shape``: a row of a fixed-shape column, one inner element
-        (one step of the first dimension) of a ragged one."""
-        return int(self.np_dtype.itemsize * int(np.prod(self.shape, dtype=np.int64)))
+        (one step of the first dimension) of a ragged one. Cached: a manifest's checks ask
+        for it once per chunk and column."""
+        return self.np_dtype.itemsize * math.prod(self.shape)
 
     def type_string(self) -> str:
         """Compact type, e.g. "image/jpeg", "text", "int64", "float32[14]"."""
