@@ -309,3 +309,39 @@ def test_held_windowed_image_batches_stay_valid(tmp_path):
         assert torch.equal(a, b), f"kept batch {i} was overwritten"
     assert held.stats().images["held_replaced"] > 0
     assert fresh.stats().images["held_replaced"] == 0
+
+
+@pytest.mark.cudasim
+def test_windows_on_the_cuda_path_under_the_simulator(tmp_path):
+    """The CUDA path (device arrays, one kernel launch per column over every sample x offset)
+    gives the CPU path's windows, and held device batches keep their slots."""
+    import os
+    import subprocess
+    import sys
+
+    episode_table(tmp_path / "t", [3, 4])
+    code = f"""
+import numpy as np, gpuload
+from gpuload import ops
+t = gpuload.open_table({str(tmp_path / "t")!r})
+def run(device, keep):
+    # the simulator runs kernels in Python threads and is not thread-safe: one loader thread
+    L = t.batches(3, shuffle=True, seed=1, num_threads=1, prefetch=1, decoder="cpu",
+                  device=device, episode="episode_index", window={{"cam": [-1, 0]}},
+                  columns=["cam", "episode_index"], image=[ops.RandomResizedCrop(6)])
+    out = [keep(b["cam"]) for _ in range(2) for b in L]
+    return out, L.stats().images["held_replaced"]
+held, n_held = run("cuda", lambda x: x)
+cpu, _ = run("cpu", lambda x: x.copy())
+assert n_held > 0 and held[0].shape == (3, 2, 3, 6, 6), (n_held, held[0].shape)
+np.save({str(tmp_path / "sim.npy")!r},
+        np.stack([np.concatenate([h.copy_to_host() for h in held]), np.concatenate(cpu)]))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    p = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env, cwd=root
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    gpu, cpu = np.load(tmp_path / "sim.npy")
+    np.testing.assert_allclose(gpu, cpu, atol=1e-4)
