@@ -9,7 +9,7 @@ Steps, each under its own time limit, a failing one reported and the rest run an
 2. the GPU-only and simulator tests (``pytest -m "gpu or cudasim"``), JUnit report;
 3. the GPU benchmark cases (``gpuload bench --suite gpu``: fresh processes, 3 repeats);
 4. ``results.json`` and ``report.md``, then the verdict: what is wrong with them (a failed test
-   or case, a GPU test NOT RUN on a GPU, a missing file, a wrong environment field) makes the
+   or case, a GPU test NOT RUN on a GPU, any skipped test, a missing file, a wrong environment field) makes the
    exit status 1.
 
 ``--dry-run`` does all of it here, without a GPU: Numba's CUDA simulator, decoding on the CPU,
@@ -224,6 +224,12 @@ def _test_problems(tests: dict, dry: bool) -> list[str]:
         errs.append("dry run: no GPU-only test was reported NOT RUN")
     if not dry and tests.get("not_run"):
         errs.append(f"GPU run: {len(tests['not_run'])} GPU-only tests were NOT RUN on a GPU")
+    skipped = tests.get("skipped") or []
+    if skipped:  # e.g. a TF or JAX build that sees no GPU: that path was not verified
+        shown = ", ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        errs.append(
+            f"{len(skipped)} tests skipped, so not verified (reasons in tests.xml): {shown}"
+        )
     return errs
 
 

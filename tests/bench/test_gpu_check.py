@@ -126,6 +126,11 @@ def test_every_kind_of_breakage_fails_the_check(check, tmp_path, dry):
 
     assert any("NOT RUN" in p for p in broken(not_run))
 
+    def skipped(r):
+        r["tests"]["skipped"] = ["tests/test_gpu.py::test_tf_device_iterator"]
+
+    assert any("1 tests skipped, so not verified" in p for p in broken(skipped))
+
     def elsewhere(r):
         r["site"] = "/nonexistent/site"
 
