@@ -247,10 +247,12 @@ class ImageStage:
         self.stats = {"staging_grows": 0, "raw_grows": 0, "decoded": 0, "dct_scaled": 0}
 
     def counters(self) -> dict[str, int]:
-        """Images decoded and DCT-scaled, buffer growths, and output slots given a fresh buffer
-        because the batch that used them was still held (``held_replaced``)."""
+        """Images decoded and DCT-scaled, buffer growths, output slots given a fresh buffer
+        because the batch that used them was still held (``held_replaced``), and batches the
+        kernel's NumPy twin ran while the kernel compiled (``twin_batches``)."""
         held = sum(k.held_replaced for k in self.kernels.values())
-        return {**self.stats, "held_replaced": held}
+        twin = sum(k.twin_batches for k in self.kernels.values())
+        return {**self.stats, "held_replaced": held, "twin_batches": twin}
 
     # -- buffers (per assembling thread) ---------------------------------------------------
     def _alloc(self, nbytes: int, where: str):

@@ -47,7 +47,8 @@ class LoaderStats:
     ``stages``: seconds per stage (``STAGES``); ``time_to_first_batch_s``: from the first
     iteration's start to its first batch (build, kernel compile and first reads included);
     ``images``: the image stage's counters (decoded, dct_scaled, staging_grows, raw_grows,
-    held_replaced: output slots given a fresh buffer because their batch was still held)."""
+    held_replaced: output slots given a fresh buffer because their batch was still held,
+    twin_batches: batches run by the kernel's NumPy twin while the kernel compiled)."""
 
     batches: int = 0
     rows: int = 0

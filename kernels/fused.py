@@ -113,6 +113,10 @@ __all__ = [
     "python_lib",
     "module_source",
     "kernel_cache_dir",
+    "cpu_kernel_on_disk",
+    "has_disk_cache",
+    "sample_args",
+    "compile_in_child",
 ]
 
 # Columns of the per-sample parameter matrix (float32, shape (B, NUM_PARAMS)).
@@ -138,9 +142,11 @@ STORAGE_DTYPE = {
     "uint8": np.dtype(np.uint8),
 }
 
-# fastmath flags for the CPU build: no 'nnan'/'ninf' (the input check relies on NaN compares)
-# and no 'reassoc' (keeps the float32 evaluation order close to the reference).
-_CPU_FASTMATH = {"nsz", "arcp", "contract", "afn"}
+# fastmath flags for the CPU build: none. IEEE semantics (no fused multiply-add contraction, no
+# reciprocal approximation, no reassociation) make the compiled kernel's results those of its
+# NumPy twin (``fused_numpy.py``) bit for bit, so a cold stage can run the twin while this one
+# compiles; measured no slower (benchmarks/RESULTS.md, "Time to first batch").
+_CPU_FASTMATH: frozenset = frozenset()
 
 
 @dataclass(frozen=True)
@@ -336,7 +342,8 @@ def module_source(target: str, spec: KernelSpec, parallel: bool = True, cache: b
     the spec's constants. Deterministic (the same text in every process)."""
     if target not in _TARGET_DECORATORS:
         raise ValueError(f"unknown kernel target {target!r}; expected 'cpu', 'cuda' or 'python'")
-    fastmath = "{" + ", ".join(repr(f) for f in sorted(_CPU_FASTMATH)) + "}"  # sorted: no set order
+    flags = sorted(_CPU_FASTMATH)  # sorted: no set order
+    fastmath = "{" + ", ".join(map(repr, flags)) + "}" if flags else "False"
     consts = {
         "PARALLEL": bool(parallel),
         "OUT_KIND": spec.out_kind,
@@ -508,6 +515,67 @@ def compile_cpu_kernel(kernel, args) -> None:
     kernel.compile(tuple(numba.typeof(a) for a in args))
     if kernel.targetoptions.get("parallel"):
         note_parallel_use()  # making a parallel kernel starts the threading layer already
+
+
+def has_disk_cache(kernel) -> bool:
+    """Whether ``kernel`` (a CPU driver from ``get_cpu_kernel``) keeps its machine code in the
+    on-disk kernel cache, so that another process's compilation is reusable here."""
+    return _index_path(kernel) is not None
+
+
+def cpu_kernel_on_disk(kernel) -> bool:
+    """Whether the on-disk cache already holds compiled code of ``kernel`` (loading it takes
+    about a second; compiling, about ten on two cores)."""
+    path = _index_path(kernel)
+    return path is not None and os.path.exists(path)
+
+
+def _index_path(kernel) -> str | None:
+    # Numba's cache index of the function (numba.core.caching.IndexDataCacheFile): not public
+    # API, so any other layout reads as "no disk cache" (callers then compile in process)
+    path = getattr(
+        getattr(getattr(kernel, "_cache", None), "_cache_file", None), "_index_path", None
+    )
+    return path if isinstance(path, str) else None
+
+
+def sample_args(spec: KernelSpec) -> tuple:
+    """One-image arguments typed exactly as ``FusedImageStage`` passes them to the CPU kernel
+    (what compiling a specialisation needs; their values are never used)."""
+    return (
+        np.zeros(1, np.uint8),  # src
+        np.zeros((1, 4), np.int64),  # meta
+        np.zeros((1, 4), np.float32),  # windows
+        np.zeros((1, NUM_PARAMS), np.float32),  # params
+        np.zeros(3, np.float32),  # mean
+        np.ones(3, np.float32),  # inv_std
+        np.zeros(1, np.float32),  # means (scratch)
+        np.zeros((1, 3, 1, 1), STORAGE_DTYPE[spec.out_kind]),  # out (layouts type alike)
+    )
+
+
+def compile_in_child(spec: KernelSpec, parallel: bool = True, timeout: float = 1800.0) -> None:
+    """Compile the CPU kernel of ``spec`` into the on-disk kernel cache in a child Python
+    process (same interpreter and environment), leaving this process's GIL to the work it is
+    doing meanwhile; afterwards ``get_cpu_kernel`` here loads it from the cache. Raises
+    RuntimeError when the child fails or runs past ``timeout`` seconds."""
+    import json
+    import subprocess
+    from dataclasses import asdict
+
+    if not sys.executable:
+        raise RuntimeError("no Python executable to start a compiling process with")
+    cmd = [sys.executable, "-m", "gpuload.kernels.compile_cpu", json.dumps(asdict(spec))]
+    cmd.append("parallel" if parallel else "serial")
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(
+            f"compiling the CPU kernel of {spec!r} took over {timeout:.0f} s"
+        ) from None
+    if p.returncode != 0:
+        tail = (p.stderr or p.stdout or "").strip().splitlines()[-3:]
+        raise RuntimeError(f"compiling {spec!r} in a child process failed: {' / '.join(tail)}")
 
 
 # The process that started Numba's threading layer (set when a parallel CPU kernel first runs).

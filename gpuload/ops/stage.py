@@ -48,17 +48,26 @@ class _Warmups:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.start_lock = threading.Lock()  # one warm-up per kernel, even from two threads
         self.pool: DaemonThreadPool | None = None
         self.pid = 0
         self.pending: set[Future] = set()
         self.hooked = False
+        self.by_kernel: dict = {}  # CPU kernel -> its warm-up's Future
+        self.elsewhere: set = set()  # CPU kernels compiling in a child process right now
+
+    def _fresh(self) -> None:
+        """This process's pool and records (a forked child starts with none). Under the lock."""
+        if self.pool is None or self.pid != os.getpid():
+            self.pool = DaemonThreadPool(1, thread_name_prefix="gpuload-kernel-warmup")
+            self.pid = os.getpid()
+            self.pending = set()
+            self.by_kernel = {}
+            self.elsewhere = set()
 
     def submit(self, fn, *args) -> Future:
         with self.lock:
-            if self.pool is None or self.pid != os.getpid():
-                self.pool = DaemonThreadPool(1, thread_name_prefix="gpuload-kernel-warmup")
-                self.pid = os.getpid()
-                self.pending = set()
+            self._fresh()
             if not self.hooked:
                 os.register_at_fork(before=self.before_fork)
                 self.hooked = True
@@ -66,6 +75,42 @@ class _Warmups:
             self.pending.add(fut)
         fut.add_done_callback(self._done)
         return fut
+
+    def start(self, kernel, args, spec) -> Future:
+        """One warm-up per kernel and process: the running one, or a new one. A kernel that
+        the on-disk cache lacks is compiled in a child process first (``compiling_elsewhere``
+        is then true until it ends), so this process's GIL stays free for the first batches."""
+        with self.start_lock:
+            with self.lock:
+                self._fresh()
+                fut = self.by_kernel.get(kernel)
+            if fut is not None and not fut.done():
+                return fut
+            elsewhere = (
+                not kernel.signatures
+                and _fused.has_disk_cache(kernel)
+                and not _fused.cpu_kernel_on_disk(kernel)
+            )
+            if elsewhere:
+                with self.lock:
+                    self.elsewhere.add(kernel)
+            try:
+                fut = self.submit(_warm, kernel, args, spec, elsewhere)
+            except BaseException:
+                self.discard(kernel)
+                raise
+            with self.lock:
+                self.by_kernel[kernel] = fut
+            return fut
+
+    def compiling_elsewhere(self, kernel) -> bool:
+        """Whether ``kernel`` is being compiled in a child process now (run the twin instead)."""
+        with self.lock:
+            return self.pid == os.getpid() and kernel in self.elsewhere
+
+    def discard(self, kernel) -> None:
+        with self.lock:
+            self.elsewhere.discard(kernel)
 
     def _done(self, fut: Future) -> None:
         with self.lock:
@@ -103,10 +148,14 @@ def cpu_kernel_for(spec) -> object:
 def warm_up(plan: ImagePlan, device: str | Device = "cpu") -> Future | None:
     """Start compiling (or loading from the kernel cache) the CPU kernel that a stage of
     ``plan`` runs, for the exact argument types ``run`` passes, on a background thread, and
-    return its Future (None on CUDA, which compiles on first launch). A stage's first ``run``
-    finds it ready or waits for it; outputs are the same as without it (it compiles, never
-    runs). Loaders call this when they are built, so compilation overlaps what the caller
-    does before iterating and the first batch's reads and decodes."""
+    return its Future (None on CUDA, which compiles on first launch). Loaders call this when
+    they are built, so compilation overlaps what the caller does before iterating.
+
+    When the on-disk kernel cache lacks the kernel (a cold start: ~10 s of compiling), it is
+    compiled in a child process, and until that ends stages run the kernel's NumPy twin
+    (``gpuload.kernels.fused_numpy``: the same outputs, bit for bit, several times slower);
+    this process then loads the compiled code (~1 s), which a stage's ``run`` waits for, as it
+    does when the cache was warm. Outputs never depend on which ran."""
     if resolve_device(device).is_cuda:
         return None
     out = aligned_empty(plan.out_shape(1), plan.storage_dtype)
@@ -121,11 +170,20 @@ def warm_up(plan: ImagePlan, device: str | Device = "cpu") -> Future | None:
         out.view(_fused.STORAGE_DTYPE[plan.out_dtype]),
     )
     spec = plan.kernel_spec
-    return _WARMUPS.submit(_compile_quietly, cpu_kernel_for(spec), args, spec)
+    return _WARMUPS.start(cpu_kernel_for(spec), args, spec)
 
 
-def _compile_quietly(kernel, args, spec) -> None:
-    """A warm-up compilation; a failure is left for the first real call to raise in context."""
+def _warm(kernel, args, spec, elsewhere: bool) -> None:
+    """A warm-up: compile in a child process first when ``elsewhere`` (this process then only
+    loads the result), then compile or load here. A failure is left for the first real call
+    to raise in context."""
+    if elsewhere:
+        try:
+            _fused.compile_in_child(spec, parallel=bool(kernel.targetoptions.get("parallel")))
+        except Exception as e:  # noqa: BLE001 - compiled in this process below instead
+            log.debug("compiling the CPU kernel for %r in a child failed (%s)", spec, e)
+        finally:
+            _WARMUPS.discard(kernel)
     try:
         _fused.compile_cpu_kernel(kernel, args)
     except Exception as e:  # noqa: BLE001 - the first run() compiles again and raises it there
@@ -188,6 +246,8 @@ class FusedImageStage:
         self._lock = threading.Lock()
         self._leases: list[weakref.ref | None] = [None] * depth
         self.held_replaced = 0  # slots given a fresh buffer because their batch was still held
+        self.twin_batches = 0  # CPU batches run by the NumPy twin while the kernel compiled
+        self._twin = None
         self._mean = plan.mean_array()
         self._inv_std = plan.inv_std_array()
         kdtype = _fused.STORAGE_DTYPE[plan.out_dtype]
@@ -206,6 +266,14 @@ class FusedImageStage:
     def warm_up(self) -> Future | None:
         """Start compiling this stage's kernel in the background (``warm_up``)."""
         return warm_up(self.plan, self.device)
+
+    def _numpy_twin(self):
+        """The kernel's NumPy twin (``gpuload.kernels.fused_numpy``), made on first use."""
+        if self._twin is None:
+            from gpuload.kernels.fused_numpy import get_numpy_kernel
+
+            self._twin = get_numpy_kernel(self.spec, threads=min(4, os.cpu_count() or 1))
+        return self._twin
 
     def _cpu_kernel(self):
         """The CPU kernel ``run`` calls (see ``cpu_kernel_for``)."""
@@ -276,7 +344,10 @@ class FusedImageStage:
         if B == 0:
             return self._lease(k, 0, frames)
         kernel = self._cpu_kernel()
-        if kernel is self._kernel:
+        if _WARMUPS.compiling_elsewhere(kernel):
+            kernel = self._numpy_twin()  # same results, bit for bit; no compilation
+            self.twin_batches += 1
+        elif kernel is self._kernel:
             _fused.note_parallel_use()
         kernel(
             src,

@@ -29,6 +29,7 @@ if str(HERE) not in sys.path:
 
 import _reference_ops as R  # noqa: E402
 from gpuload.kernels import fused as F  # noqa: E402
+from gpuload.kernels import fused_numpy as FN  # noqa: E402
 
 from gpuload import ops  # noqa: E402
 
@@ -151,6 +152,33 @@ def test_cpu_kernel_matches_reference(cfg):
     ref = R.reference_batch(src, meta, wins, params, plan)
     out = run_cpu(plan, src, meta, wins, params)
     assert_close(out, plan, ref, f"cpu {cfg}")
+
+
+@pytest.mark.parametrize(
+    "cfg", CPU_CASES, ids=lambda c: f"{c['dtype']}-{c['layout']}-{c['size'][0]}x{c['size'][1]}"
+)
+def test_numpy_twin_gives_the_compiled_kernels_bytes(cfg):
+    """The NumPy twin that a cold stage runs while the kernel compiles: bit for bit the
+    compiled kernel's output (both evaluate the same float32 operations in the same order),
+    on one thread and on two; the cases mix bilinear and antialiased axes, C = 1, 3, 4."""
+    for seed in (0, 1):
+        plan, src, meta, wins, params = make_case(seed, cfg, SIZES)
+        want = run_cpu(plan, src, meta, wins, params)
+        got = np.full_like(want, 77)
+        means = np.zeros(meta.shape[0], np.float32)
+        twin = FN.get_numpy_kernel(plan.kernel_spec, threads=1 + seed)
+        twin(
+            src,
+            meta,
+            wins,
+            params,
+            plan.mean_array(),
+            plan.inv_std_array(),
+            means,
+            got.view(F.STORAGE_DTYPE[plan.out_dtype]),
+        )
+        diff = np.nonzero(got.view(np.uint8).ravel() != want.view(np.uint8).ravel())[0]
+        assert diff.size == 0, f"{diff.size} bytes differ, first at byte {diff[:3]}"
 
 
 @pytest.mark.parametrize("dtype,layout", [("float32", "NHWC"), ("uint8", "NCHW")])
@@ -320,6 +348,15 @@ def test_encoders_bit_exact():
     run_bits(x.view(np.uint32), a2, b2)
     np.testing.assert_array_equal(a2, want16)
     np.testing.assert_array_equal(b2, want_bf)
+    # ... and the NumPy twin's (what a cold stage runs), NaNs of either sign and any payload
+    # included (the kernel writes one quiet NaN for all of them)
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7F800001, 0xFFFFFFFF, 0x7FBFFFFF], np.uint32)
+    xs = np.concatenate([x, nans.view(np.float32)])
+    k16 = np.zeros(xs.size, np.uint16)
+    kbf = np.zeros(xs.size, np.uint16)
+    run_bits(xs.view(np.uint32), k16, kbf)
+    np.testing.assert_array_equal(FN.f16_bits(xs), k16)
+    np.testing.assert_array_equal(FN.bf16_bits(xs), kbf)
     # NaN
     run_bits(np.array([np.nan], np.float32).view(np.uint32), a2[:1], b2[:1])
     assert np.isnan(np.array([a2[0]], np.uint16).view(np.float16)[0]) and b2[0] == 0x7FC0

@@ -56,6 +56,54 @@ print(json.dumps({"before_run": before, "after_run": len(kernel.signatures)}))
 """
 
 
+# A cold start: the stage runs before the kernel exists anywhere. The warm-up compiles it in a
+# child process, the first run meanwhile goes to the NumPy twin, the second (after the
+# warm-up) to the kernel this process loaded from the disk cache (a hit, no compilation).
+TWIN_SCRIPT = (
+    SCRIPT.split("kernel = st.cpu_kernel_for", 1)[0]
+    + r"""
+stage = ops.FusedImageStage(plan, batch_size=B)
+kernel = st.cpu_kernel_for(plan.kernel_spec)
+fut = ops.warm_up(plan)
+first = np.array(stage.run(src, meta, windows, params))
+twin = stage.twin_batches
+fut.result(timeout=600)
+second = np.array(stage.run(src, meta, windows, params))
+print(json.dumps({"twin_first": twin, "twin_after": stage.twin_batches,
+                  "same": bool(np.array_equal(first.view(np.uint8), second.view(np.uint8))),
+                  "signatures": len(kernel.signatures),
+                  "hits": sum(kernel.stats.cache_hits.values()),
+                  "misses": sum(kernel.stats.cache_misses.values())}))
+"""
+)
+
+
+@pytest.mark.timeout(900)
+def test_cold_stage_runs_the_numpy_twin_while_a_child_process_compiles(tmp_path):
+    env = {
+        **os.environ,
+        "GPULOAD_CACHE_DIR": str(tmp_path / "cache"),
+        "NUMBA_CACHE_DIR": str(tmp_path / "numba"),
+    }
+    p = subprocess.run(
+        [sys.executable, "-c", TWIN_SCRIPT, "twin", PIPELINES["float32_nchw_flip"], "-"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got == {
+        "twin_first": 1,
+        "twin_after": 1,
+        "same": True,
+        "signatures": 1,
+        "hits": 1,
+        "misses": 0,
+    }, got
+
+
 def _child(mode: str, text: str, path, env=None) -> dict:
     p = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, text, str(path)],
