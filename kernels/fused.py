@@ -558,7 +558,8 @@ def compile_in_child(spec: KernelSpec, parallel: bool = True, timeout: float = 1
     """Compile the CPU kernel of ``spec`` into the on-disk kernel cache in a child Python
     process (same interpreter and environment), leaving this process's GIL to the work it is
     doing meanwhile; afterwards ``get_cpu_kernel`` here loads it from the cache. Raises
-    RuntimeError when the child fails or runs past ``timeout`` seconds."""
+    RuntimeError when the child fails or runs past ``timeout`` seconds. A child still running
+    when this process exits is stopped (no compiler left behind burning a core)."""
     import json
     import subprocess
     from dataclasses import asdict
@@ -567,15 +568,61 @@ def compile_in_child(spec: KernelSpec, parallel: bool = True, timeout: float = 1
         raise RuntimeError("no Python executable to start a compiling process with")
     cmd = [sys.executable, "-m", "gpuload.kernels.compile_cpu", json.dumps(asdict(spec))]
     cmd.append("parallel" if parallel else "serial")
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
+    )
+    _CHILDREN.track(proc)
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+        out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise RuntimeError(
             f"compiling the CPU kernel of {spec!r} took over {timeout:.0f} s"
         ) from None
-    if p.returncode != 0:
-        tail = (p.stderr or p.stdout or "").strip().splitlines()[-3:]
+    finally:
+        _CHILDREN.forget(proc)
+    if proc.returncode != 0:
+        tail = (out or "").strip().splitlines()[-3:]
         raise RuntimeError(f"compiling {spec!r} in a child process failed: {' / '.join(tail)}")
+
+
+class _Children:
+    """Compiling child processes of this process, stopped at its exit."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.live: set = set()
+        self.pid = os.getpid()
+        self.hooked = False
+
+    def track(self, proc) -> None:
+        with self.lock:
+            if self.pid != os.getpid():  # a forked child: its parent's children are not its own
+                self.live = set()
+                self.pid = os.getpid()
+            self.live.add(proc)
+            if not self.hooked:
+                import atexit
+
+                atexit.register(self.stop_all)
+                self.hooked = True
+
+    def forget(self, proc) -> None:
+        with self.lock:
+            self.live.discard(proc)
+
+    def stop_all(self) -> None:
+        with self.lock:
+            if self.pid != os.getpid():
+                return
+            live = [p for p in self.live if p.poll() is None]
+        for p in live:
+            with contextlib.suppress(OSError):
+                p.kill()
+
+
+_CHILDREN = _Children()
 
 
 # The process that started Numba's threading layer (set when a parallel CPU kernel first runs).

@@ -104,6 +104,47 @@ def test_cold_stage_runs_the_numpy_twin_while_a_child_process_compiles(tmp_path)
     }, got
 
 
+EXIT_SCRIPT = r"""
+import sys, time
+from gpuload import ops
+from gpuload.kernels import fused
+
+ops.warm_up(ops.compile_ops(ops.parse_ops(sys.argv[1])))
+deadline = time.monotonic() + 60
+while not fused._CHILDREN.live and time.monotonic() < deadline:
+    time.sleep(0.01)
+print(next(iter(fused._CHILDREN.live)).pid, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_compiling_child_is_stopped_when_its_process_exits(tmp_path):
+    """A script that ends while its kernel still compiles leaves no compiler running."""
+    import time
+
+    env = {**os.environ, "GPULOAD_CACHE_DIR": str(tmp_path / "c"), "NUMBA_CACHE_DIR": str(tmp_path)}
+    p = subprocess.run(
+        [sys.executable, "-c", EXIT_SCRIPT, PIPELINES["uint8_nhwc"]],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        env=env,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    pid = int(p.stdout.split()[-1])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"the compiling child {pid} outlived its parent")
+    assert not list((tmp_path / "c" / "kernels").glob("__pycache__/*.nbc"))  # it did not finish
+
+
 def _child(mode: str, text: str, path, env=None) -> dict:
     p = subprocess.run(
         [sys.executable, "-c", SCRIPT, mode, text, str(path)],
