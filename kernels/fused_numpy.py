@@ -148,31 +148,24 @@ def _htaps(spec, W: int, x0: F, ww: F, OW: int, flip: bool):
 
 
 def _vertical(rows: np.ndarray, i: np.ndarray, y0: F, wh: F, OH: int) -> np.ndarray:
-    """Vertical taps of output rows ``i`` over the needed source span ``rows`` (H, n) uint8."""
+    """Vertical taps of output rows ``i`` over the needed source span ``rows`` (H, n) uint8:
+    per row, the taps' weighted source rows summed in tap order (uint8 -> float32 is exact)."""
     H = rows.shape[0]
     cy, sy, ylo, ny = _axis(i, y0, wh, OH)
-    Ky = 2 if sy == _ONE else int(ny.max())
-    first = int(np.clip(ylo.min(), 0, H - 1))  # the source rows the taps read, as float32
-    span = rows[first : int(np.clip(ylo.max() + Ky - 1, 0, H - 1)) + 1].astype(F)
-    ylo = ylo - first
-    H = span.shape[0]
     if sy == _ONE:
-        fy = (cy - _HALF - (ylo + first).astype(F))[:, None]
-        out = span[np.clip(ylo, 0, H - 1)]
-        out *= _ONE - fy
-        out += fy * span[np.clip(ylo + 1, 0, H - 1)]
+        fy = (cy - _HALF - ylo.astype(F))[:, None]
+        out = np.multiply(rows[np.clip(ylo, 0, H - 1)], _ONE - fy, dtype=F)
+        out += np.multiply(rows[np.clip(ylo + 1, 0, H - 1)], fy, dtype=F)
         return out
     isy = _ONE / sy
-    w = [np.where(t < ny, _tap_weight(ylo + first + t, cy, isy), _ZERO) for t in range(Ky)]
+    w = [np.where(t < ny, _tap_weight(ylo + t, cy, isy), _ZERO) for t in range(int(ny.max()))]
     ws = np.zeros(len(i), F)
-    for t in range(Ky):
-        ws = ws + w[t]
+    for wt in w:
+        ws = ws + wt
     inv = _ONE / ws
-    acc = np.zeros((len(i), span.shape[1]), F)
-    for t in range(Ky):  # a zero weight adds +0.0 where the kernel skips the tap: same sum
-        tap = span[np.clip(ylo + t, 0, H - 1)]
-        tap *= (w[t] * inv)[:, None]
-        acc += tap
+    acc = np.multiply(rows[np.clip(ylo, 0, H - 1)], (w[0] * inv)[:, None], dtype=F)
+    for t in range(1, len(w)):  # a zero weight adds +0.0 where the kernel skips the tap: same sum
+        acc += np.multiply(rows[np.clip(ylo + t, 0, H - 1)], (w[t] * inv)[:, None], dtype=F)
     return acc
 
 
