@@ -1,8 +1,8 @@
 """How the table format scales with the number of chunks (issue 16 part 4, "Measure first").
 
     python benchmarks/manifest_scale.py [--chunks 1000,10000,100000,1000000]
-        [--rows-per-chunk 1000] [--image-bytes 26000] [--timeout 900] [--mem-limit-gb G]
-        [--work DIR] [--keep] [--profile] [--out FILE.json]
+        [--format json|4|both] [--rows-per-chunk 1000] [--image-bytes 26000] [--timeout 900]
+        [--mem-limit-gb G] [--work DIR] [--keep] [--profile] [--out FILE.json]
 
 For each chunk count N it writes a synthetic table of N chunks x ``--rows-per-chunk`` rows with
 the demo table's schema (image/jpeg, state float32[14], label int64, instruction text) and then
@@ -21,8 +21,14 @@ measures it, each measurement in a fresh child process with a timeout and an add
   its first batch (every column; ``shuffle=True`` is a full shuffle on a local table, ``"block"``
   what a remote table without the cache gets); the batch's labels are checked against the rows
   the epoch order names.
-* ``append``: one ``gpuload.ingest(path, 8 rows, mode="append")``, which today rewrites the
-  whole manifest (twice: the version file and the ``manifest.json`` pointer); runs last.
+* ``append``: one ``gpuload.ingest(path, 8 rows, mode="append")``, runs last. Format json: it
+  rewrites the whole manifest (twice: the version file and the ``manifest.json`` pointer; the
+  index threshold is lifted in that child so it measures exactly that, not a conversion).
+  Format 4: it writes one segment of one record and a root listing two segments.
+
+``--format``: ``json`` (the default, and what formats 1-3 store: the chunk list in the
+manifest), ``4`` (docs/FORMAT.md "Format 4": a small root and binary index segments), or
+``both`` (each N measured in both, one result per N and format).
 
 How the table is made (the cheapest honest way): the manifest is exactly what gpuload writes
 (``Manifest.to_json`` of real ``ChunkInfo`` objects, serialised as ``Manifest.dumps`` does, only
@@ -36,6 +42,12 @@ Row ``g`` holds label ``g``, state ``[g % 65536, g // 65536, (g % 1000) / 1000, 
 demo instruction ``TASKS[g % 10]`` and the ``g % 8``-th of eight JPEGs padded (after EOI) to
 exactly ``--image-bytes`` (26,000: the demo's 480x640 JPEGs average ~26 KB, so 1,000 rows make
 a ~26 MB chunk, and the manifest's numbers have today's digit counts).
+
+Format 4 tables are made the same way, only their index is written directly instead of a
+manifest: one segment of N records (``gpuload.segments.encode_segment``; each a copy of a real
+chunk's record with a random id and digest, the real chunks' records their own, N x
+``--rows-per-chunk`` rows) and a root naming it (``Manifest.dumps`` of an ``IndexRoot``), as a
+create of that table writes them.
 
 Prints a markdown table and the machine, writes every result to ``--out`` (JSON).
 ``--profile``: also profiles ``open_table`` of the largest N with cProfile (top functions by
@@ -78,6 +90,7 @@ ACCESS_ROWS = 9  # the first is reported apart; the median is over the other 8
 POOL = 8  # distinct JPEGs, row g holds the (g % POOL)-th
 APPEND_ROWS = 8
 KINDS = ("phases", "open", "access", "batch_full", "batch_block", "append")
+FORMATS = ("json", "4")
 
 
 # -- the synthetic table ------------------------------------------------------------------------
@@ -150,12 +163,9 @@ def real_chunk(table: str, k: int, rpc: int, pool: list[bytes], scratch: str):
     return info, t.schema
 
 
-def write_table(table: str, n_chunks: int, rpc: int, image_bytes: int) -> dict[str, Any]:
-    """Write the synthetic table (see the module docstring); returns what the children need."""
-    from gpuload.format import Manifest, version_path
-    from gpuload.schema import Schema
-
-    t0 = time.perf_counter()
+def _real_chunks(table: str, n_chunks: int, rpc: int, image_bytes: int):
+    """The chunks the measurements read, written for real: (ChunkInfo by chunk number, schema
+    JSON, the rows each measurement reads)."""
     os.makedirs(os.path.join(table, "chunks"))
     os.makedirs(os.path.join(table, "versions"))
     pool = image_pool(image_bytes)
@@ -168,12 +178,44 @@ def write_table(table: str, n_chunks: int, rpc: int, image_bytes: int) -> dict[s
         schemas.append(schema.to_json())
     assert all(s == schemas[0] for s in schemas), "the real chunks' schemas differ"
     shutil.rmtree(scratch)
+    return real, schemas[0], rows
+
+
+def write_table(
+    table: str, n_chunks: int, rpc: int, image_bytes: int, fmt: str = "json"
+) -> dict[str, Any]:
+    """Write the synthetic table (see the module docstring) as a JSON manifest (``fmt="json"``)
+    or a format-4 index (``"4"``); returns what the children need."""
+    t0 = time.perf_counter()
+    real, schema, rows = _real_chunks(table, n_chunks, rpc, image_bytes)
     t_real = time.perf_counter() - t0
+    write = _write_index if fmt == "4" else _write_json
+    info = write(table, n_chunks, rpc, real, schema)
+    return {
+        "table": table,
+        "format": fmt,
+        "chunks": n_chunks,
+        "rows_per_chunk": rpc,
+        "rows": n_chunks * rpc,
+        "image_bytes": image_bytes,
+        "real_chunks": sorted(real),
+        "rows_read": rows,
+        "chunk_bytes": real[0].size,
+        **info,
+        "write_real_chunks_s": t_real,
+        "write_s": time.perf_counter() - t0,
+    }
+
+
+def _write_json(table: str, n_chunks: int, rpc: int, real: dict, schema: dict) -> dict[str, Any]:
+    """The JSON manifest, streamed (the writer's objects for N = 10^6 would not fit)."""
+    from gpuload.format import Manifest, version_path
+    from gpuload.schema import Schema
 
     template = real[0]
     rng = np.random.default_rng(n_chunks)
     now = time.time()
-    head = Manifest(uuid.uuid4().hex, 1, Schema.from_json(schemas[0]), (), now, now)
+    head = Manifest(uuid.uuid4().hex, 1, Schema.from_json(schema), (), now, now)
     d = head.to_json()
     d["num_rows"] = n_chunks * rpc
     text = json.dumps(d, separators=(",", ":"))
@@ -198,19 +240,47 @@ def write_table(table: str, n_chunks: int, rpc: int, image_bytes: int) -> dict[s
             f.write(("," if lo else "") + ",".join(parts))
         f.write("]}")
     shutil.copyfile(path, os.path.join(table, "manifest.json"))  # the pointer, as a commit writes
-    return {
-        "table": table,
-        "chunks": n_chunks,
-        "rows_per_chunk": rpc,
-        "rows": n_chunks * rpc,
-        "image_bytes": image_bytes,
-        "real_chunks": real_ids,
-        "rows_read": rows,
-        "chunk_bytes": template.size,
-        "manifest_bytes": os.path.getsize(path),
-        "write_real_chunks_s": t_real,
-        "write_s": time.perf_counter() - t0,
-    }
+    return {"manifest_bytes": os.path.getsize(path), "index_bytes": 0}
+
+
+def _write_index(table: str, n_chunks: int, rpc: int, real: dict, schema: dict) -> dict[str, Any]:
+    """A format-4 root and one segment of ``n_chunks`` records, as a create writes them."""
+    from gpuload.format import INDEXED_SINCE, IndexRoot, Manifest, SegmentInfo, version_path
+    from gpuload.index import SEGMENT_PAGE
+    from gpuload.schema import Schema
+    from gpuload.segments import encode_segment, records_from_chunks
+
+    sch = Schema.from_json(schema)
+    _, template = records_from_chunks([real[0]], sch)
+    recs = np.repeat(template, n_chunks)
+    rng = np.random.default_rng(n_chunks)
+    recs["id"] = rng.integers(0, 256, (n_chunks, 16), dtype=np.uint8)
+    recs["digest"] = rng.integers(0, 1 << 63, n_chunks, dtype=np.int64).astype(np.uint64)
+    for k, c in real.items():
+        recs[k] = records_from_chunks([c], sch)[1][0]
+    rows = np.full(n_chunks, rpc, dtype=np.int64)
+    parts, lay, sums = encode_segment(rows, recs, SEGMENT_PAGE)
+    seg = f"index/{uuid.uuid4().hex}.idx"
+    os.makedirs(os.path.join(table, "index"))
+    with open(os.path.join(table, seg), "wb") as f:
+        for part in parts:
+            f.write(part)
+    del parts
+    cols = {c.name: int(recs[f"c{i}.data"][:, 1].sum()) for i, c in enumerate(sch)}
+    root = IndexRoot(
+        segments=(SegmentInfo(seg, n_chunks, n_chunks * rpc, lay.size, sums),),
+        num_chunks=n_chunks,
+        num_rows=n_chunks * rpc,
+        nbytes=int(recs["size"].sum()),
+        column_bytes=cols,
+    )
+    now = time.time()
+    m = Manifest(uuid.uuid4().hex, 1, sch, (), now, now, INDEXED_SINCE, root)
+    raw = m.dumps()
+    for rel in (version_path(1), "manifest.json"):
+        with open(os.path.join(table, rel), "wb") as f:
+            f.write(raw)
+    return {"manifest_bytes": len(raw), "index_bytes": lay.size}
 
 
 def _random_bytes(rng: np.random.Generator, n: int) -> list[bytes]:
@@ -363,6 +433,8 @@ def _child_batch(info: dict[str, Any], mode: str) -> dict[str, Any]:
 
 
 def child_append(info: dict[str, Any]) -> dict[str, Any]:
+    if info.get("format", "json") == "json":  # the JSON path itself, not a conversion to 4
+        os.environ["GPULOAD_INDEX_THRESHOLD"] = str(1 << 50)
     gpuload, imp = _import()
     n = info["rows"]
     pool = image_pool(info["image_bytes"])
@@ -371,9 +443,12 @@ def child_append(info: dict[str, Any]) -> dict[str, Any]:
                        mode="append", schema=SCHEMA, progress=False)  # fmt: skip
     dt = time.perf_counter() - t0
     assert t.version == 2 and len(t) == n + APPEND_ROWS, (t.version, len(t))
+    assert t.manifest.format_version == (4 if info.get("format") == "4" else 2)
+    index = os.path.join(info["table"], "index")
     return {"import_s": imp, "append_s": dt, "peak_rss": _peak(),
             "manifest_bytes_after": os.path.getsize(
-                os.path.join(info["table"], "versions", "v000000000002.json"))}  # fmt: skip
+                os.path.join(info["table"], "versions", "v000000000002.json")),
+            "index_files_after": len(os.listdir(index)) if os.path.isdir(index) else 0}  # fmt: skip
 
 
 def child_profile(info: dict[str, Any]) -> dict[str, Any]:
@@ -431,21 +506,22 @@ def run_child(kind: str, info_path: str, timeout: float, mem_limit: int | None) 
     return {"ok": False, "error": err[0][:300], "rc": p.returncode, "wall_s": wall}
 
 
-def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    work = os.path.join(args.work, f"n{n}")
+def measure(n: int, args: argparse.Namespace, fmt: str = "json") -> dict[str, Any]:
+    work = os.path.join(args.work, f"n{n}" if fmt == "json" else f"n{n}-f{fmt}")
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     info_path = os.path.join(work, "info.json")
-    info = write_table(os.path.join(work, "table"), n, args.rows_per_chunk, args.image_bytes)
+    info = write_table(os.path.join(work, "table"), n, args.rows_per_chunk, args.image_bytes, fmt)
     with open(info_path, "w") as f:
         json.dump(info, f)
-    res: dict[str, Any] = {"n": n, "table": {k: v for k, v in info.items() if k != "rows_read"}}
+    res: dict[str, Any] = {"n": n, "format": fmt,
+                           "table": {k: v for k, v in info.items() if k != "rows_read"}}  # fmt: skip
     res["loadavg_1min"] = os.getloadavg()[0]
     kinds = [*KINDS[:-1], *(["profile"] if args.profile and n == max(args.chunks) else []),
              KINDS[-1]]  # fmt: skip
     for kind in kinds:
         res[kind] = run_child(kind, info_path, args.timeout, args.mem_limit)
-        print(f"  N={n:,} {kind}: {_brief(res[kind])}", file=sys.stderr, flush=True)
+        print(f"  N={n:,} format {fmt} {kind}: {_brief(res[kind])}", file=sys.stderr, flush=True)
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return res
@@ -467,7 +543,7 @@ def _fmt(r: dict[str, Any], key: str, scale: float = 1.0, digits: int = 3) -> st
 
 
 def table_md(results: list[dict[str, Any]]) -> str:
-    head = ("| N chunks | rows | manifest MB | open s | RSS after open MB | peak RSS MB | "
+    head = ("| N chunks | format | rows | manifest MB | index MB | open s | RSS after open MB | peak RSS MB | "
             "json.loads s | Manifest objects+checks s | reader init s | t[i] cold ms | "
             "t[i] first ms | t[i]['label'] warm ms | shuffled batch (full) s | "
             "(block) s | append commit s |")  # fmt: skip
@@ -476,7 +552,8 @@ def table_md(results: list[dict[str, Any]]) -> str:
         t, o, p, a = r["table"], r["open"], r["phases"], r["access"]
         lines.append(
             "| " + " | ".join([
-                f"{r['n']:,}", f"{t['rows']:,}", f"{t['manifest_bytes'] / 1e6:.3g}",
+                f"{r['n']:,}", r.get("format", "json"), f"{t['rows']:,}",
+                f"{t['manifest_bytes'] / 1e6:.3g}", f"{t.get('index_bytes', 0) / 1e6:.3g}",
                 _fmt(o, "open_s"), _fmt(o, "rss_after", 1e-6, 4), _fmt(o, "peak_rss", 1e-6, 4),
                 _fmt(p, "json_s"), _fmt(p, "objects_and_validation_s"),
                 _fmt(p, "reader_init_s"), _fmt(a, "row_cold_s", 1e3),
@@ -491,6 +568,8 @@ def table_md(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--chunks", default="1000,10000,100000,1000000")
+    ap.add_argument("--format", choices=("json", "4", "both"), default="json",
+                    help="json: the chunk list in the manifest (formats 1-3); 4: index segments")  # fmt: skip
     ap.add_argument("--rows-per-chunk", type=int, default=1000)
     ap.add_argument("--image-bytes", type=int, default=26_000)
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per measurement")
@@ -523,9 +602,11 @@ def main(argv: list[str] | None = None) -> int:
           f"GPU {mach['gpu']}, load {mach['loadavg_1min_at_start']}", file=sys.stderr)  # fmt: skip
     results: list[dict[str, Any]] = []
     try:
+        formats = FORMATS if args.format == "both" else (args.format,)
         for n in args.chunks:
-            results.append(measure(n, args))
-            _save(args, mach, results)  # after every N: a long run stopped early keeps its data
+            for fmt in formats:
+                results.append(measure(n, args, fmt))
+                _save(args, mach, results)  # after every N: a run stopped early keeps its data
     finally:
         if cleanup and not args.keep:
             shutil.rmtree(cleanup, ignore_errors=True)

@@ -5,7 +5,9 @@ little-endian arrays; variable-length columns (image, bytes, text, ragged) as co
 plus an int64 offsets section, so any row's bytes are one byte range. Since format 2 every chunk
 ends with the hashes of its pages (gpuload.checksums), so every read can be verified. Format 3
 is format 2 plus ragged columns: only a manifest whose schema has one is written as format 3,
-so readers that know format 2 keep reading every other table.
+so readers that know format 2 keep reading every other table. Format 4 moves the chunk list out
+of the manifest into immutable binary index segments (``index/<32 hex>.idx``; their layout is
+defined here, their reading in ``gpuload.index``): the manifest becomes a small root naming them.
 
 A manifest is validated completely when it is parsed: every field's type and range, the nesting
 depth of metadata, and every section against its chunk. A malformed manifest is one
@@ -18,10 +20,14 @@ import gc
 import json
 import math
 import re
+import struct
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from .checksums import PageChecksums
 from .errors import FormatError, SchemaError
@@ -32,20 +38,32 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ChunkInfo",
+    "IndexRoot",
     "Manifest",
+    "SegmentInfo",
+    "SegmentLayout",
     "Section",
     "ALIGN",
+    "INDEXED_SINCE",
     "MAX_INT",
+    "check_chunks",
+    "record_dtype",
+    "record_field",
     "version_path",
 ]
 
 FORMAT_NAME = "gpuload-table"
-FORMAT_VERSION = 3  # the newest this gpuload writes (for schemas that need it: written_version)
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest this gpuload writes (for tables that need it: written_version)
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 RAGGED_SINCE = 3  # the first format with ragged columns
+INDEXED_SINCE = 4  # the first format whose chunk list lives in index segments
 ALIGN = 64
 MANIFEST = "manifest.json"
 CHUNK_RE = re.compile(r"chunks/[0-9a-f]{32}\.chunk")
+SEGMENT_RE = re.compile(r"index/[0-9a-f]{32}\.idx")
+SEGMENT_MAGIC = b"gpuload-index\x00\x00\x00"  # the first 16 bytes of every segment file
+SEGMENT_HEADER = 64  # bytes: magic, then six little-endian uint64 (see SegmentLayout.header)
+MAX_ROOT_SEGMENTS = 1 << 16  # a root listing more is refused (writers keep at most 32)
 MAX_INT = 1 << 50  # offsets, sizes, rows and versions: far beyond any real table, far below 2^63
 MAX_DEPTH = 32  # nesting depth of free-form metadata
 _TABLE_ID_RE = re.compile(r"[0-9a-f]{1,64}")
@@ -172,9 +190,206 @@ class ChunkInfo:
         return cls(file, rows, size, data, offsets, sums, rowhash)
 
 
+def record_field(position: int, part: str) -> str:
+    """The record field of section ``part`` ("data", "offsets" or "rowhash") of the column at
+    ``position`` in the schema: an (offset, length) pair of little-endian int64."""
+    return f"c{position}.{part}"
+
+
+def record_dtype(schema: Schema) -> np.dtype:
+    """The fixed-width little-endian record of one chunk in a format-4 index segment: the chunk
+    file's 16-byte id, its size, page size (0: no checksums), checksummed bytes and digest,
+    then per column (in schema order) its data section, and for variable-length columns its
+    offsets and row-hash sections (a missing row-hash section is (-1, 0))."""
+    return _record_dtype(tuple(c.is_var for c in schema))
+
+
+@lru_cache(maxsize=64)
+def _record_dtype(var: tuple[bool, ...]) -> np.dtype:
+    fields: list[tuple] = [
+        ("id", "u1", (16,)),
+        ("size", "<i8"),
+        ("page", "<i8"),
+        ("covers", "<i8"),
+        ("digest", "<u8"),
+    ]
+    for i, v in enumerate(var):
+        parts = ("data", "offsets", "rowhash") if v else ("data",)
+        fields += [(record_field(i, p), "<i8", (2,)) for p in parts]
+    return np.dtype(fields)
+
+
+def _align(n: int) -> int:
+    return n + (-n) % ALIGN
+
+
+@dataclass(frozen=True)
+class SegmentLayout:
+    """Where things lie in a segment file of ``chunks`` records of ``record_nbytes`` bytes, with
+    page hashes over pages of ``page`` bytes: the 64-byte header, the ``rows`` section (int64 per
+    chunk) at 64, the ``records`` section at the next 64-byte boundary, zero padding up to a
+    64-byte boundary (``covers``), then the page hash table (8 bytes a page) up to ``size``."""
+
+    chunks: int
+    record_nbytes: int
+    page: int
+
+    rows_offset = SEGMENT_HEADER
+
+    @property
+    def rows_end(self) -> int:
+        return SEGMENT_HEADER + 8 * self.chunks
+
+    @property
+    def records_offset(self) -> int:
+        return _align(self.rows_end)
+
+    @property
+    def records_end(self) -> int:
+        return self.records_offset + self.chunks * self.record_nbytes
+
+    @property
+    def covers(self) -> int:
+        return _align(self.records_end)
+
+    @property
+    def size(self) -> int:
+        return self.covers + 8 * -(-self.covers // self.page)
+
+    def header(self) -> bytes:
+        """The 64 header bytes: magic, then format version, chunks, record bytes, rows offset,
+        records offset and checksummed bytes as little-endian uint64."""
+        return SEGMENT_MAGIC + struct.pack(
+            "<6Q",
+            INDEXED_SINCE,
+            self.chunks,
+            self.record_nbytes,
+            self.rows_offset,
+            self.records_offset,
+            self.covers,
+        )
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """One immutable index segment as the root lists it: its file, how many chunks and rows its
+    records describe, its size and page checksums."""
+
+    file: str
+    chunks: int
+    rows: int
+    size: int
+    checksums: PageChecksums
+
+    def layout(self, record_nbytes: int) -> SegmentLayout:
+        return SegmentLayout(self.chunks, record_nbytes, self.checksums.page)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "chunks": self.chunks,
+            "rows": self.rows,
+            "size": self.size,
+            "checksums": self.checksums.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, d: Any, where: str, record_nbytes: int) -> SegmentInfo:
+        """A root's segment entry, its size checked against the layout its counts imply."""
+        if not isinstance(d, Mapping):
+            raise FormatError(f"{where}: a segment entry must be an object")
+        file = d.get("file")
+        if not isinstance(file, str) or not SEGMENT_RE.fullmatch(file):
+            raise FormatError(f"{where}: segment path {file!r} is not an index segment file"[:400])
+        check_relpath(file)
+        where = f"{where} ({file})"
+        chunks = _int(d.get("chunks"), "chunks", where, 1)
+        rows = _int(d.get("rows"), "rows", where, chunks)
+        size = _int(d.get("size"), "size", where)
+        if "checksums" not in d:
+            raise FormatError(f"{where}: a segment needs page checksums")
+        seg = cls(file, chunks, rows, size, PageChecksums.from_json(d["checksums"], where))
+        lay = seg.layout(record_nbytes)
+        if seg.checksums.covers != lay.covers or seg.checksums.end != size or size != lay.size:
+            raise FormatError(
+                f"{where}: {chunks} records of {record_nbytes} bytes make a {lay.size}-byte "
+                f"segment checksummed up to byte {lay.covers}; the root says {size} bytes, "
+                f"checksummed up to {seg.checksums.covers}"
+            )
+        return seg
+
+
+@dataclass(frozen=True)
+class IndexRoot:
+    """What a format-4 root says of its chunks: the index segments holding their records, in
+    row order, and the totals over them."""
+
+    segments: tuple[SegmentInfo, ...]
+    num_chunks: int
+    num_rows: int
+    nbytes: int
+    column_bytes: Mapping[str, int]
+    unverified: int = 0  # chunks without page checksums (written before format 2)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "num_chunks": self.num_chunks,
+            "nbytes": self.nbytes,
+            "unverified_chunks": self.unverified,
+            "column_bytes": dict(self.column_bytes),
+            "segments": [s.to_json() for s in self.segments],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any], schema: Schema, where: str) -> IndexRoot:
+        """The index fields of a format-4 root, validated (``check``)."""
+        if "chunks" in d:
+            raise FormatError(f"{where}: a format-4 root lists no chunks (they are in segments)")
+        segs = d.get("segments")
+        if not isinstance(segs, list) or len(segs) > MAX_ROOT_SEGMENTS:
+            raise FormatError(
+                f"{where}: field 'segments' must be a list of at most {MAX_ROOT_SEGMENTS}"
+            )
+        cb = d.get("column_bytes")
+        if not isinstance(cb, Mapping):
+            raise FormatError(f"{where}: field 'column_bytes' must be an object")
+        rec = record_dtype(schema).itemsize
+        root = cls(
+            segments=tuple(
+                SegmentInfo.from_json(s, f"{where} segment {i}", rec) for i, s in enumerate(segs)
+            ),
+            num_chunks=_int(d.get("num_chunks"), "num_chunks", where),
+            num_rows=_int(d.get("num_rows"), "num_rows", where),
+            nbytes=_int(d.get("nbytes"), "nbytes", where),
+            column_bytes={k: _int(v, f"column_bytes.{k}", where) for k, v in cb.items()},
+            unverified=_int(d.get("unverified_chunks", 0), "unverified_chunks", where),
+        )
+        root.check(schema, where)
+        return root
+
+    def check(self, schema: Schema, where: str) -> None:
+        """The totals agree with the segments, and the segments are listed once each."""
+        files = [s.file for s in self.segments]
+        if len(set(files)) != len(files):
+            raise FormatError(f"{where}: a segment is listed twice")
+        chunks = sum(s.chunks for s in self.segments)
+        rows = sum(s.rows for s in self.segments)
+        if chunks != self.num_chunks or rows != self.num_rows:
+            raise FormatError(
+                f"{where}: the root says {self.num_chunks} chunks and {self.num_rows} rows, its "
+                f"segments hold {chunks} chunks and {rows} rows"
+            )
+        if sorted(self.column_bytes) != sorted(schema.names):
+            raise FormatError(f"{where}: field 'column_bytes' must name each column once")
+        if self.unverified > self.num_chunks:
+            raise FormatError(f"{where}: more unverified chunks than chunks")
+
+
 @dataclass(frozen=True)
 class Manifest:
-    """One committed snapshot of a table."""
+    """One committed snapshot of a table. Formats 1-3 list their chunks here (``chunks``); a
+    format-4 root lists none (``chunks`` is empty) and names its index segments (``index``):
+    read chunks through ``gpuload.index.open_index``, which serves both."""
 
     table_id: str
     version: int
@@ -182,18 +397,32 @@ class Manifest:
     chunks: tuple[ChunkInfo, ...]
     created: float = 0.0
     updated: float = 0.0
-    format_version: int = 2  # as read; a manifest is written as written_version(schema)
+    format_version: int = 2  # as read; a manifest is written as written_version(schema) or 4
+    index: IndexRoot | None = None  # format 4: where the chunk records are
+
+    @property
+    def is_indexed(self) -> bool:
+        """Whether the chunks are in index segments (format 4) rather than listed here."""
+        return self.index is not None
+
+    @property
+    def num_chunks(self) -> int:
+        return self.index.num_chunks if self.index is not None else len(self.chunks)
 
     @property
     def num_rows(self) -> int:
+        if self.index is not None:
+            return self.index.num_rows
         return sum(c.rows for c in self.chunks)
 
     @property
     def nbytes(self) -> int:
+        if self.index is not None:
+            return self.index.nbytes
         return sum(c.size for c in self.chunks)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "format": FORMAT_NAME,
             "format_version": written_version(self.schema),
             "table_id": self.table_id,
@@ -202,8 +431,10 @@ class Manifest:
             "updated": self.updated,
             "num_rows": self.num_rows,
             "schema": self.schema.to_json(),
-            "chunks": [c.to_json() for c in self.chunks],
         }
+        if self.index is not None:
+            return {**d, "format_version": INDEXED_SINCE, **self.index.to_json()}
+        return {**d, "chunks": [c.to_json() for c in self.chunks]}
 
     def dumps(self) -> bytes:
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
@@ -230,10 +461,13 @@ class Manifest:
             raise FormatError(
                 f"{where}: format version {ver} has no ragged columns (they need {RAGGED_SINCE})"
             )
-        chunks_json = d.get("chunks")
-        if not isinstance(chunks_json, list):
-            raise FormatError(f"{where}: field 'chunks' must be a list")
-        chunks = _parse_chunks(chunks_json, where)
+        index = IndexRoot.from_json(d, schema, where) if ver >= INDEXED_SINCE else None
+        chunks: tuple[ChunkInfo, ...] = ()
+        if index is None:
+            chunks_json = d.get("chunks")
+            if not isinstance(chunks_json, list):
+                raise FormatError(f"{where}: field 'chunks' must be a list")
+            chunks = _parse_chunks(chunks_json, where)
         table_id = d.get("table_id", "")
         if not isinstance(table_id, str) or not _TABLE_ID_RE.fullmatch(table_id):
             raise FormatError(f"{where}: field 'table_id' must be 1-64 lowercase hex digits")
@@ -245,6 +479,7 @@ class Manifest:
             created=_time(d.get("created", 0.0), "created", where),
             updated=_time(d.get("updated", 0.0), "updated", where),
             format_version=ver,
+            index=index,
         )
         if "num_rows" in d and _int(d["num_rows"], "num_rows", where) != m.num_rows:
             raise FormatError(
@@ -255,31 +490,41 @@ class Manifest:
 
     def validate(self, where: str) -> None:
         """Check every section lies inside its chunk, inside the checksummed pages, and matches
-        the schema, so no size read from the manifest can exceed the chunk it describes."""
+        the schema, so no size read from the manifest can exceed the chunk it describes (for
+        format 4: the root's totals; records are checked as they are read, gpuload.index)."""
         if self.num_rows >= MAX_INT:
             raise FormatError(f"{where}: {self.num_rows} rows is more than a table can hold")
-        files = set()
-        for i, c in enumerate(self.chunks):
-            here = f"{where} chunk {i} ({c.file})"
-            if c.file in files:
-                raise FormatError(f"{here}: the chunk is listed twice")
-            files.add(c.file)
-            limit = c.size
-            if c.checksums is not None:
-                if c.checksums.end != c.size:
-                    raise FormatError(
-                        f"{here}: page hashes end at byte {c.checksums.end}, the chunk has {c.size}"
-                    )
-                limit = c.checksums.covers
-            extra = sorted((set(c.data) | set(c.rowhash)) - set(self.schema.names))
-            if extra:
-                raise FormatError(f"{here}: sections for unknown column(s) {extra}")
-            for col in self.schema:
-                _check_column(here, c, col, limit)
+        if self.index is not None:
+            self.index.check(self.schema, where)
+            return
+        check_chunks(self.schema, self.chunks, where)
 
     @staticmethod
     def now() -> float:
         return time.time()
+
+
+def check_chunks(schema: Schema, chunks: Sequence[ChunkInfo], where: str, first: int = 0) -> None:
+    """Every chunk entry against ``schema``: listed once, sections inside the chunk and its
+    checksummed pages, sized as the schema says (``first``: the number of the first chunk)."""
+    files = set()
+    for i, c in enumerate(chunks, first):
+        here = f"{where} chunk {i} ({c.file})"
+        if c.file in files:
+            raise FormatError(f"{here}: the chunk is listed twice")
+        files.add(c.file)
+        limit = c.size
+        if c.checksums is not None:
+            if c.checksums.end != c.size:
+                raise FormatError(
+                    f"{here}: page hashes end at byte {c.checksums.end}, the chunk has {c.size}"
+                )
+            limit = c.checksums.covers
+        extra = sorted((set(c.data) | set(c.rowhash)) - set(schema.names))
+        if extra:
+            raise FormatError(f"{here}: sections for unknown column(s) {extra}")
+        for col in schema:
+            _check_column(here, c, col, limit)
 
 
 def _parse_chunks(chunks_json: list, where: str) -> tuple[ChunkInfo, ...]:

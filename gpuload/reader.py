@@ -21,7 +21,8 @@ from .buffers import aligned_empty
 from .checksums import hash_bytes
 from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read, ReadPlan
-from .format import Manifest
+from .format import Manifest, Section
+from .index import ChunkIndex, open_index
 from .ragged import ragged_views
 from .sampling import EpochOrder, RowSelection, Shuffle, SubsetOrder
 from .schema import Column, Schema
@@ -53,19 +54,15 @@ class TableReader:
         self._cache_opts = CacheOptions.coerce(cache)
         self._fetch_opts = fetch or FetchOptions()
         self.name = _table_label(store.url)
-        rows = np.array([c.rows for c in manifest.chunks], dtype=np.int64)
-        self._chunk_starts = np.concatenate([[0], np.cumsum(rows)]).astype(np.int64)
-        self._fetcher = Fetcher(
-            store,
-            self.name,
-            self._fetch_opts,
-            self._cache_opts,
-            sizes={c.file: c.size for c in manifest.chunks},
-            checksums={c.file: c.checksums for c in manifest.chunks if c.checksums is not None},
+        # the chunks: a JSON list wrapped, or (format 4) the segments' rows read now
+        self._index: ChunkIndex = open_index(
+            store, manifest, self.name, self._cache_opts, self._fetch_opts
         )
-        self._sized = np.zeros(len(manifest.chunks), dtype=bool)
-        self._chunk_files = [c.file for c in manifest.chunks]
-        self._sec_offsets: dict[str, np.ndarray] = {}
+        self._chunk_starts = self._index.starts
+        self._fetcher = Fetcher(
+            store, self.name, self._fetch_opts, self._cache_opts, resolve=self._index.describe
+        )
+        self._sized = np.zeros(self._index.num_chunks, dtype=bool)
         # Bounded in-memory LRU of small per-chunk arrays: offsets indexes and whole sections of
         # small columns (labels, states, short text), so random access does not issue a request
         # per tiny cell.
@@ -73,7 +70,6 @@ class TableReader:
         self._mem_bytes = 0
         self._mem_limit = 64 << 20
         self._small: dict[str, bool] = {}
-        self._hashed: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._async_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -96,6 +92,7 @@ class TableReader:
         )
 
     def __getstate__(self) -> dict[str, Any]:
+        # the manifest only (a format-4 root is a few KB): each process opens its own index
         return {
             "store": self._store,
             "manifest": self._manifest.dumps(),
@@ -125,6 +122,11 @@ class TableReader:
         return self._fetcher
 
     @property
+    def index(self) -> ChunkIndex:
+        """The chunks of this snapshot (every format)."""
+        return self._index
+
+    @property
     def schema(self) -> Schema:
         return self._manifest.schema
 
@@ -138,15 +140,21 @@ class TableReader:
 
     @property
     def num_chunks(self) -> int:
-        return len(self._manifest.chunks)
+        return self._index.num_chunks
 
     @property
     def chunk_rows(self) -> tuple[int, ...]:
-        return tuple(c.rows for c in self._manifest.chunks)
+        """Rows per chunk (a new tuple each call: ``index.rows`` is the same as an array)."""
+        return tuple(self._index.rows.tolist())
 
     @property
     def nbytes(self) -> int:
-        return self._manifest.nbytes
+        return self._index.nbytes
+
+    def chunk_data_bytes(self, columns: Sequence[str]) -> np.ndarray:
+        """Bytes of ``columns``' data sections per chunk (estimated from the rows for a
+        format-4 table, whose exact figures would read every record)."""
+        return self._index.data_bytes(columns)
 
     @property
     def is_local(self) -> bool:
@@ -165,10 +173,7 @@ class TableReader:
 
     def info(self) -> dict[str, Any]:
         """Schema, rows, size and chunks, as ``gpuload info`` prints them."""
-        col_bytes: dict[str, int] = {c: 0 for c in self.columns}
-        for ch in self._manifest.chunks:
-            for name, sec in ch.data.items():
-                col_bytes[name] = col_bytes.get(name, 0) + sec.length
+        col_bytes = {c: int(self._index.column_bytes.get(c, 0)) for c in self.columns}
         return {
             "name": self.name,
             "url": self.url,
@@ -186,8 +191,8 @@ class TableReader:
     def checksum_status(self) -> str:
         """Whether reads can be verified: every chunk, some (appended to a table written before
         format 2), or none (the table predates checksums: rewrite it to get them)."""
-        have = sum(c.checksums is not None for c in self._manifest.chunks)
-        if have == len(self._manifest.chunks):
+        have = self.num_chunks - self._index.unverified
+        if have == self.num_chunks:
             return "xxh3-64 pages, every chunk"
         if have == 0:
             return (
@@ -203,32 +208,41 @@ class TableReader:
         index; returns a report. Chunks without checksums are listed as unverified."""
         report: dict[str, Any] = {"table": self.name, "version": self.version, "chunks": 0}
         report.update(verified=0, unverified=[], bad=[], bytes=0)
+        # a format-4 index is read whole first: every segment, record and total
+        report["bad"] += [{"chunk": "index", "error": p} for p in self._index.problems()]
         checker = Fetcher(  # verifies local reads too, whatever this table was opened with
             self._store,
             self.name,
             dataclasses.replace(self._fetch_opts, verify_local=True),
             self._cache_opts,
-            sizes=self._fetcher.sizes,
-            checksums=self._fetcher.checksums,
+            resolve=self._index.describe,
         )
-        for i, info in enumerate(self._manifest.chunks):
+        if report["bad"]:
+            report["ok"] = False
+            return report
+        for i, info in self._index.iter_chunks():
             report["chunks"] += 1
             try:
-                self._ensure_sizes(np.array([i]))
-                if info.checksums is None:
-                    report["unverified"].append(info.file)
-                else:
-                    _read_through(checker, info.file, info.checksums.covers)
-                    report["verified"] += 1
-                    report["bytes"] += info.size
-                for col in self.schema:
-                    if col.is_var:
-                        self._mem.pop((i, col.name, "offsets"), None)
-                        self.chunk_offsets(i, col)
+                self._verify_chunk(checker, i, info, report)
             except (IntegrityError, FormatError, FetchError) as e:
                 report["bad"].append({"chunk": info.file, "error": str(e)})
         report["ok"] = not report["bad"]
         return report
+
+    def _verify_chunk(self, checker: Fetcher, i: int, info, report: dict[str, Any]) -> None:
+        """One chunk of ``verify``: its bytes through ``checker``, its offsets indexes."""
+        self._ensure_sizes(np.array([i]))
+        if info.checksums is None:
+            report["unverified"].append(info.file)
+        else:
+            file = self._index.files(np.array([i]))[i]  # the name the fetcher can look up
+            _read_through(checker, file, info.checksums.covers)
+            report["verified"] += 1
+            report["bytes"] += info.size
+        for col in self.schema:
+            if col.is_var:
+                self._mem.pop((i, col.name, "offsets"), None)
+                self.chunk_offsets(i, col)
 
     # -- row access ------------------------------------------------------------------------
     def row_index(self, i: int) -> int:
@@ -277,14 +291,15 @@ class TableReader:
         """Read the sections ``items`` ((chunk, column, part, dtype, check) each) in one fetch
         (their round trips overlap, adjacent ones coalesce), check each, and keep them in the
         in-memory LRU."""
-        chunks = [it[0] for it in items]
-        self._ensure_sizes(np.asarray(chunks, dtype=np.int64))
-        secs = [getattr(self._manifest.chunks[c], part)[col.name] for c, col, part, _, _ in items]
+        chunks = np.asarray([it[0] for it in items], dtype=np.int64)
+        self._ensure_sizes(chunks)
+        secs = self._sections_of(items)
+        files = self._index.files(chunks)
         for (c, col, part, dtype, _), sec in zip(items, secs):
             size = np.dtype(dtype).itemsize
             if sec.length % size:
                 raise FormatError(
-                    f"table {self.name!r}, chunk {self._manifest.chunks[c].file}: the {part} "
+                    f"table {self.name!r}, chunk {files[c]}: the {part} "
                     f"section of column {col.name!r} (bytes [{sec.offset}, {sec.end})) is "
                     f"not a whole number of {size}-byte items"
                 )
@@ -292,8 +307,8 @@ class TableReader:
         np.cumsum([sec.length for sec in secs], out=dest[1:])
         raw = np.empty(int(dest[-1]), dtype=np.uint8)
         reads = [
-            Read(self._chunk_files[c], sec.offset, sec.length, int(d))
-            for c, sec, d in zip(chunks, secs, dest[:-1].tolist())
+            Read(files[c], sec.offset, sec.length, int(d))
+            for c, sec, d in zip(chunks.tolist(), secs, dest[:-1].tolist())
         ]
         self._fetcher.read_into(reads, raw)
         out = []
@@ -302,9 +317,19 @@ class TableReader:
         ):
             buf = raw[a:b].copy().view(dtype)  # its own buffer: the LRU frees sections one by one
             if check is not None:
-                check(self._manifest.chunks[c], sec, buf)
+                check(c, sec, buf)
             self._mem_put((c, col.name, part), buf)
             out.append(buf)
+        return out
+
+    def _sections_of(self, items: Sequence[tuple]) -> list[Section]:
+        """The byte ranges of sections ((chunk, column, part, ...) each), from one lookup of
+        their chunks' records."""
+        recs = self._index.records(np.asarray([it[0] for it in items], dtype=np.int64))
+        out = []
+        for k, (_, col, part, _, _) in enumerate(items):
+            off, length = recs[k][self._index.field(col.name, part)].tolist()
+            out.append(Section(off, length))
         return out
 
     def preload_sections(self, indices: np.ndarray, columns: Sequence[Column]) -> None:
@@ -340,12 +365,12 @@ class TableReader:
         also a whole number of inner elements (byte offsets, multiples of ``item_nbytes``)."""
         item = column.item_nbytes if column.is_ragged else 1
 
-        def check(info, sec, buf) -> None:
-            data_len = info.data[column.name].length
+        def check(chunk: int, sec: Section, buf) -> None:
+            data_len = int(self._index.sections(np.array([chunk]), column.name, "data")[0, 1])
             lens = np.diff(buf)
             where = (
-                f"table {self.name!r}, chunk {info.file}: offsets of column {column.name!r} "
-                f"(bytes [{sec.offset}, {sec.end}))"
+                f"table {self.name!r}, chunk {self._index.files(np.array([chunk]))[chunk]}: "
+                f"offsets of column {column.name!r} (bytes [{sec.offset}, {sec.end}))"
             )
             if buf[0] != 0 or buf[-1] != data_len or (lens.size and np.any(lens < 0)):
                 raise FormatError(f"{where} are corrupt")
@@ -367,13 +392,9 @@ class TableReader:
         checks, LRU-cached)."""
         return self._section(chunk, column, "rowhash", "<u8")
 
-    def _row_hashed(self, column: Column) -> np.ndarray:
-        """Which chunks carry per-row hashes of ``column``."""
-        mask = self._hashed.get(column.name)
-        if mask is None:
-            mask = np.array([column.name in c.rowhash for c in self._manifest.chunks], bool)
-            self._hashed[column.name] = mask
-        return mask
+    def _row_hashed(self, chunks: np.ndarray, column: Column) -> np.ndarray:
+        """Which of ``chunks`` carry per-row hashes of ``column``."""
+        return self._index.sections(chunks, column.name, "rowhash")[:, 0] >= 0
 
     def fetch_rows(
         self, indices: np.ndarray, plan: ReadPlan, dest: np.ndarray, column: Column, view
@@ -381,7 +402,7 @@ class TableReader:
         """Read ``plan`` (from ``read_plan(indices, column)``) into ``view`` and verify it:
         rows of chunks with per-row hashes are read exactly and checked row by row (fetched once
         more on a mismatch, then IntegrityError); everything else through the page checks."""
-        hashed = self._row_hashed(column)[plan.fidx] if column.is_var else None
+        hashed = self._row_hashed(plan.fidx, column) if column.is_var else None
         if hashed is None or not self._fetcher.verify or not hashed.any():
             self._fetcher.read_into(plan, view)
             return
@@ -425,7 +446,7 @@ class TableReader:
         """Columns averaging at most 512 bytes a row are read a whole chunk section at a time."""
         small = self._small.get(column.name)
         if small is None:
-            total = sum(c.data[column.name].length for c in self._manifest.chunks)
+            total = self._index.column_bytes.get(column.name, 0)
             small = len(self) > 0 and total / len(self) <= 512
             self._small[column.name] = small
         return small
@@ -437,9 +458,10 @@ class TableReader:
     def _ensure_sizes(self, chunks: np.ndarray) -> None:
         """Check (once per chunk) that chunk files are as large as the manifest says before
         anything is allocated from the manifest's sizes: a manifest may lie."""
-        todo = np.unique(chunks[~self._sized[chunks]]).tolist()
-        if todo:
-            self._fetcher.ensure_sizes([self._chunk_files[c] for c in todo])
+        todo = np.unique(chunks[~self._sized[chunks]])
+        if todo.size:
+            files = self._index.files(todo)
+            self._fetcher.ensure_sizes([files[c] for c in todo.tolist()])
             self._sized[todo] = True
 
     def _read_small(self, idx: np.ndarray, col: Column) -> ColumnValues:
@@ -469,12 +491,13 @@ class TableReader:
         chunks, local = self._locate(indices)
         self._ensure_sizes(chunks)
         n = len(indices)
-        sec_off = self._section_offsets(column.name)[chunks]
+        sec_off = self._index.sections(chunks, column.name, "data")[:, 0]
+        files = self._index.files(chunks)
         if not column.is_var:
             rb = column.row_nbytes
             dest = np.arange(n + 1, dtype=np.int64) * rb
             plan = ReadPlan(
-                self._chunk_files, chunks, sec_off + local * rb, np.full(n, rb, np.int64), dest[:-1]
+                files, chunks, sec_off + local * rb, np.full(n, rb, np.int64), dest[:-1]
             )
             return plan, dest
         starts = np.empty(n, dtype=np.int64)
@@ -488,14 +511,7 @@ class TableReader:
             lens[sel] = offs[li + 1] - offs[li]
         dest = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=dest[1:])
-        return ReadPlan(self._chunk_files, chunks, sec_off + starts, lens, dest[:-1]), dest
-
-    def _section_offsets(self, name: str) -> np.ndarray:
-        arr = self._sec_offsets.get(name)
-        if arr is None:
-            arr = np.array([c.data[name].offset for c in self._manifest.chunks], dtype=np.int64)
-            self._sec_offsets[name] = arr
-        return arr
+        return ReadPlan(files, chunks, sec_off + starts, lens, dest[:-1]), dest
 
     def read_column_into(
         self, indices: np.ndarray, column: Column, out=None
@@ -527,11 +543,13 @@ class TableReader:
         )
         if not items:
             return
-        self._ensure_sizes(np.asarray([it[0] for it in items], dtype=np.int64))
-        reads = []
-        for c, col, part, _, _ in items:
-            sec = getattr(self._manifest.chunks[c], part)[col.name]
-            reads.append(Read(self._chunk_files[c], sec.offset, sec.length, 0))
+        chunks = np.asarray([it[0] for it in items], dtype=np.int64)
+        self._ensure_sizes(chunks)
+        files = self._index.files(chunks)
+        reads = [
+            Read(files[c], sec.offset, sec.length, 0)
+            for c, sec in zip(chunks.tolist(), self._sections_of(items))
+        ]
         self._fetcher.prefetch(ReadPlan.from_reads(reads))
 
     def prefetch(self, indices, columns: Sequence[str] | None = None) -> bool:
@@ -613,7 +631,8 @@ class TableReader:
         subset keeps its runs of rows from one chunk together, as it keeps chunks together."""
         mode = Shuffle.coerce(shuffle).resolve(self.is_cached)
         if subset is None:
-            return EpochOrder(len(self), mode, int(seed), int(epoch), self.chunk_rows)
+            rows = self._index.rows if mode == "block" else ()
+            return EpochOrder(len(self), mode, int(seed), int(epoch), rows)
         runs: tuple[int, ...] = ()
         if mode == "block" and len(subset):
             chunk = self._locate(subset)[0]

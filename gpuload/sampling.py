@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -217,20 +218,21 @@ class Permutation:
 class EpochOrder:
     """The order of rows in one epoch: ``rows(start, stop)`` gives the row indices at positions
     [start, stop). ``mode`` is "none", "full" (a uniform permutation) or "block" (chunk order
-    shuffled, rows shuffled within windows of ``window_chunks`` chunks)."""
+    shuffled, rows shuffled within windows of ``window_chunks`` chunks). ``chunk_rows``: rows
+    per chunk (a sequence or an int64 array; only the block shuffle uses it)."""
 
     n: int
     mode: str = "none"
     seed: int = 0
     epoch: int = 0
-    chunk_rows: tuple[int, ...] = ()
+    chunk_rows: Sequence[int] | np.ndarray = field(default=(), compare=False)
     window_chunks: int = 4
 
     def __post_init__(self) -> None:
         if self.mode not in SHUFFLE_MODES:
             raise ValueError(f"shuffle mode must be one of {SHUFFLE_MODES}, got {self.mode!r}")
         if self.mode == "block":
-            if sum(self.chunk_rows) != self.n:
+            if int(np.sum(np.asarray(self.chunk_rows, dtype=np.int64))) != self.n:
                 raise ValueError("block shuffle needs chunk_rows summing to n")
             if self.window_chunks < 1:
                 raise ValueError("window_chunks must be >= 1")

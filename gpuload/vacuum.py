@@ -10,6 +10,11 @@ so it must exceed the longest ingest and the longest epoch; the default is 24 ho
 object-store "remove orphan files" jobs do. A writer also checks, just before its commit, that
 all of its chunks still exist, so a too-short grace period fails that ingest loudly instead of
 committing a manifest that names a deleted chunk.
+
+Format-4 tables have index segments (``index/<32 hex>.idx``) too: a segment is named by the
+versions whose roots list it, and it goes by the same rules as a chunk (unnamed: by its age;
+replaced, by a merge or an overwrite: once the version that dropped it is past the grace
+period). The chunks a format-4 version names are read from its segments.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from .format import CHUNK_RE, Manifest
+from .format import CHUNK_RE, SEGMENT_RE, Manifest
+from .index import files_named
 from .storage import Store
 from .versions import read_manifest, read_version
 
@@ -64,20 +70,22 @@ def vacuum_store(
     manifest = read_manifest(store)  # TableNotFoundError / FormatError name the table
     now = time.time() if now is None else now
     candidates: list[tuple[str, int, float | None]] = []
-    for name, size, mtime in store.list_files("chunks"):
-        rel = f"chunks/{name}"
-        if CHUNK_RE.fullmatch(rel):
-            candidates.append((rel, size, mtime))
-        else:
-            log.warning("vacuum of %s: leaving unknown file %s alone", label, rel)
+    for folder, pattern in (("chunks", CHUNK_RE), ("index", SEGMENT_RE)):
+        for name, size, mtime in store.list_files(folder):
+            rel = f"{folder}/{name}"
+            if pattern.fullmatch(rel):
+                candidates.append((rel, size, mtime))
+            else:
+                log.warning("vacuum of %s: leaving unknown file %s alone", label, rel)
     for folder in ("", "versions"):
         for name, size, mtime in store.list_files(folder):
             if _TMP_RE.fullmatch(name):
                 candidates.append((f"{folder}/{name}" if folder else name, size, mtime))
-    named = _needed(store, manifest, now, older_than)
+    memo: dict[str, list[str]] = {}  # chunk names of each segment read (versions share them)
+    named = _needed(store, manifest, now, older_than, label, memo)
     old, recent = [], []
     for rel, size, mtime in candidates:
-        if named is None and rel.startswith("chunks/"):
+        if named is None and _table_file(rel):
             recent.append(rel)
             continue
         if named is not None and rel in named:
@@ -91,11 +99,11 @@ def vacuum_store(
         # A commit may have landed since the manifest was read: never delete what it names.
         latest = read_manifest(store)
         if latest.version != manifest.version:
-            named = _needed(store, latest, now, older_than)
+            named = _needed(store, latest, now, older_than, label, memo)
             old = [
                 (rel, size)
                 for rel, size in old
-                if not (rel.startswith("chunks/") and (named is None or rel in named))
+                if not (_table_file(rel) and (named is None or rel in named))
             ]
         for rel, _ in old:
             store.remove(rel)
@@ -111,11 +119,23 @@ def vacuum_store(
     return report
 
 
-def _needed(store: Store, latest: Manifest, now: float, older_than: float) -> set[str] | None:
-    """Chunk files a live snapshot may still read: those of the latest version and of every
-    version replaced less than ``older_than`` seconds ago (a reader may hold one of those);
-    None when one of those versions cannot be read (then nothing may go)."""
-    named = {c.file for c in latest.chunks}
+def _table_file(rel: str) -> bool:
+    """Chunks and index segments: what versions name (unlike temporary manifests)."""
+    return rel.startswith(("chunks/", "index/"))
+
+
+def _needed(
+    store: Store,
+    latest: Manifest,
+    now: float,
+    older_than: float,
+    label: str,
+    memo: dict[str, list[str]],
+) -> set[str] | None:
+    """Chunk and segment files a live snapshot may still read: those of the latest version and
+    of every version replaced less than ``older_than`` seconds ago (a reader may hold one of
+    those); None when one of those versions cannot be read (then nothing may go)."""
+    named = files_named(store, latest, label, memo)
     newer = latest
     for v in range(latest.version - 1, 0, -1):
         if now - newer.updated >= older_than:
@@ -129,6 +149,6 @@ def _needed(store: Store, latest: Manifest, now: float, older_than: float) -> se
                 v,
             )
             return None
-        named.update(c.file for c in m.chunks)
+        named.update(files_named(store, m, label, memo))
         newer = m
     return named

@@ -13,6 +13,10 @@ Ray sink, ``gpuload.adapters.ray``): ``ChunkWriter`` writes chunk files and retu
 ``ChunkInfo`` (plain data, ``ChunkInfo.to_json``), touching no manifest; ``start_version``
 records the version a write starts from; ``TableWriter(..., base=that version)`` plus
 ``stage(chunks)`` commits chunks written elsewhere through the same protocol as its own.
+
+A commit whose table would hold more than ``gpuload.index.index_threshold()`` chunks (4,096 by
+default), or that appends to a table that already has one, publishes a format-4 root: its new
+chunks' records go into one new index segment, written before the root (gpuload.index).
 """
 
 from __future__ import annotations
@@ -28,7 +32,17 @@ import numpy as np
 
 from .checksums import DEFAULT_PAGE_BYTES, PageChecksums, hash_bytes, page_hashes
 from .errors import CommitConflictError, SchemaError, TableExistsError
-from .format import ALIGN, ChunkInfo, Manifest, Section, version_path, written_version
+from .format import (
+    ALIGN,
+    INDEXED_SINCE,
+    ChunkInfo,
+    Manifest,
+    Section,
+    check_chunks,
+    version_path,
+    written_version,
+)
+from .index import SegmentWriter, index_threshold
 from .schema import Column, Schema
 from .storage import Store
 from .versions import create_version, point_to, try_read_manifest
@@ -241,6 +255,7 @@ class TableWriter:
             schema = _merge_codecs(self.base.schema, schema)
         self.schema = self._chunks.schema = schema
         self._staged: list[ChunkInfo] = []  # written elsewhere, committed with this writer's
+        self._segments: SegmentWriter | None = None  # the index side of a format-4 commit
         self._published = False  # a version naming this writer's chunks exists
         self._keep_chunks = False  # whether one exists is unknown
         self._closed = False
@@ -301,6 +316,7 @@ class TableWriter:
         for attempt in range(MAX_COMMIT_TRIES):
             manifest = self._manifest_on(base, metadata)
             if self._publish(manifest):
+                self._tidy_segments(manifest)
                 return manifest
             latest = try_read_manifest(self.store)
             self._check_rebase(base, latest)
@@ -384,24 +400,46 @@ class TableWriter:
         log.debug("append to %s rebased from version %d onto %d", self.label, before, now)
 
     def _manifest_on(self, base: Manifest | None, metadata: Mapping | None) -> Manifest:
-        """The manifest this write commits on top of ``base`` (the latest version it knows)."""
+        """The manifest this write commits on top of ``base`` (the latest version it knows):
+        a JSON chunk list, or a format-4 root once the table passes the index threshold (its
+        segments are written here, before anything is published)."""
         append = base is not None and self.mode == "append"
         schema = _merge_codecs(base.schema, self.schema) if append else self.schema
         meta = {**(base.schema.metadata if append else {}), **(metadata or {})}
         if meta:
             schema = Schema(schema.columns, {**schema.metadata, **meta})
         now = time.time()
-        manifest = Manifest(
-            table_id=base.table_id if append else uuid.uuid4().hex,
-            version=(base.version if base else 0) + 1,
-            schema=schema,
-            chunks=(tuple(base.chunks) if append else ()) + tuple(self._new_chunks),
-            created=base.created if append else now,
-            updated=now,
-            format_version=written_version(schema),
-        )
+        common = {
+            "table_id": base.table_id if append else uuid.uuid4().hex,
+            "version": (base.version if base else 0) + 1,
+            "schema": schema,
+            "created": base.created if append else now,
+            "updated": now,
+        }
+        new = self._new_chunks
+        on = base if append else None
+        if _writes_index(on, len(new)):
+            root = self._segment_writer(schema, new).root_on(on)
+            manifest = Manifest(chunks=(), format_version=INDEXED_SINCE, index=root, **common)
+        else:
+            chunks = (tuple(base.chunks) if append else ()) + tuple(new)  # type: ignore[union-attr]
+            manifest = Manifest(chunks=chunks, format_version=written_version(schema), **common)
         manifest.validate(f"new manifest of {self.label!r}")
         return manifest
+
+    def _segment_writer(self, schema: Schema, new: list[ChunkInfo]) -> SegmentWriter:
+        """The index side of this commit, made once: the new chunks checked against the schema
+        and turned into records."""
+        if self._segments is None:
+            check_chunks(schema, new, f"new chunks of {self.label!r}")
+            self._segments = SegmentWriter(self.store, schema, self.label, new)
+        return self._segments
+
+    def _tidy_segments(self, manifest: Manifest) -> None:
+        """After a commit: remove the segments this writer wrote for attempts that lost."""
+        if self._segments is not None:
+            named = {s.file for s in manifest.index.segments} if manifest.index else set()
+            self._segments.discard(keep=named)
 
     def abort(self) -> None:
         """Delete the chunks this writer wrote or staged; the committed table is untouched.
@@ -409,10 +447,20 @@ class TableWriter:
         if not self.may_have_published:
             self._chunks.chunks[:0] = self._staged
             self._chunks.discard()
+            if self._segments is not None:
+                self._segments.discard()
         self._chunks.chunks.clear()
         self._chunks._reset_buffers()
         self._staged.clear()
         self._closed = True
+
+
+def _writes_index(base: Manifest | None, new_chunks: int) -> bool:
+    """Whether a commit of ``new_chunks`` on top of ``base`` (None: a new table) publishes a
+    format-4 root: the base has one already, or the table would pass the threshold."""
+    if base is not None and base.is_indexed:
+        return True
+    return (base.num_chunks if base else 0) + new_chunks > index_threshold()
 
 
 def _layout(schema: Schema) -> list[tuple]:

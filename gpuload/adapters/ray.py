@@ -348,11 +348,9 @@ class TableSource(Datasource):
         return "GpuloadTable"
 
     def _chunk_sizes(self) -> list[int]:
-        """Each chunk's bytes in the selected columns (data sections)."""
-        names = self._columns
-        return [
-            sum(c.data[n].length for n in names if n in c.data) for c in self._table.manifest.chunks
-        ]
+        """Each chunk's bytes in the selected columns (data sections; estimated from the rows
+        for a format-4 table, whose exact figures would read every chunk record)."""
+        return self._table.chunk_data_bytes(self._columns).tolist()
 
     def estimate_inmemory_data_size(self) -> int | None:
         return int(sum(self._chunk_sizes()))
@@ -366,7 +364,7 @@ class TableSource(Datasource):
     ) -> list[ReadTask]:
         """Read tasks over contiguous chunk ranges with their row and byte counts."""
         sizes = self._chunk_sizes()
-        starts = np.concatenate([[0], np.cumsum(self._table.chunk_rows)]).astype(np.int64)
+        starts = self._table.index.starts
         schema = self.arrow_schema()
         tasks = []
         for first, last in chunk_ranges(sizes, parallelism):

@@ -32,6 +32,7 @@ from ..retry import RetryPolicy, call_with_retry
 from ..storage import Store
 from ..threads import DaemonThreadPool
 from .cache import BlockCache, CacheOptions
+from .catalog import DEFAULT_LIMIT, FileCatalog, Resolver
 from .ranges import Groups, Read, ReadPlan, coalesce_plan
 from .verify import DirectLayout, PageTables, contiguous, integrity_error, widen
 
@@ -61,7 +62,9 @@ class FetchOptions:
 
 
 class Fetcher:
-    """Reads byte ranges of one table's files into caller-owned buffers."""
+    """Reads byte ranges of one table's files into caller-owned buffers. What it knows of each
+    file (size, page checksums) comes from ``sizes`` and ``checksums``, or is looked up through
+    ``resolve`` (a chunk index: see ``gpuload.fetch.catalog``), keeping at most ``limit``."""
 
     def __init__(
         self,
@@ -71,13 +74,15 @@ class Fetcher:
         cache: CacheOptions | bool | str | None = None,
         sizes: Mapping[str, int] | None = None,
         checksums: Mapping[str, PageChecksums] | None = None,
+        *,
+        resolve: Resolver | None = None,
+        limit: int = DEFAULT_LIMIT,
     ) -> None:
         self.store = store
         self.label = label
         self.options = options or FetchOptions()
         self.cache_options = CacheOptions.coerce(cache)
-        self.sizes: dict[str, int] = dict(sizes or {})
-        self.checksums: dict[str, PageChecksums] = dict(checksums or {})
+        self.catalog = FileCatalog(sizes, checksums, resolve, limit)
         local = store.is_local
         self.max_gap = (
             self.options.max_gap
@@ -95,7 +100,7 @@ class Fetcher:
         self.cache = (
             BlockCache(store.url, self.cache_options) if (use_cache and not local) else None
         )
-        self.verify = bool(self.checksums) and (not local or self.options.verify_local)
+        self.verify = self.catalog.has_checksums and (not local or self.options.verify_local)
         self._reset()
 
     def _reset(self) -> None:
@@ -110,8 +115,8 @@ class Fetcher:
         self._inflight: dict[tuple[str, int], Future] = {}
         self._prefetching = 0  # downloads started by prefetch() and not finished
         self._scratch = threading.local()
-        self._pages = PageTables(self.checksums)
-        self._sized: set[str] = set()
+        self._pages = PageTables(self._sums)
+        self.catalog.after_fork()
         self.stats = {
             "requests": 0,
             "bytes": 0,
@@ -123,14 +128,37 @@ class Fetcher:
             "prefetched": 0,
         }
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The file sizes known now (every chunk's, unless they are resolved on demand)."""
+        return self.catalog.snapshot()[0]
+
+    @property
+    def checksums(self) -> dict[str, PageChecksums]:
+        """The page checksums known now (every chunk's, unless resolved on demand)."""
+        return self.catalog.snapshot()[1]
+
+    def _sums(self, file: str) -> PageChecksums:
+        """The page checksums of a file known to have them."""
+        sums = self.catalog.sums(file)
+        if sums is None:
+            raise FormatError(
+                f"table {self.label!r}: {file} has no page checksums in this snapshot"
+            )
+        return sums
+
     def __getstate__(self):
+        cat = self.catalog
+        sizes, sums = ({}, {}) if cat.resolve is not None else cat.snapshot()
         return {
             "store": self.store,
             "label": self.label,
             "options": self.options,
             "cache": self.cache_options,
-            "sizes": self.sizes,
-            "checksums": self.checksums,
+            "sizes": sizes,
+            "checksums": sums,
+            "resolve": cat.resolve,
+            "limit": cat.limit or DEFAULT_LIMIT,
         }
 
     def __setstate__(self, state):
@@ -141,6 +169,8 @@ class Fetcher:
             state["cache"],
             state["sizes"],
             state.get("checksums"),
+            resolve=state.get("resolve"),
+            limit=state.get("limit", DEFAULT_LIMIT),
         )
 
     def _check_pid(self) -> None:
@@ -222,7 +252,9 @@ class Fetcher:
     def _read_into(self, plan: ReadPlan, view: memoryview, rows_checked: bool) -> None:
         if self.verify and not rows_checked:
             used = np.unique(plan.fidx)
-            has = np.array([plan.files[i] in self.checksums for i in used.tolist()], dtype=bool)
+            has = np.array(
+                [self.catalog.sums(plan.files[i]) is not None for i in used.tolist()], dtype=bool
+            )
             if has.all():
                 self._read_verified(plan, view, used)
                 return
@@ -240,7 +272,7 @@ class Fetcher:
     def ensure_sizes(self, files: Sequence[str]) -> None:
         """``ensure_size`` for several chunks; remote checks run concurrently (one round trip
         each, however many chunks a shuffled batch touches)."""
-        todo = [f for f in files if f not in self._sized]
+        todo = [f for f in files if not self.catalog.checked(f)]
         with self._reading():
             if len(todo) > 1 and not self.store.is_local:
                 self._run_all([lambda f=f: self._ensure_size(f) for f in todo])
@@ -254,9 +286,9 @@ class Fetcher:
         self.ensure_sizes([file])
 
     def _ensure_size(self, file: str) -> None:
-        if file in self._sized:
+        if self.catalog.checked(file):
             return
-        claimed = self.sizes.get(file)
+        claimed = self.catalog.size(file)
         if claimed is None:
             raise FormatError(f"table {self.label!r}: {file} is not a chunk of this snapshot")
         if self.store.is_local:
@@ -266,7 +298,7 @@ class Fetcher:
                 raise
             except OSError as e:
                 raise self._fail(file, 0, claimed, e) from e
-        elif file in self.checksums:
+        elif self.catalog.sums(file) is not None:
             self._page_table(file)  # reading the hash table reads the chunk's last bytes
             real = claimed
         else:
@@ -279,7 +311,7 @@ class Fetcher:
                 f"table {self.label!r}, chunk {file}: the manifest says {claimed} bytes, the "
                 f"file has {real}"
             )
-        self._sized.add(file)
+        self.catalog.mark_checked(file)
 
     # -- helpers ---------------------------------------------------------------------------
     def _where(self, file: str, start: int, end: int) -> str:
@@ -692,9 +724,10 @@ class Fetcher:
         bs = self.cache_options.block_bytes
         start = blocks[0] * bs
         try:
-            size = self.sizes.get(file)
+            size = self.catalog.size(file)
             if size is None:
-                size = self.sizes[file] = self.store.size(file)
+                size = self.store.size(file)
+                self.catalog.learn_size(file, size)
             end = min((blocks[-1] + 1) * bs, size)
             if start >= end:
                 raise FetchError(
@@ -717,7 +750,7 @@ class Fetcher:
     def _fetch_checked(self, file: str, start: int, end: int) -> memoryview:
         """Remote bytes [start, end), verified when the chunk has checksums (the range is
         widened to whole pages for that): what the block cache may store."""
-        sums = self.checksums.get(file)
+        sums = self.catalog.sums(file)
         if sums is None:
             return memoryview(self._get(file, start, end))
         table = self._page_table(file)
@@ -749,7 +782,7 @@ class Fetcher:
         table = self._pages.get(file)
         if table is not None:
             return table
-        sums = self.checksums[file]
+        sums = self._sums(file)
         lo, hi = sums.table_offset, sums.end
         for attempt in range(2):
             if self.store.is_local:
@@ -777,7 +810,7 @@ class Fetcher:
         )
 
     def _page_error(self, file: str, page: int) -> GpuloadError:
-        sums = self.checksums[file]
+        sums = self._sums(file)
         if page >= sums.pages:
             lo, hi = sums.table_offset, sums.end
         else:
@@ -788,7 +821,7 @@ class Fetcher:
         """Widen reads to whole pages, fetch each coalesced group, verify it, then copy out.
         ``used``: the sorted indexes into ``plan.files`` that the plan reads."""
         names = [plan.files[i] for i in used.tolist()]
-        sums = [self.checksums[f] for f in names]
+        sums = [self._sums(f) for f in names]
         at = np.searchsorted(used, plan.fidx)
         page = np.array([s.page for s in sums], dtype=np.int64)[at]
         covers = np.array([s.covers for s in sums], dtype=np.int64)[at]
@@ -814,7 +847,7 @@ class Fetcher:
             for f, a, b in zip(groups.gfile.tolist(), groups.gstart.tolist(), groups.gend.tolist()):
                 needed.setdefault(plan.files[f], set()).update(range(a // bs, (b - 1) // bs + 1))
             self._ensure_blocks(needed)
-            gpage = np.array([self.checksums[plan.files[f]].page for f in groups.gfile.tolist()])
+            gpage = np.array([self._sums(plan.files[f]).page for f in groups.gfile.tolist()])
             self._verified_copied(
                 plan, groups, np.ones(len(groups), bool), gpage, view, self._from_cache
             )
@@ -836,7 +869,7 @@ class Fetcher:
         once every page matched; when one does not, it raises and ``view`` is unspecified."""
         files = plan.files
         page = np.fromiter(
-            (self.checksums[files[f]].page for f in groups.gfile.tolist()), np.int64, len(groups)
+            (self._sums(files[f]).page for f in groups.gfile.tolist()), np.int64, len(groups)
         )
         # direct reads pay off once a group's inner pages outweigh its per-group bookkeeping
         long = np.flatnonzero(groups.gend - groups.gstart > 16 * page).tolist()
@@ -857,14 +890,14 @@ class Fetcher:
 
     def _verified_direct(self, plan: ReadPlan, groups: Groups, direct: list, view) -> None:
         scratch = self._buffer(
-            sum(2 * self.checksums[plan.files[groups.gfile[g]]].page for g in direct)
+            sum(2 * self._sums(plan.files[groups.gfile[g]]).page for g in direct)
         )
         lay = DirectLayout(plan, groups, view, scratch)
         for g in direct:
             file = plan.files[int(groups.gfile[g])]
             try:
                 fd = self._fd(file)
-                k = lay.add(g, fd, self._page_table(file), self.checksums[file])
+                k = lay.add(g, fd, self._page_table(file), self._sums(file))
                 self._read_pieces(fd, lay.iov[k], lay.gstart[g], file)
             except GpuloadError:
                 raise

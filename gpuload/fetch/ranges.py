@@ -6,7 +6,7 @@ few numpy calls, not a Python object per row.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +31,10 @@ class Read:
 @dataclass(frozen=True)
 class ReadPlan:
     """Many reads as arrays: read ``length[i]`` bytes of ``files[fidx[i]]`` at ``start[i]`` into
-    the output at ``dest[i]``."""
+    the output at ``dest[i]``. ``files`` is a list, or a mapping from the numbers ``fidx``
+    uses (a format-4 reader names only the chunks a plan reads)."""
 
-    files: Sequence[str]
+    files: Sequence[str] | Mapping[int, str]
     fidx: np.ndarray
     start: np.ndarray
     length: np.ndarray

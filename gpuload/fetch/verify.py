@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable
 
 import numpy as np
 
@@ -21,18 +21,22 @@ __all__ = ["PageTables", "widen", "integrity_error", "contiguous", "DirectLayout
 
 
 def integrity_error(label: str, file: str, start: int, end: int, what: str) -> IntegrityError:
-    """The one error for bytes that stay wrong after a refetch."""
-    return IntegrityError(
+    """The one error for bytes that stay wrong after a refetch (``file`` and ``span`` say
+    where, for callers that name more than the byte range)."""
+    err = IntegrityError(
         f"table {label!r}, chunk {file}, bytes [{start}, {end}): {what}; the bytes were fetched "
         "twice and did not match their checksum either time"
     )
+    err.file, err.span = file, (start, end)  # type: ignore[attr-defined]
+    return err
 
 
 class PageTables:
-    """The verified page hash tables of a table's chunks (bounded LRU, thread-safe)."""
+    """The verified page hash tables of a table's chunks (bounded LRU, thread-safe);
+    ``sums(file)`` gives a chunk's page checksums."""
 
-    def __init__(self, sums: Mapping[str, PageChecksums], limit_bytes: int = 64 << 20) -> None:
-        self.sums = dict(sums)
+    def __init__(self, sums: Callable[[str], PageChecksums], limit_bytes: int = 64 << 20) -> None:
+        self.sums = sums
         self._tables: OrderedDict[str, np.ndarray] = OrderedDict()
         self._bytes = 0
         self._limit = limit_bytes
@@ -47,7 +51,7 @@ class PageTables:
 
     def accept(self, file: str, raw) -> np.ndarray | None:
         """Keep a hash table read from the file when its digest matches; None when it does not."""
-        sums = self.sums[file]
+        sums = self.sums(file)
         if len(raw) != sums.table_length or hash_bytes(raw) != sums.digest:
             return None
         table = np.frombuffer(bytes(raw), dtype="<u8")
@@ -63,7 +67,7 @@ class PageTables:
     def bad(self, file: str, table: np.ndarray, start: int, data) -> list[int]:
         """Pages of ``data`` (file bytes [start, start + len), page-aligned) that do not match;
         bytes past the pages (the hash table itself) must equal the verified table."""
-        sums = self.sums[file]
+        sums = self.sums(file)
         end = start + len(data)
         mv = memoryview(data).cast("B")
         cut = max(0, min(end, sums.covers) - start)
