@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from .checksums import PageChecksums
-from .errors import FormatError, IntegrityError
+from .errors import FetchError, FormatError, IntegrityError
 from .fetch import CacheOptions, Fetcher, FetchOptions, Read
 from .format import (
     MAX_INT,
@@ -43,6 +43,7 @@ from .segments import (
     check_header,
     check_records,
     chunk_from_record,
+    chunk_id,
     chunk_names,
     encode_segment,
     records_from_chunks,
@@ -52,6 +53,7 @@ from .storage import Store
 __all__ = [
     "ChunkFile",
     "ChunkIndex",
+    "chunks_present",
     "INDEX_THRESHOLD",
     "ListIndex",
     "MAX_SEGMENTS",
@@ -73,6 +75,7 @@ MAX_SEGMENTS = 32  # a root listing more has its smallest trailing segments merg
 SEGMENT_PAGE = 4096  # page size of the checksums of segments written here
 RECORD_CACHE_BYTES = 32 << 20  # records kept in memory per open index
 BLOCK_BYTES = 4096  # records are read and cached in blocks of about this many bytes
+SCAN_BYTES = 8 << 20  # records read at a time when a segment's chunk ids are scanned
 ENV_THRESHOLD = "GPULOAD_INDEX_THRESHOLD"  # overrides INDEX_THRESHOLD (tests, benchmarks)
 ENV_MAX_SEGMENTS = "GPULOAD_MAX_SEGMENTS"  # overrides MAX_SEGMENTS
 
@@ -315,11 +318,24 @@ class _Segments:
         a, b = self.chunks_in(s, lo, hi)
         return FormatError(f"{self.where(s)}, chunks {a}-{b}: {err}")
 
+    def unreadable(self, err: FetchError, s: int | None = None) -> FetchError:
+        """A segment that could not be read at all (missing, unreachable), as a FetchError
+        naming the table and the segment file rather than a chunk."""
+        if s is None:
+            s = next((k for k, seg in enumerate(self.list) if seg.file in str(err)), None)
+        cause = err.__cause__
+        detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+        where = self.where(s) if s is not None else f"table {self.label!r}, index segments"
+        return FetchError(f"{where}: the chunk index segment cannot be read ({detail})")
+
     def guarded(self, fn: Callable[[], T], s: int | None = None) -> T:
+        """``fn()`` (a read of segment bytes); its errors reworded to name the segment."""
         try:
             return fn()
         except (FormatError, IntegrityError) as e:
             raise self.wrap(e, s) from e
+        except FetchError as e:
+            raise self.unreadable(e, s) from e
 
 
 class SegmentIndex(ChunkIndex):
@@ -368,7 +384,7 @@ class SegmentIndex(ChunkIndex):
         files = [s.file for s in segs.list]
         try:
             self._fetcher.ensure_sizes(files)  # real sizes before anything is sized from them
-        except (FormatError, IntegrityError):
+        except (FormatError, IntegrityError, FetchError):
             for k, f in enumerate(files):  # which one: named segment by segment
                 segs.guarded(lambda f=f: self._fetcher.ensure_size(f), k)
             raise
@@ -649,6 +665,59 @@ def files_named(
         out.update(names)
     fetcher.close()
     return out
+
+
+def _segment_ids(fetcher: Fetcher, segs: _Segments, k: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The chunk ids of segment ``k``, ``SCAN_BYTES`` of records at a time (verified reads):
+    (the table's number of the first chunk, (n, 16) uint8 ids)."""
+    seg, lay = segs.list[k], segs.layouts[k]
+    segs.guarded(lambda: fetcher.ensure_size(seg.file), k)
+    head = np.empty(SEGMENT_HEADER, dtype=np.uint8)
+    segs.guarded(lambda: fetcher.read_into([Read(seg.file, 0, SEGMENT_HEADER, 0)], head), k)
+    check_header(head.tobytes(), lay, segs.where(k))
+    rec = lay.record_nbytes
+    step = max(1, SCAN_BYTES // rec)
+    buf = np.empty(min(step, seg.chunks) * rec, dtype=np.uint8)
+    for lo in range(0, seg.chunks, step):
+        n = min(step, seg.chunks - lo)
+        read = Read(seg.file, lay.records_offset + lo * rec, n * rec, 0)
+        segs.guarded(lambda r=read, n=n: fetcher.read_into([r], buf[: n * rec]), k)
+        yield int(segs.first[k]) + lo, buf[: n * rec].view(segs.record)["id"]
+
+
+def chunks_present(
+    store: Store, manifest: Manifest, label: str, files: Sequence[str], clean: set[str]
+) -> dict[str, int]:
+    """Which of the chunk files ``files`` format-4 version ``manifest`` already names, with
+    their chunk numbers: every segment's ids read a block of records at a time (memory stays
+    bounded whatever the segments' sizes) and compared vectorised. Segments in ``clean`` are
+    known to name none of ``files`` and are skipped; each segment found so is added to it
+    (segments are immutable, so a rebased commit reads only the winner's new ones)."""
+    root = manifest.index
+    if root is None or not files:
+        return {}
+    want = np.frombuffer(b"".join(chunk_id(f) for f in files), np.uint8).reshape(-1, 16)
+    want_keys = np.ascontiguousarray(want).view("V16").ravel()
+    segs = _Segments(label, root.segments, manifest.schema)
+    fetcher = segment_fetcher(store, label, root.segments, cache=False)
+    found: dict[str, int] = {}
+    try:
+        for k, seg in enumerate(segs.list):
+            if seg.file in clean:
+                continue
+            hits: dict[str, int] = {}
+            for first, ids in _segment_ids(fetcher, segs, k):
+                keys = np.ascontiguousarray(ids).view("V16").ravel()
+                at = np.flatnonzero(np.isin(keys, want_keys))
+                names = chunk_names(ids[at]) if at.size else []
+                hits.update(zip(names, (first + at).tolist()))
+            if hits:
+                found.update(hits)
+            else:
+                clean.add(seg.file)
+    finally:
+        fetcher.close()
+    return found
 
 
 # -- writing -----------------------------------------------------------------------------------

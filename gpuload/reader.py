@@ -31,6 +31,7 @@ from .versions import read_manifest
 
 __all__ = ["TableReader"]
 
+SMALL_ROW_BYTES = 512  # columns (and chunks) at most this many bytes a row are read whole
 ColumnValues = Any  # list[bytes] | list[str] | np.ndarray | list[np.ndarray] (ragged columns)
 
 
@@ -71,6 +72,7 @@ class TableReader:
         self._mem_limit = 64 << 20
         self._small: dict[str, bool] = {}
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._async_readers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     # -- construction ----------------------------------------------------------------------
@@ -260,15 +262,22 @@ class TableReader:
         chunk = np.searchsorted(self._chunk_starts, indices, side="right") - 1
         return chunk, indices - self._chunk_starts[chunk]
 
+    def _locked(self) -> threading.Lock:
+        """The in-memory LRU's lock; a forked child makes its own (a parent thread may have
+        held this one at the fork)."""
+        if self._pid != os.getpid():
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        return self._lock
+
     def _mem_get(self, key: tuple[int, str, str]) -> np.ndarray | None:
-        with self._lock:
+        with self._locked():
             arr = self._mem.get(key)
             if arr is not None:
                 self._mem.move_to_end(key)
             return arr
 
     def _mem_put(self, key: tuple[int, str, str], arr: np.ndarray) -> None:
-        with self._lock:
+        with self._locked():
             if key in self._mem:
                 return
             self._mem[key] = arr
@@ -343,15 +352,16 @@ class TableReader:
 
     def _missing_sections(self, indices: np.ndarray, columns: Sequence[Column]) -> list[tuple]:
         """(chunk, column, part, dtype, check) of the sections ``preload_sections`` reads."""
-        chunks = np.unique(self._locate(indices)[0]).tolist()
+        every = np.unique(self._locate(indices)[0])
         items = []
         for col in columns:
             parts = []
             if self._is_small(col):
-                parts.append(("data", np.uint8, None))
+                whole = every[self._small_chunks(every, col)].tolist()
+                parts.append(("data", np.uint8, None, whole))
             if col.is_var:
-                parts.append(("offsets", "<i8", self._offsets_check(col)))
-            for part, dtype, check in parts:
+                parts.append(("offsets", "<i8", self._offsets_check(col), every.tolist()))
+            for part, dtype, check, chunks in parts:
                 items += [
                     (c, col, part, dtype, check)
                     for c in chunks
@@ -443,13 +453,36 @@ class TableReader:
         )
 
     def _is_small(self, column: Column) -> bool:
-        """Columns averaging at most 512 bytes a row are read a whole chunk section at a time."""
+        """Whether ``column`` averages at most 512 bytes a row by the index's column totals (a
+        hint only in format 4: each chunk's own record decides too, ``_small_chunks``)."""
         small = self._small.get(column.name)
         if small is None:
             total = self._index.column_bytes.get(column.name, 0)
-            small = len(self) > 0 and total / len(self) <= 512
+            small = len(self) > 0 and total / len(self) <= SMALL_ROW_BYTES
             self._small[column.name] = small
         return small
+
+    def _small_chunks(self, chunks: np.ndarray, column: Column) -> np.ndarray:
+        """Which of ``chunks`` (distinct) are read a whole data section of ``column`` at a time:
+        the column is small and the chunk's checked record says its section holds at most 512
+        bytes a row, so no root's totals can make a row read fetch a whole chunk's data."""
+        chunks = np.asarray(chunks, dtype=np.int64)
+        if not self._is_small(column):
+            return np.zeros(len(chunks), dtype=bool)
+        if not column.is_var:  # checked to be exactly rows x row bytes in every chunk
+            return np.full(len(chunks), column.row_nbytes <= SMALL_ROW_BYTES)
+        lens = self._index.sections(chunks, column.name, "data")[:, 1]
+        rows = self._chunk_starts[chunks + 1] - self._chunk_starts[chunks]
+        return lens <= SMALL_ROW_BYTES * rows
+
+    def _small_rows(self, idx: np.ndarray, column: Column) -> np.ndarray:
+        """Per row of ``idx``: whether it is read out of its chunk's whole data section."""
+        if not self._is_small(column) or not len(idx):
+            return np.zeros(len(idx), dtype=bool)
+        if not column.is_var:
+            return np.full(len(idx), column.row_nbytes <= SMALL_ROW_BYTES)
+        u, inv = np.unique(self._locate(idx)[0], return_inverse=True)
+        return self._small_chunks(u, column)[inv.reshape(-1)]
 
     def chunk_section(self, chunk: int, column: Column) -> np.ndarray:
         """A column's whole data section in one chunk, as uint8 (LRU-cached)."""
@@ -564,8 +597,9 @@ class TableReader:
         cols = self.schema.select(columns, self.name)
         self.preload_sections(idx, cols)  # what the batch reads whole, so it does not wait
         for col in cols:
-            if not self._is_small(col):
-                plan, _ = self.read_plan(idx, col)
+            rows = idx[~self._small_rows(idx, col)]
+            if rows.size:
+                plan, _ = self.read_plan(rows, col)
                 if not self._fetcher.prefetch(plan):
                     return False
         return True
@@ -584,17 +618,31 @@ class TableReader:
 
     def read_column(self, idx: np.ndarray, col: Column) -> ColumnValues:
         """One column of rows ``idx``: bytes/str list, a stacked numpy array, or for a ragged
-        column a list of arrays of shape (n_i, *inner)."""
-        if self._is_small(col):
-            values = self._read_small(idx, col)
-            if col.kind == "text":
-                values = self._decode_text(values, col)
-            elif col.is_ragged:
-                bounds = np.zeros(len(values) + 1, dtype=np.int64)
-                np.cumsum([len(v) for v in values], out=bounds[1:])
-                packed = np.frombuffer(bytearray(b"".join(values)), dtype=np.uint8)
-                values = self._ragged(packed, bounds, col)
-            return values
+        column a list of arrays of shape (n_i, *inner). Rows of chunks whose section of a small
+        column is read whole come from it; the others are read row by row."""
+        small = self._small_rows(idx, col)
+        if not small.any():
+            return self._rows_read(idx, col)
+        if small.all():
+            return self._small_read(idx, col)
+        return _merge_rows(
+            small, self._small_read(idx[small], col), self._rows_read(idx[~small], col)
+        )
+
+    def _small_read(self, idx: np.ndarray, col: Column) -> ColumnValues:
+        """``read_column`` out of whole data sections (every chunk of ``idx`` is small)."""
+        values = self._read_small(idx, col)
+        if col.kind == "text":
+            values = self._decode_text(values, col)
+        elif col.is_ragged:
+            bounds = np.zeros(len(values) + 1, dtype=np.int64)
+            np.cumsum([len(v) for v in values], out=bounds[1:])
+            packed = np.frombuffer(bytearray(b"".join(values)), dtype=np.uint8)
+            values = self._ragged(packed, bounds, col)
+        return values
+
+    def _rows_read(self, idx: np.ndarray, col: Column) -> ColumnValues:
+        """``read_column`` row by row: exactly the bytes of the rows ``idx``."""
         if not col.is_var:
             plan, _ = self.read_plan(idx, col)  # checks the chunks' sizes before allocating
             out = aligned_empty((len(idx), *col.shape), col.np_dtype)
@@ -681,6 +729,22 @@ class TableReader:
         """One cell, fetched without blocking the event loop; concurrent calls are batched."""
         col = self.schema.column(column, self.name)
         return await self._async_reader().get(self.row_index(index), col)
+
+
+def _merge_rows(first: np.ndarray, a: ColumnValues, b: ColumnValues) -> ColumnValues:
+    """One column's values for rows split by ``first`` (True: the row's value is in ``a``,
+    False: in ``b``, each in row order) back in row order."""
+    if isinstance(a, np.ndarray):
+        out = aligned_empty((len(first), *a.shape[1:]), a.dtype)
+        out[first] = a
+        out[~first] = b
+        return out
+    values: list = [None] * len(first)
+    for k, v in zip(np.flatnonzero(first).tolist(), a):
+        values[k] = v
+    for k, v in zip(np.flatnonzero(~first).tolist(), b):
+        values[k] = v
+    return values
 
 
 def _subplan(plan: ReadPlan, mask: np.ndarray) -> ReadPlan:

@@ -30,6 +30,7 @@ from .schema import Schema
 __all__ = [
     "ABSENT",
     "chunk_from_record",
+    "chunk_id",
     "chunk_names",
     "check_header",
     "check_records",
@@ -223,9 +224,12 @@ def _check_sections(recs, rows, limit, has, i, col, where) -> None:
 
 
 def _check_rowhash(recs, rows, limit, has, i, name, where) -> None:
+    """Present row-hash sections: ``8 x rows`` bytes inside the checksummed pages (offset and
+    length bounded first, so their int64 sum cannot wrap)."""
     h = recs[record_field(i, "rowhash")]
     off, ln = h[:, 0], h[:, 1]
-    bad = ~has | (off < 0) | (ln != 8 * rows) | (off + ln > limit)
+    out_of_range = (off < 0) | (ln < 0) | (off >= MAX_INT) | (ln >= MAX_INT)
+    bad = ~has | out_of_range | (ln != 8 * rows) | (off + ln > limit)
     _fail(
         bad,
         lambda k: (

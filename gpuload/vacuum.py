@@ -24,6 +24,7 @@ import re
 import time
 from dataclasses import dataclass
 
+from .errors import GpuloadError
 from .format import CHUNK_RE, SEGMENT_RE, Manifest
 from .index import files_named
 from .storage import Store
@@ -140,15 +141,32 @@ def _needed(
     for v in range(latest.version - 1, 0, -1):
         if now - newer.updated >= older_than:
             break  # version v was replaced before the grace period: nobody may read it now
-        m = read_version(store, v)
+        m = _recent_files(store, v, label, memo)
         if m is None:  # replaced within the grace period but unreadable: keep every chunk
-            log.warning(
-                "vacuum of %s: version %d is missing, so the chunks a live reader of it may "
-                "need are unknown; no chunk is removed",
-                store.url,
-                v,
-            )
             return None
-        named.update(files_named(store, m, label, memo))
-        newer = m
+        named.update(m[1])
+        newer = m[0]
     return named
+
+
+def _recent_files(
+    store: Store, v: int, label: str, memo: dict[str, list[str]]
+) -> tuple[Manifest, set[str]] | None:
+    """Version ``v`` (replaced within the grace period) and every file it names; None, with
+    a warning, when it or one of its segments cannot be read: a live reader of it may need
+    files nobody can list, so none may go."""
+    try:
+        m = read_version(store, v)
+        if m is not None:
+            return m, files_named(store, m, label, memo)
+        reason = "its version file is missing"
+    except GpuloadError as e:  # a missing or damaged segment, a damaged version file
+        reason = str(e)
+    log.warning(
+        "vacuum of %s: version %d cannot be read (%s), so the files a live reader of it may "
+        "need are unknown; nothing is removed",
+        label,
+        v,
+        reason,
+    )
+    return None

@@ -31,7 +31,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from .checksums import DEFAULT_PAGE_BYTES, PageChecksums, hash_bytes, page_hashes
-from .errors import CommitConflictError, SchemaError, TableExistsError
+from .errors import CommitConflictError, FormatError, SchemaError, TableExistsError
 from .format import (
     ALIGN,
     INDEXED_SINCE,
@@ -42,7 +42,7 @@ from .format import (
     version_path,
     written_version,
 )
-from .index import SegmentWriter, index_threshold
+from .index import SegmentWriter, chunks_present, index_threshold
 from .schema import Column, Schema
 from .storage import Store
 from .versions import create_version, point_to, try_read_manifest
@@ -256,6 +256,8 @@ class TableWriter:
         self.schema = self._chunks.schema = schema
         self._staged: list[ChunkInfo] = []  # written elsewhere, committed with this writer's
         self._segments: SegmentWriter | None = None  # the index side of a format-4 commit
+        self._clean_segments: set[str] = set()  # base segments naming none of the staged chunks
+        self._theirs: set[str] = set()  # staged chunks a base version names: never removed
         self._published = False  # a version naming this writer's chunks exists
         self._keep_chunks = False  # whether one exists is unknown
         self._closed = False
@@ -419,9 +421,12 @@ class TableWriter:
         new = self._new_chunks
         on = base if append else None
         if _writes_index(on, len(new)):
-            root = self._segment_writer(schema, new).root_on(on)
+            segments = self._segment_writer(schema, new)  # checks the new chunks first
+            self._refuse_known(on)
+            root = segments.root_on(on)
             manifest = Manifest(chunks=(), format_version=INDEXED_SINCE, index=root, **common)
         else:
+            self._refuse_known(on)
             chunks = (tuple(base.chunks) if append else ()) + tuple(new)  # type: ignore[union-attr]
             manifest = Manifest(chunks=chunks, format_version=written_version(schema), **common)
         manifest.validate(f"new manifest of {self.label!r}")
@@ -435,6 +440,31 @@ class TableWriter:
             self._segments = SegmentWriter(self.store, schema, self.label, new)
         return self._segments
 
+    def _refuse_known(self, base: Manifest | None) -> None:
+        """Staged chunks that ``base`` (what this commit appends to) names already would repeat
+        its rows: a FormatError, and ``abort`` leaves them (they are the table's). This
+        writer's own chunks have new random names (created exclusively where the store can)
+        and are not looked up; a format-4 base is read a block of records at a time, each of
+        its segments once per writer."""
+        if base is None or not self._staged:
+            return
+        files = [c.file for c in self._staged]
+        if base.index is None:
+            staged = set(files)
+            known = {c.file: i for i, c in enumerate(base.chunks) if c.file in staged}
+        else:
+            known = chunks_present(self.store, base, self.label, files, self._clean_segments)
+        if not known:
+            return
+        self._theirs.update(known)
+        file, chunk = next(iter(known.items()))
+        raise FormatError(
+            f"commit of {self.label!r}: staged chunk {file} is listed twice: version "
+            f"{base.version} of the table already has it as chunk {chunk} ({len(known)} of "
+            f"the {len(files)} staged chunks are already in the table and are left in place); "
+            "nothing was committed"
+        )
+
     def _tidy_segments(self, manifest: Manifest) -> None:
         """After a commit: remove the segments this writer wrote for attempts that lost."""
         if self._segments is not None:
@@ -445,7 +475,7 @@ class TableWriter:
         """Delete the chunks this writer wrote or staged; the committed table is untouched.
         Chunks of a version this writer published, or may have published, are never deleted."""
         if not self.may_have_published:
-            self._chunks.chunks[:0] = self._staged
+            self._chunks.chunks[:0] = [c for c in self._staged if c.file not in self._theirs]
             self._chunks.discard()
             if self._segments is not None:
                 self._segments.discard()

@@ -82,7 +82,7 @@ class Fetcher:
         self.label = label
         self.options = options or FetchOptions()
         self.cache_options = CacheOptions.coerce(cache)
-        self.catalog = FileCatalog(sizes, checksums, resolve, limit)
+        self.catalog = FileCatalog(sizes, checksums, resolve, limit, label)
         local = store.is_local
         self.max_gap = (
             self.options.max_gap
@@ -131,11 +131,13 @@ class Fetcher:
     @property
     def sizes(self) -> dict[str, int]:
         """The file sizes known now (every chunk's, unless they are resolved on demand)."""
+        self._check_pid()
         return self.catalog.snapshot()[0]
 
     @property
     def checksums(self) -> dict[str, PageChecksums]:
         """The page checksums known now (every chunk's, unless resolved on demand)."""
+        self._check_pid()
         return self.catalog.snapshot()[1]
 
     def _sums(self, file: str) -> PageChecksums:
@@ -272,6 +274,7 @@ class Fetcher:
     def ensure_sizes(self, files: Sequence[str]) -> None:
         """``ensure_size`` for several chunks; remote checks run concurrently (one round trip
         each, however many chunks a shuffled batch touches)."""
+        self._check_pid()  # a forked child's fresh locks before the catalog's is taken
         todo = [f for f in files if not self.catalog.checked(f)]
         with self._reading():
             if len(todo) > 1 and not self.store.is_local:
