@@ -399,6 +399,17 @@ def test_kernel_input_check():
             F.check_inputs(src.size, meta, np.array([bad_win], np.float32), prm, F.NUM_PARAMS) == 0
         )
     assert F.check_inputs(src.size, meta, win, prm[:, :5], F.NUM_PARAMS) == -2
+    # sizes whose product wraps int64 (2**21 * 2**21 * 2**21 * 3), a huge offset: refused,
+    # and the index is that of the first bad sample
+    for bad_meta in (
+        [0, 2**21, 2**42, 3],
+        [0, 2**40, 2**40, 4],
+        [2**62, 1, 1, 3],
+        [0, 1, 2**62, 1],
+    ):
+        two = np.array([[0, 10, 10, 3], bad_meta], np.int64)
+        assert F.check_inputs(src.size, two, np.repeat(win, 2, 0), np.repeat(prm, 2, 0), 8) == 1
+    assert F.check_inputs(src.size, meta[:0], win[:0], prm[:0], F.NUM_PARAMS) == -1
 
 
 # ---------------------------------------------------------------------------------------------
