@@ -117,7 +117,7 @@ __all__ = [
     "has_disk_cache",
     "sample_args",
     "compile_in_child",
-    "CompileStopped",
+    "COMPILING_CHILDREN",
 ]
 
 # Columns of the per-sample parameter matrix (float32, shape (B, NUM_PARAMS)).
@@ -555,79 +555,41 @@ def compile_in_child(spec: KernelSpec, parallel: bool = True, timeout: float = 1
     """Compile the CPU kernel of ``spec`` into the on-disk kernel cache in a child Python
     process (same interpreter and environment), leaving this process's GIL to the work it is
     doing meanwhile; afterwards ``get_cpu_kernel`` here loads it from the cache. Raises
-    RuntimeError when the child fails or runs past ``timeout`` seconds. A child still running
-    when this process exits is stopped (no compiler left behind burning a core)."""
+    RuntimeError when the child fails or runs past ``timeout`` seconds. A child still compiling
+    when this process exits finishes on its own (its output goes to an unlinked temporary
+    file, not a pipe), so the next process finds the kernel cached."""
     import json
     import subprocess
+    import tempfile
     from dataclasses import asdict
 
     if not sys.executable:
         raise RuntimeError("no Python executable to start a compiling process with")
     cmd = [sys.executable, "-m", "gpuload.kernels.compile_cpu", json.dumps(asdict(spec))]
     cmd.append("parallel" if parallel else "serial")
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True
-    )
-    _CHILDREN.track(proc)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise RuntimeError(
-            f"compiling the CPU kernel of {spec!r} took over {timeout:.0f} s"
-        ) from None
-    finally:
-        _CHILDREN.forget(proc)
-    if proc.returncode != 0 and _CHILDREN.stopping:
-        raise CompileStopped(f"compiling {spec!r} was stopped: this process is exiting")
-    if proc.returncode != 0:
-        tail = (out or "").strip().splitlines()[-3:]
-        raise RuntimeError(f"compiling {spec!r} in a child process failed: {' / '.join(tail)}")
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        with _LOCK:
+            COMPILING_CHILDREN.add(proc.pid)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(
+                f"compiling the CPU kernel of {spec!r} took over {timeout:.0f} s"
+            ) from None
+        finally:
+            with _LOCK:
+                COMPILING_CHILDREN.discard(proc.pid)
+        if proc.returncode != 0:
+            out.seek(0)
+            tail = out.read().strip().splitlines()[-3:]
+            raise RuntimeError(f"compiling {spec!r} in a child process failed: {' / '.join(tail)}")
 
 
-class CompileStopped(RuntimeError):
-    """A child's compilation was stopped because this process is exiting (compile nothing)."""
-
-
-class _Children:
-    """Compiling child processes of this process, stopped at its exit."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.live: set = set()
-        self.pid = os.getpid()
-        self.hooked = False
-        self.stopping = False
-
-    def track(self, proc) -> None:
-        with self.lock:
-            if self.pid != os.getpid():  # a forked child: its parent's children are not its own
-                self.live = set()
-                self.pid = os.getpid()
-            self.live.add(proc)
-            if not self.hooked:
-                import atexit
-
-                atexit.register(self.stop_all)
-                self.hooked = True
-
-    def forget(self, proc) -> None:
-        with self.lock:
-            self.live.discard(proc)
-
-    def stop_all(self) -> None:
-        with self.lock:
-            if self.pid != os.getpid():
-                return
-            self.stopping = True
-            live = [p for p in self.live if p.poll() is None]
-        for p in live:
-            with contextlib.suppress(OSError):
-                p.kill()
-
-
-_CHILDREN = _Children()
+#: Process ids of the compiling children running now (for tests and diagnostics).
+COMPILING_CHILDREN: set[int] = set()
 
 
 # The process that started Numba's threading layer (set when a parallel CPU kernel first runs).

@@ -180,8 +180,6 @@ def _warm(kernel, args, spec, elsewhere: bool) -> None:
     if elsewhere:
         try:
             _fused.compile_in_child(spec, parallel=bool(kernel.targetoptions.get("parallel")))
-        except _fused.CompileStopped:
-            return  # the process is exiting: compiling here would only delay its exit
         except Exception as e:  # noqa: BLE001 - compiled in this process below instead
             log.debug("compiling the CPU kernel for %r in a child failed (%s)", spec, e)
         finally:
