@@ -13,9 +13,9 @@ Steps, each under its own time limit, a failing one reported and the rest run an
    exit status 1.
 
 ``--dry-run`` does all of it here, without a GPU: Numba's CUDA simulator, decoding on the CPU,
-tiny sizes, the GPU-only tests reported NOT RUN and one simulator test run; CI runs it so the
-check cannot rot. Everything lands in ``--out`` as at most 7 files (what the device tool
-brings back).
+tiny sizes and 2 timed batches a row, the GPU-only tests reported NOT RUN and one simulator
+test run; CI runs it so the check cannot rot. Everything lands in ``--out`` as at most 7 files
+(what the device tool brings back).
 """
 
 from __future__ import annotations
@@ -155,6 +155,8 @@ def run_bench(out: str, dry: bool, rows: int, repeats: int, log: Log) -> dict[st
            "--rows", str(rows), "--repeats", str(repeats), "--cache-dir",
            os.path.join(work, "cache"), "--out", os.path.join(work, "out"), "--no-progress",
            "--time-limit", str(BENCH_STARTS_S)]  # fmt: skip
+    if dry:  # the simulator runs a batch in seconds: 2 timed batches show a row works
+        cmd += ["--min-batches", "2"]
     t = time.perf_counter()
     rc = _run(cmd, log, LIMITS_S["bench"], env={"NUMBA_ENABLE_CUDASIM": "1"} if dry else None)
     res: dict[str, Any] = {"rc": rc, "seconds": time.perf_counter() - t, "entries": {}}

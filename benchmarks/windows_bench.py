@@ -3,6 +3,7 @@ alternatives a user writes, in the same run, on the demo episode table.
 
     python benchmarks/windows_bench.py [--episodes 50] [--size 480x640] [--repeats 3]
                                        [--min-time 8] [--warmup 3] [--out DIR] [--quick]
+                                       [--batch-size 64]
 
 The workload, the same for every case: batch 64, shuffled (seed 0), every row an anchor (no
 ``drop_incomplete``), windows ``action`` offsets 0..49, ``observation.state`` [-1, 0] and both
@@ -38,6 +39,8 @@ frames/s, CPU % (the process and its DataLoader workers, psutil), peak RSS (getr
 process, and the largest worker once they have exited). The parent prints a markdown table with
 medians (min-max) and the ratios, names the machine, and writes every run to ``DIR/windows.json``.
 ``--quick``: 6 episodes at 96x128, 1 repeat, 1.5 s, 1 warm-up batch (a smoke test, not a figure).
+``--batch-size`` (default 64, the workload above; quick runs too): smaller only to make a smoke
+test cheaper (the tests' run); figures are taken at 64.
 The machine is noisy: quote the ratios of one run, never a number from another run.
 """
 
@@ -89,14 +92,14 @@ QUICK = {"episodes": 6, "size": "96x128", "repeats": 1, "min_time": 1.5, "warmup
 DEFAULTS = {"episodes": 50, "size": "480x640", "repeats": 3, "min_time": 8.0, "warmup": 3}
 
 
-def expected_shapes(case: str) -> dict[str, tuple[int, ...]]:
+def expected_shapes(case: str, batch: int = BATCH) -> dict[str, tuple[int, ...]]:
     """The shapes the first batch of ``case`` must have (the windowed cases all alike)."""
     if case == "gpuload.single_frame":
-        cam = (BATCH, 3, 224, 224)
-        return {"action": (BATCH, 14), "observation.state": (BATCH, 14), **dict.fromkeys(CAMS, cam)}
-    shapes = {k: (BATCH, len(v), 14) for k, v in WINDOW.items() if k not in CAMS}
-    shapes.update({c: (BATCH, len(WINDOW[c]), 3, 224, 224) for c in CAMS})
-    shapes.update({f"{k}_is_pad": (BATCH, len(v)) for k, v in WINDOW.items()})
+        cam = (batch, 3, 224, 224)
+        return {"action": (batch, 14), "observation.state": (batch, 14), **dict.fromkeys(CAMS, cam)}
+    shapes = {k: (batch, len(v), 14) for k, v in WINDOW.items() if k not in CAMS}
+    shapes.update({c: (batch, len(WINDOW[c]), 3, 224, 224) for c in CAMS})
+    shapes.update({f"{k}_is_pad": (batch, len(v)) for k, v in WINDOW.items()})
     return shapes
 
 
@@ -230,7 +233,7 @@ class LeRobotStyle(_WindowDataset):
 # -- one case in a fresh process -----------------------------------------------------------------
 
 
-def build(case: str, table) -> tuple[Any, Callable[[], int] | None, int]:
+def build(case: str, table, batch: int = BATCH) -> tuple[Any, Callable[[], int] | None, int]:
     """(loader, decoded-frame counter or None, DataLoader workers) for ``case``."""
     import torch
 
@@ -244,7 +247,7 @@ def build(case: str, table) -> tuple[Any, Callable[[], int] | None, int]:
         }
         loader = gpuload.pytorch(
             table,
-            batch_size=BATCH,
+            batch_size=batch,
             shuffle=True,
             seed=SEED,
             device="cpu",
@@ -256,7 +259,7 @@ def build(case: str, table) -> tuple[Any, Callable[[], int] | None, int]:
     dataset = {"alt.row_by_row": RowByRow, "alt.lerobot_style": LeRobotStyle}[case](table)
     workers = os.cpu_count() or 1
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=BATCH, shuffle=True, num_workers=workers, persistent_workers=True
+        dataset, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=True
     )
     return loader, None, workers
 
@@ -297,9 +300,10 @@ def _rss_sum_mb() -> float:
     return total / 1e6
 
 
-def check_shapes(case: str, batch: dict) -> dict[str, list[int]]:
-    """The first batch's shapes of the expected keys; raises when one differs."""
-    want = expected_shapes(case)
+def check_shapes(case: str, batch: dict, size: int = BATCH) -> dict[str, list[int]]:
+    """The first batch's shapes of the expected keys (``size`` samples); raises when one
+    differs."""
+    want = expected_shapes(case, size)
     got = {k: list(batch[k].shape) for k in want if k in batch}
     bad = {k: (got.get(k), list(v)) for k, v in want.items() if got.get(k) != list(v)}
     if bad:
@@ -333,17 +337,19 @@ def timed(batches: Iterator[Any], min_time: float, counter) -> dict[str, float]:
     }
 
 
-def child(case: str, table_path: str, min_time: float, warmup: int) -> dict[str, Any]:
+def child(
+    case: str, table_path: str, min_time: float, warmup: int, batch: int = BATCH
+) -> dict[str, Any]:
     """Build ``case``, check its first batch, warm up, time it: one run's record."""
     import gc
 
     import gpuload
 
     table = gpuload.open_table(table_path)
-    loader, counter, workers = build(case, table)
+    loader, counter, workers = build(case, table, batch)
     batches = _forever(loader)
     t0 = time.perf_counter()
-    shapes = check_shapes(case, next(batches))
+    shapes = check_shapes(case, next(batches), batch)
     first_batch_s = time.perf_counter() - t0
     for _ in range(warmup):
         next(batches)
@@ -380,6 +386,7 @@ def run_child(case: str, table: str, args: argparse.Namespace) -> dict[str, Any]
     """One fresh process for ``case``; its JSON record, or an ``error`` record."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", case, "--table", table]
     cmd += ["--min-time", str(args.min_time), "--warmup", str(args.warmup)]
+    cmd += ["--batch-size", str(args.batch_size)]
     timeout = 300 + 4 * args.min_time
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -447,7 +454,7 @@ def report(result: dict[str, Any]) -> str:
         f"load {m['loadavg_1min_at_start'] or 0:.2f}; "
         + ", ".join(f"{k} {v[k]}" for k in ("gpuload", "torch", "numba", "pillow", "simplejpeg")),
         f"table: {t['path']} ({t['episodes']} episodes, {t['rows']:,} rows, {t['size']}); "
-        f"batch {BATCH}, "
+        f"batch {result['workload']['batch_size']}, "
         "window action 50 + state 2 + 2 cameras x 2 frames, shuffled, CPU; "
         f"medians of {result['args']['repeats']} fresh processes (min-max), "
         f">= {result['args']['min_time']} s timed each",
@@ -485,11 +492,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="fresh processes per case")
     p.add_argument("--min-time", type=float, help="timed seconds per run, at least")
     p.add_argument("--warmup", type=int, help="untimed batches after the first")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=BATCH,
+        help=f"samples per batch (default {BATCH}; smaller only for a cheaper smoke test)",
+    )
     p.add_argument("--out", help="folder for windows.json")
     p.add_argument("--quick", action="store_true", help="a tiny table and short runs")
     p.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     p.add_argument("--table", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {a.batch_size}")
     for k, v in (QUICK if a.quick else DEFAULTS).items():
         if getattr(a, k) is None:
             setattr(a, k, v)
@@ -517,7 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run one case (``--child``) or all of them; exit 1 when a run failed."""
     a = parse_args(argv)
     if a.child:
-        print(json.dumps(child(a.child, a.table, a.min_time, a.warmup)))
+        print(json.dumps(child(a.child, a.table, a.min_time, a.warmup, a.batch_size)))
         return 0
     from gpuload.bench.machine import machine, versions
 
@@ -538,13 +553,13 @@ def main(argv: list[str] | None = None) -> int:
         "args": {k: v for k, v in vars(a).items() if k not in ("child", "table")},
         "table": table,
         "workload": {
-            "batch_size": BATCH,
+            "batch_size": a.batch_size,
             "seed": SEED,
             "shuffle": True,
             "window": {k: list(v) for k, v in WINDOW.items()},
             "columns": list(COLUMNS),
             "image_ops": "RandomResizedCrop(224), RandomHorizontalFlip(), Normalize(ImageNet)",
-            "expected_shapes": {c: expected_shapes(c) for c in CASES},
+            "expected_shapes": {c: expected_shapes(c, a.batch_size) for c in CASES},
         },
         "runs": runs,
         "summary": summary,

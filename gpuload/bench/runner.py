@@ -59,6 +59,7 @@ class BenchConfig:
     quick: bool = False
     cache_dir: str | None = None
     train_steps: int | None = None
+    min_batches: int | None = None  # fewer timed batches per run, for a cheaper smoke run
     progress: bool | None = None  # None: when stderr is a terminal
     only: list[str] | None = None  # id prefixes to keep (and skip: drop)
     skip: list[str] | None = None
@@ -243,6 +244,9 @@ def _run_once(m: S.Measurement, resources: S.Resources) -> dict:
         env, cleanup = resources.resolve(m.env)
         args, more = resources.resolve(m.args)  # last: "@now" is the spawn time
         cleanup += more
+        min_batches = resources.ctx.timing.min_batches
+        if min_batches is not None and "min_batches" not in args:
+            args["min_batches"] = min_batches  # read by every timed task's Meter
         return run_child(m.task, args, timeout=m.timeout, env=env or None)
     finally:
         for d in cleanup:
@@ -530,6 +534,8 @@ def _timing(cfg: BenchConfig) -> S.Timing:
     timing = cfg.timing or (S.Timing.quick() if cfg.quick else S.Timing())
     if cfg.train_steps is not None:
         timing = S.Timing(**{**asdict(timing), "train_steps": cfg.train_steps})
+    if cfg.min_batches is not None:
+        timing = S.Timing(**{**asdict(timing), "min_batches": cfg.min_batches})
     return timing
 
 
@@ -767,6 +773,9 @@ def _arguments() -> tuple[tuple[tuple[str, ...], dict], ...]:
             help=f"a ~1-minute run: {QUICK_ROWS} rows, 1 repeat, short windows")),
         (("--train-steps",), dict(type=int, default=None,
             help="timed training steps (default 200; 10 with --quick)")),
+        (("--min-batches",), dict(type=int, default=None,
+            help="timed batches per run at least (default 5; fewer only for a cheaper smoke "
+                 "run, its rates noisier)")),
         (("--cache-dir",), dict(default=None, help=cache_help)),
         (("--only",), dict(type=_csv, default=None,
             help="keep measurements whose id starts with one of these (e.g. e2e.gpuload,decode)")),
@@ -794,6 +803,8 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
             raise SystemExit(f"gpuload bench: --{flag.replace('_', '-')} must be >= 1")
     if a.rows is not None and a.rows < 1:
         raise SystemExit("gpuload bench: --rows must be >= 1")
+    if a.min_batches is not None and a.min_batches < 1:
+        raise SystemExit("gpuload bench: --min-batches must be >= 1")
     return BenchConfig(
         table=a.table,
         rows=a.rows,
@@ -810,6 +821,7 @@ def config_from_args(a: argparse.Namespace) -> BenchConfig:
         quick=a.quick,
         cache_dir=a.cache_dir,
         train_steps=a.train_steps,
+        min_batches=a.min_batches,
         progress=a.progress,
         only=a.only,
         skip=a.skip,

@@ -71,6 +71,9 @@ class Timing:
     train_warmup: int = 3
     train_batch: int = 32
     decode_images: int = 256
+    # timed batches at least, in every timed row (None: each task's own minimum, 5); fewer only
+    # for a cheaper smoke run (the runner passes it to each child, see runner._run_once)
+    min_batches: int | None = None
 
     @classmethod
     def quick(cls) -> Timing:

@@ -24,10 +24,19 @@ class FailOn:
 
 
 def main() -> None:
+    """One configuration, or with ``"runs"`` (a list of overrides) each of them in turn, in
+    this one process: ``{"runs": [result, ...]}``."""
     cfg = json.loads(sys.argv[1])
     t = gpuload.open_table(
         cfg["table"], storage_options=cfg.get("storage_options"), cache=cfg.get("cache")
     )
+    runs = cfg.pop("runs", None)
+    out = run(t, cfg) if runs is None else {"runs": [run(t, {**cfg, **r}) for r in runs]}
+    print(json.dumps(out, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
+
+
+def run(t, cfg: dict) -> dict:
+    """The DataLoader configuration ``cfg`` on table ``t``: what the parent checks."""
     out: dict = {}
     kind = cfg["kind"]
     if kind == "map":
@@ -79,7 +88,7 @@ def main() -> None:
             out["error"] = None
         except Exception as e:  # the training loop sees the error
             out["error"] = str(e)
-    print(json.dumps(out, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else str(o)))
+    return out
 
 
 if __name__ == "__main__":

@@ -217,8 +217,9 @@ def test_dataloader_shuffle_workers0(robot):
 
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_dataloader_shuffle_with_workers_never_hangs(robot, method, persistent):
+def test_dataloader_shuffle_with_workers_never_hangs(robot, method):
+    """Two epochs with workers started anew each epoch, then two with persistent workers (one
+    child process runs both, under the one timeout): every row once per epoch, reshuffled."""
     t, cols = robot
     out = child(
         {
@@ -227,41 +228,52 @@ def test_dataloader_shuffle_with_workers_never_hangs(robot, method, persistent):
             "batch_size": 16,
             "workers": 2,
             "method": method,
-            "persistent": persistent,
             "epochs": 2,
+            "runs": [{"persistent": False}, {"persistent": True}],
         }
     )
-    for texts in out["epochs"]:
-        assert sorted(texts) == sorted(cols["text"])  # every row once, no duplicates or drops
-    assert out["epochs"][0] != out["epochs"][1]
+    assert len(out["runs"]) == 2
+    for persistent, run in zip((False, True), out["runs"], strict=True):
+        for texts in run["epochs"]:
+            # every row once, no duplicates or drops
+            assert sorted(texts) == sorted(cols["text"]), persistent
+        assert run["epochs"][0] != run["epochs"][1], persistent
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
-def test_transform_error_reaches_loop_from_workers(robot, method):
+def test_transform_error_reaches_loop_from_workers(robot):
+    """From forked workers, then from spawned ones (one child process runs both)."""
     t, _ = robot
+    methods = ["fork", "spawn"]
     out = child(
-        {"table": t.url, "kind": "transform_error", "workers": 2, "method": method, "bad_row": 42}
-    )
-    assert out["error"] and "row 42 of table 'robot'" in out["error"]
+        {"table": t.url, "kind": "transform_error", "workers": 2, "bad_row": 42,
+         "runs": [{"method": m} for m in methods]}
+    )  # fmt: skip
+    assert len(out["runs"]) == len(methods)
+    for method, run in zip(methods, out["runs"], strict=True):
+        assert run["error"] and "row 42 of table 'robot'" in run["error"], method
 
 
 # -- the iterable form ----------------------------------------------------------------------
-@pytest.mark.parametrize("workers,method", [(0, None), (2, "fork"), (3, "spawn")])
-def test_iterable_shuffles_and_shards_across_workers(robot, workers, method):
+def test_iterable_shuffles_and_shards_across_workers(robot):
+    """In the main process, over 2 forked workers, then over 3 spawned ones (one child process
+    runs the three in turn): each epoch every row once, reshuffled by set_epoch."""
     t, cols = robot
+    configs = [(0, None), (2, "fork"), (3, "spawn")]
     out = child(
         {
             "table": t.url,
             "kind": "iterable",
-            "workers": workers,
-            "method": method,
             "epochs": 2,
             "set_epoch": True,
+            "runs": [{"workers": w, "method": m} for w, m in configs],
         }
     )
-    e0, e1 = out["epochs"]
-    assert len(e0) == len(cols["text"]) and sorted(e0) == sorted(cols["text"])  # no dup, no drop
-    assert sorted(e1) == sorted(cols["text"]) and e0 != e1 and e0 != cols["text"]
+    assert len(out["runs"]) == len(configs)
+    for config, run in zip(configs, out["runs"], strict=True):
+        e0, e1 = run["epochs"]
+        # no duplicate, no drop
+        assert len(e0) == len(cols["text"]) and sorted(e0) == sorted(cols["text"]), config
+        assert sorted(e1) == sorted(cols["text"]) and e0 != e1 and e0 != cols["text"], config
 
 
 def test_iterable_persistent_workers_advance_epoch_without_set_epoch(robot):

@@ -32,8 +32,11 @@ def _numbers(x, path="$"):
             yield from _numbers(v, f"{path}[{i}]")
 
 
+ROWS = 150  # the demo table of every run here, made once in ``bench_cache`` (conftest.py)
+
+
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
+def bench_run(tmp_path_factory, bench_cache):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     env = dict(os.environ, GPULOAD_BENCH_HIDE="deeplake")  # a peer reported as missing
@@ -44,20 +47,26 @@ def bench_run(tmp_path_factory):
         "bench",
         "--quick",
         "--rows",
-        "150",
+        str(ROWS),
         "--batch-sizes",
         "64",
         "--train-steps",
         "3",
+        "--min-batches",  # timed batches per row (default 5): each ran and reported, no more
+        "2",
         "--device",
         "cpu",
         # one gpuload e2e variant and one peer are enough here (each gpuload variant compiles
-        # the fused kernel, ~5 s; each DataLoader starts worker processes)
+        # the fused kernel, ~5 s; each DataLoader starts worker processes); the rows that only
+        # rerun a task with one reader or decoder option changed (verify_local=False, the DCT
+        # downscale) are left out too: each is a fresh process (~4 s) through the same code
         "--skip",
         "e2e.gpuload.off,e2e.gpuload.fast,e2e.gpuload.tf,e2e.gpuload.dataloader,e2e.dali,"
+        "e2e.gpuload.on.noverify,stream.local.seq.bs64.noverify,"
+        "stream.local.shuffle.bs64.noverify,decode.gpuload.cpu_dct2,"
         "decode.pil.pool,loader.dataloader.w0,startup.",  # startup: its own test below
         "--cache-dir",
-        str(tmp / "cache"),
+        str(bench_cache),
         "--out",
         str(out),
         "--json",
@@ -93,7 +102,8 @@ def test_results_json_structure(bench_run):
         "deeplake",
     ):
         assert isinstance(doc["versions"][lib], str) and doc["versions"][lib]
-    assert doc["config"]["rows"] == 150 and doc["table"]["rows"] == 150
+    assert doc["config"]["rows"] == ROWS and doc["table"]["rows"] == ROWS
+    assert doc["config"]["timing"]["min_batches"] == 2  # --min-batches, in the run's config
     assert doc["total_s"] > 0
 
     entries = doc["results"]
@@ -133,7 +143,7 @@ def test_results_json_structure(bench_run):
         "train.gpuload",
         "train.torch_pil",
         "stream.local.seq.bs64",
-        "ingest.gpuload.150",
+        f"ingest.gpuload.{ROWS}",
     ):
         assert by_id[id]["status"] == "ok", by_id[id]
     assert "x_limit" in by_id["e2e.gpuload.on"]["ratios"]
@@ -286,14 +296,14 @@ STARTUP_TIMES = ("first_batch_s", "second_batch_s", "build_s", "import_s", "harn
 
 
 @pytest.mark.slow
-def test_startup_cases_run_cold_and_warm_in_fresh_processes(tmp_path):
+def test_startup_cases_run_cold_and_warm_in_fresh_processes(tmp_path, bench_cache):
     """The startup suite's plain fast path, cold and warm, and the image fast path warm (its
     unmeasured first run compiles the kernel into the run's warm cache, ~10-15 s here): a cold
     process starts with no cached kernel even after that, a warm one with the kernel."""
     only = "startup.gpuload.image.warm,startup.gpuload.plain"
-    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", "300", "--no-progress",
-           "--device", "cpu", "--suites", "startup", "--only", only,
-           "--cache-dir", str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", str(ROWS),
+           "--no-progress", "--device", "cpu", "--suites", "startup", "--only", only,
+           "--cache-dir", str(bench_cache), "--out", str(tmp_path / "out"), "--json"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     doc = json.loads(p.stdout)
@@ -393,6 +403,42 @@ def test_placeholders_resolve_per_run_in_the_environment_too(tmp_path):
         res.close()
 
 
+def test_min_batches_reaches_every_child_and_only_when_given(tmp_path, monkeypatch):
+    """``--min-batches N`` (a cheaper smoke run) is passed to each child's Meter; without it a
+    child gets no such argument (each task's own minimum, 5, as in every recorded figure)."""
+    from gpuload.bench import runner
+    from gpuload.bench import suites as S
+
+    sent = []
+    monkeypatch.setattr(runner, "run_child", lambda task, args, **kw: sent.append(args) or {})
+    m = S.Measurement("d.x", "decode", "g", "x", "gpuload", "decode", {"min_time": 0.1})
+    own = S.Measurement("d.y", "decode", "g", "y", "gpuload", "decode", {"min_batches": 7})
+    for given in (None, 2):
+        ctx = _remote_ctx(timing=S.Timing(min_batches=given))
+        res = S.Resources(ctx, str(tmp_path / "work"))
+        try:
+            runner._run_once(m, res)
+            runner._run_once(own, res)
+        finally:
+            res.close()
+    assert sent == [{"min_time": 0.1}, {"min_batches": 7},
+                    {"min_time": 0.1, "min_batches": 2}, {"min_batches": 7}]  # fmt: skip
+    assert runner.config_from_args(_bench_args("--min-batches", "3")).min_batches == 3
+    assert runner.config_from_args(_bench_args()).min_batches is None
+    with pytest.raises(SystemExit, match="--min-batches must be >= 1"):
+        runner.config_from_args(_bench_args("--min-batches", "0"))
+
+
+def _bench_args(*argv):
+    import argparse
+
+    from gpuload.bench import runner
+
+    p = argparse.ArgumentParser()
+    runner.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
 def _remote_ctx(**kw):
     from gpuload.bench import suites as S
 
@@ -446,15 +492,16 @@ def test_remote_rows_read_the_http_server_at_each_delay_and_name_their_reference
 
 
 @pytest.mark.slow
-def test_remote_http_rows_go_through_the_shaped_server(tmp_path):
+def test_remote_http_rows_go_through_the_shaped_server(bench_cache):
     """The 20 ms and 0 ms sequential rows for real on a small table: rates, ratios to local
     disk and to 0 ms, and the 20 ms run's requests really waited >= 20 ms each (its epoch
     lasted at least 20 ms x requests / peak in flight, by the server's own counters)."""
     only = "stream.local.seq.bs128,stream.http0.seq,stream.http20.seq"
     skip = "stream.local.seq.bs128.noverify,stream.http0.seq_nocache,stream.http20.seq_nocache"
-    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", "300", "--no-progress",
-           "--device", "cpu", "--suites", "stream", "--batch-sizes", "128", "--remote",
-           "--only", only, "--skip", skip, "--cache-dir", str(tmp_path / "c"), "--json"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", str(ROWS),
+           "--no-progress", "--device", "cpu", "--suites", "stream", "--batch-sizes", "128",
+           "--remote", "--only", only, "--skip", skip, "--cache-dir", str(bench_cache),
+           "--min-batches", "2", "--json"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-4000:]
     doc = json.loads(p.stdout)

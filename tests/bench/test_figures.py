@@ -103,11 +103,11 @@ def test_the_micro_benchmarks_are_cases_at_one_thread_and_all_cores(figures):
 
 
 @pytest.mark.slow
-def test_codec_and_kernel_cases_run_in_fresh_processes(tmp_path):
+def test_codec_and_kernel_cases_run_in_fresh_processes(bench_cache):
     only = "codecs.limit.1t,codecs.rrc.default.1t,codecs.cpu_dct2.1t,kernel.rrc_flip_norm.1t"
     cmd = [sys.executable, "-m", "gpuload", "bench", "--quick", "--rows", "150", "--no-progress",
-           "--suites", "codecs,kernel", "--only", only, "--cache-dir", str(tmp_path / "c"),
-           "--json"]  # fmt: skip
+           "--suites", "codecs,kernel", "--only", only, "--cache-dir", str(bench_cache),
+           "--min-batches", "2", "--json"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-4000:]
     doc = json.loads(p.stdout)

@@ -27,9 +27,17 @@ def wb():
 
 
 @pytest.fixture(scope="module")
-def table(tmp_path_factory):
-    path, _ = ensure_episode_table(tmp_path_factory.mktemp("episodes"), 3, size=(48, 64))
-    return gpuload.open_table(path)
+def episodes(tmp_path_factory):
+    """A bench cache folder holding the 3-episode 48x64 table (the quick run below finds it
+    there instead of generating it again)."""
+    root = tmp_path_factory.mktemp("episodes")
+    path, _ = ensure_episode_table(root, 3, size=(48, 64))
+    return root, path
+
+
+@pytest.fixture(scope="module")
+def table(episodes):
+    return gpuload.open_table(episodes[1])
 
 
 def test_alternatives_read_gpuload_windows(wb, table):
@@ -56,25 +64,35 @@ def test_alternatives_read_gpuload_windows(wb, table):
         assert batch["cam_high"].dtype.is_floating_point
 
 
+QUICK_BATCH = 8  # the workload's batch is 64; a smoke run's rates need no more than this
+
+
 @pytest.mark.slow
-def test_quick_run_records_every_case(wb, tmp_path):
-    env = {**os.environ, "GPULOAD_BENCH_CACHE": str(tmp_path / "cache")}
+def test_quick_run_records_every_case(wb, episodes, tmp_path):
+    """Every case runs in its own process, its first batch has the shapes the windows give
+    (at the run's batch size), and rates, CPU, memory and ratios are recorded."""
+    env = {**os.environ, "GPULOAD_BENCH_CACHE": str(episodes[0])}
     cmd = [sys.executable, "benchmarks/windows_bench.py", "--quick", "--episodes", "3",
-           "--size", "48x64", "--min-time", "0.3", "--out", str(tmp_path)]  # fmt: skip
+           "--size", "48x64", "--min-time", "0.1", "--batch-size", str(QUICK_BATCH),
+           "--out", str(tmp_path)]  # fmt: skip
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| gpuload.windows |" in p.stdout and "machine:" in p.stdout
+    assert f"batch {QUICK_BATCH}," in p.stdout
     result = json.loads((tmp_path / "windows.json").read_text())
     assert result["table"]["episodes"] == 3 and result["table"]["size"] == "48x64"
+    assert result["table"]["path"] == episodes[1]
     assert result["machine"]["cpu"]
+    assert result["workload"]["batch_size"] == QUICK_BATCH
     runs = {r["case"]: r for r in result["runs"]}
     assert set(runs) == set(wb.CASES)
     for case, r in runs.items():
         assert "error" not in r, r
         assert r["samples_per_s"] > 0 and r["frames_decoded_per_s"] > 0, case
         assert r["cpu_pct"] > 0 and r["peak_rss_mb"] > 0
-        want = {k: list(v) for k, v in wb.expected_shapes(case).items()}
+        want = {k: list(v) for k, v in wb.expected_shapes(case, QUICK_BATCH).items()}
         assert r["shapes"] == want and r["shapes_ok"]
-    assert runs["gpuload.windows"]["shapes"]["action_is_pad"] == [64, 50]
+    assert runs["gpuload.windows"]["shapes"]["action_is_pad"] == [QUICK_BATCH, 50]
+    assert wb.expected_shapes("gpuload.windows")["action_is_pad"] == (64, 50)  # the default
     for name in ("gpuload.windows / alt.row_by_row", "gpuload.windows / alt.lerobot_style"):
         assert result["ratios"][name]["value"] > 0

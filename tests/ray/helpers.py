@@ -1,5 +1,6 @@
 """Data and checks shared by the Ray tests: rows whose ``id`` is their row number, with a tiny
-JPEG, a float32[14] state, an int label and a text, as pyarrow blocks for ``ray.data``."""
+JPEG, a float32[14] state, an int label and a text, as pyarrow blocks for ``ray.data``; and the
+shared local Ray's on/off switch (conftest.py's ``ray_local`` starts it)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,29 @@ import numpy as np
 import pyarrow as pa
 
 from gpuload.format import CHUNK_RE
+
+LOCAL_RAY = {"up": False}  # whether conftest.py's local Ray is running
+
+
+def start_local():
+    """Start the shared local Ray (2 CPUs, no dashboard) unless it is running; returns ``ray``."""
+    import ray
+
+    if not LOCAL_RAY["up"]:
+        assert not ray.is_initialized(), "another Ray connection is still open"
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        LOCAL_RAY["up"] = True
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+def stop_local() -> None:
+    """Shut the shared local Ray down if it is running (before connecting elsewhere)."""
+    import ray
+
+    if LOCAL_RAY["up"]:
+        LOCAL_RAY["up"] = False
+        ray.shutdown()
 
 
 @cache

@@ -9,7 +9,7 @@ import pytest
 import gpuload
 import gpuload.ray
 
-from .helpers import check_rows, dataset
+from .helpers import check_rows, dataset, stop_local
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -19,6 +19,7 @@ def two_nodes():
     import ray
     from ray.cluster_utils import Cluster
 
+    stop_local()  # the other modules' local Ray, if one runs: the driver joins this cluster
     cluster = Cluster(
         initialize_head=True,
         head_node_args={"num_cpus": 1, "include_dashboard": False},

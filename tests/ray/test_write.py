@@ -20,7 +20,7 @@ from .helpers import check_rows, chunk_files, columns, dataset, named_chunks
 
 pytestmark = pytest.mark.timeout(240)
 
-ROWS = 50_000  # tiny JPEGs: the whole round trip (two writes, reads) takes ~20 s on 2 cores
+ROWS = 20_000  # tiny JPEGs: 8 write tasks of several 256 KB chunks each (~55 in all)
 
 
 def test_round_trip_one_version_rows_in_order(ray_local, tmp_path):
@@ -31,6 +31,7 @@ def test_round_trip_one_version_rows_in_order(ray_local, tmp_path):
     assert sum(sink.task_rows.values()) == ROWS
     t = gpuload.open_table(tmp_path / "a")
     assert t.version == 1 and len(t) == ROWS
+    assert t.num_chunks >= 2 * len(sink.task_rows), "tasks write several chunks each"
     assert t.schema.describe() == (
         "id: int64, image: image/jpeg, state: float32[14], label: int64, text: text"
     )
@@ -131,9 +132,12 @@ class FlakySink(gpuload.ray.TableSink):
 def test_retried_task_writes_its_rows_once(ray_local, tmp_path, how):
     marker = str(tmp_path / "failed-once")
     ds = dataset(0, 8000, blocks=16)
-    sink = FlakySink(tmp_path / "t", marker=marker, how=how, chunk_bytes=4 << 10)
+    # 32 KB chunks: the two blocks (1000 rows, ~750 KB) before the failure stage ~20 of them
+    sink = FlakySink(tmp_path / "t", marker=marker, how=how, chunk_bytes=32 << 10)
     ds.write_datasink(sink, ray_remote_args={"max_retries": 3, "retry_exceptions": True})
     assert os.path.exists(marker), "the first attempt of task 1 did fail"
+    with open(marker) as f:
+        assert int(f.read()) > 0, "the table held staged chunks when it failed"
     t = gpuload.open_table(tmp_path / "t")
     assert t.version == 1
     check_rows(t, range(8000))
