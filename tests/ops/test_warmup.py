@@ -109,15 +109,7 @@ def test_a_cold_stage_runs_the_twin_and_its_compile_outlives_the_process(tmp_pat
     text = PIPELINES["float32_nchw_flip"]
 
     def run(mode: str) -> dict:
-        p = subprocess.run(
-            [sys.executable, "-c", COLD_SCRIPT, mode, text, str(tmp_path / f"{mode}.bin")],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env=env,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        return json.loads(p.stdout.strip().splitlines()[-1])
+        return _child(mode, text, tmp_path / f"{mode}.bin", env, script=COLD_SCRIPT)
 
     cold = run("cold")
     assert cold["twin"] == 1 and cold["signatures"] == 0 and len(cold["child"]) == 1, cold
@@ -131,9 +123,9 @@ def test_a_cold_stage_runs_the_twin_and_its_compile_outlives_the_process(tmp_pat
     assert a.size > 0 and np.array_equal(a, b)
 
 
-def _child(mode: str, text: str, path, env=None) -> dict:
+def _child(mode: str, text: str, path, env=None, script: str = SCRIPT) -> dict:
     p = subprocess.run(
-        [sys.executable, "-c", SCRIPT, mode, text, str(path)],
+        [sys.executable, "-c", script, mode, text, str(path)],
         capture_output=True,
         text=True,
         timeout=600,
