@@ -169,7 +169,7 @@ class KernelSpec:
 
 
 # --------------------------------------------------------------------------------------------
-# Input validation (host side, plain njit; used by both targets)
+# Input validation (host side, vectorised NumPy; used by both targets)
 # --------------------------------------------------------------------------------------------
 
 

@@ -100,8 +100,9 @@ def assert_close(got_storage: np.ndarray, plan, ref: np.ndarray, what: str = "")
     return float(err.max() / rng_)
 
 
-def run_cpu(plan, src, meta, wins, params, mode="separable"):
-    k = F.get_cpu_kernel(plan.kernel_spec, mode)
+def run_cpu(plan, src, meta, wins, params, mode="separable", kernel=None):
+    """Run ``kernel`` (default: the compiled CPU kernel of ``mode``) on one batch."""
+    k = kernel if kernel is not None else F.get_cpu_kernel(plan.kernel_spec, mode)
     out = np.full(plan.out_shape(meta.shape[0]), 77, dtype=plan.storage_dtype)
     means = np.zeros(meta.shape[0], np.float32)
     k(
@@ -164,19 +165,8 @@ def test_numpy_twin_gives_the_compiled_kernels_bytes(cfg):
     for seed in (0, 1):
         plan, src, meta, wins, params = make_case(seed, cfg, SIZES)
         want = run_cpu(plan, src, meta, wins, params)
-        got = np.full_like(want, 77)
-        means = np.zeros(meta.shape[0], np.float32)
         twin = FN.get_numpy_kernel(plan.kernel_spec, threads=1 + seed)
-        twin(
-            src,
-            meta,
-            wins,
-            params,
-            plan.mean_array(),
-            plan.inv_std_array(),
-            means,
-            got.view(F.STORAGE_DTYPE[plan.out_dtype]),
-        )
+        got = run_cpu(plan, src, meta, wins, params, kernel=twin)
         diff = np.nonzero(got.view(np.uint8).ravel() != want.view(np.uint8).ravel())[0]
         assert diff.size == 0, f"{diff.size} bytes differ, first at byte {diff[:3]}"
 
