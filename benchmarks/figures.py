@@ -129,6 +129,7 @@ _HTTP_ROWS = {
     "shuffle": ("stream", "shuffle", True),
     "seq_nocache": ("stream", "seq_nocache", False),
     "shuffle_nocache": ("stream", "shuffle_nocache", False),
+    "shuffle_nocache_fixed16": ("stream", "shuffle_nocache_fixed16", False),
     "fast_path": ("loader", "fast", True),
     "image": ("e2e", "image", True),
 }
@@ -167,6 +168,9 @@ def _http_ratios() -> dict[str, tuple[str, str, float | None]]:
                 target = goals.get(name) if ms == 20 else None
                 out[f"{fig}_over_local"] = (fig, f"local_{name.replace('_nocache', '')}", target)
             out[f"{fig}_over_http0"] = (fig, f"http0_{name}_epoch1", None)
+    for ms in (0, 20, 50):  # the adaptive in-flight limit over the fixed 16 it replaced
+        fig = f"http{ms}_shuffle_nocache_epoch1"
+        out[f"{fig}_over_fixed16"] = (fig, f"http{ms}_shuffle_nocache_fixed16_epoch1", None)
     return out
 
 

@@ -55,17 +55,37 @@ class DaemonThreadPool:
                 raise RuntimeError("cannot submit to a pool that was shut down")
             self._queue.put((fut, fn, args, kwargs))
             if self._idle <= 0 and len(self._threads) < self._max:
-                t = threading.Thread(
-                    target=self._work, name=f"{self._prefix}-{next(_names)}", daemon=True
-                )
-                self._threads.append(t)
-                t.start()
-                if self._at_exit is None:
-                    self._at_exit = _exit_hook(self)
-                    atexit.register(self._at_exit)
+                self._start_thread()
             else:
                 self._idle -= 1  # one idle thread will take it
         return fut
+
+    def backlog(self) -> int:
+        """Tasks queued with no thread free to take them now (an estimate: read unlocked)."""
+        return max(0, -self._idle)
+
+    def set_max_workers(self, n: int) -> None:
+        """Allow ``n`` threads from now on, starting threads for queued tasks up to it (fewer
+        only stops new threads from starting; running ones stay)."""
+        if n < 1:
+            raise ValueError(f"max_workers must be >= 1, got {n}")
+        with self._lock:
+            self._max = n
+            if self._shutdown:
+                return
+            # _idle < 0: that many queued tasks wait for a busy thread; a new one takes one
+            for _ in range(min(-self._idle, n - len(self._threads))):
+                self._start_thread()
+                self._idle += 1
+
+    def _start_thread(self) -> None:
+        """One more worker (under the lock)."""
+        t = threading.Thread(target=self._work, name=f"{self._prefix}-{next(_names)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+        if self._at_exit is None:
+            self._at_exit = _exit_hook(self)
+            atexit.register(self._at_exit)
 
     def _work(self) -> None:
         while True:

@@ -92,8 +92,13 @@ def open_src(a: dict):
         kw["storage_options"] = a["storage_options"]
     if "cache" in a:
         kw["cache"] = a["cache"]
+    fetch = {}
     if a.get("verify") is False:  # the cost of checksums: the same read without them
-        kw["fetch"] = gpuload.FetchOptions(verify_local=False)
+        fetch["verify_local"] = False
+    if a.get("max_in_flight"):  # a pinned in-flight limit (the default is adaptive)
+        fetch["max_in_flight"] = int(a["max_in_flight"])
+    if fetch:
+        kw["fetch"] = gpuload.FetchOptions(**fetch)
     return gpuload.open_table(a["url"], **kw)
 
 

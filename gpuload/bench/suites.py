@@ -404,6 +404,13 @@ def _http_cases(ctx: Context, bs: int) -> list[tuple]:
             ("stream", f"{mode}_nocache", f"{label}, cache=False", "stream",
              {"shuffle": shuffle}, local, False, ()),
         ]  # fmt: skip
+    # the adaptive in-flight limit against the fixed 16 it replaced, where requests dominate
+    cases.append(
+        ("stream", "shuffle_nocache_fixed16",
+         f"gpuload batches({bs}, shuffle=True), cache=False, max_in_flight=16 (fixed)",
+         "stream", {"shuffle": True, "max_in_flight": 16}, f"stream.local.shuffle.bs{bs0}",
+         False, ()),
+    )  # fmt: skip
     return cases + [
         ("loader", "fast", "gpuload.pytorch(t, batch_size, shuffle=True) fast path", "fast",
          plain, "loader.fast.shuffle", True, ("torch",)),

@@ -33,6 +33,7 @@ from ..storage import Store
 from ..threads import DaemonThreadPool
 from .cache import BlockCache, CacheOptions
 from .catalog import DEFAULT_LIMIT, FileCatalog, Resolver
+from .inflight import InFlightLimit
 from .ranges import Groups, Read, ReadPlan, coalesce_plan
 from .verify import DirectLayout, PageTables, contiguous, integrity_error, widen
 
@@ -41,6 +42,7 @@ __all__ = ["FetchOptions", "Fetcher", "Read", "ReadPlan"]
 T = TypeVar("T")
 _IOV_MAX = 1024
 _POOL_NAME = "gpuload-fetch"
+LOCAL_THREADS = 16  # threads for large local reads when FetchOptions.max_in_flight is None
 
 log = logging.getLogger("gpuload.fetch")
 
@@ -48,17 +50,26 @@ log = logging.getLogger("gpuload.fetch")
 @dataclass(frozen=True)
 class FetchOptions:
     """How reads are issued. ``None`` picks a default suited to local or remote storage.
+    ``max_in_flight``: requests to a remote table at once; ``None`` sizes it from measured
+    throughput (16 to start, 8 to 64: see ``gpuload.fetch.inflight``), a number pins it (a far
+    bucket may want more; local reads use at most this many threads, 16 when ``None``).
     ``verify_local``: check page checksums on local reads too (remote reads always are)."""
 
-    max_in_flight: int = 16
+    max_in_flight: int | None = None
     max_gap: int | None = None
     max_request: int | None = None
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     verify_local: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_in_flight < 1:
-            raise ValueError(f"FetchOptions.max_in_flight must be >= 1, got {self.max_in_flight}")
+        if self.max_in_flight is not None and (
+            isinstance(self.max_in_flight, bool)
+            or not isinstance(self.max_in_flight, int)
+            or self.max_in_flight < 1
+        ):
+            raise ValueError(
+                f"FetchOptions.max_in_flight must be None or an int >= 1, got {self.max_in_flight!r}"
+            )
 
 
 class Fetcher:
@@ -101,6 +112,8 @@ class Fetcher:
             BlockCache(store.url, self.cache_options) if (use_cache and not local) else None
         )
         self.verify = self.catalog.has_checksums and (not local or self.options.verify_local)
+        fixed = self.options.max_in_flight
+        self.limit = InFlightLimit(fixed if fixed is not None or not local else LOCAL_THREADS)
         self._reset()
 
     def _reset(self) -> None:
@@ -117,6 +130,7 @@ class Fetcher:
         self._scratch = threading.local()
         self._pages = PageTables(self._sums)
         self.catalog.after_fork()
+        self.limit.after_fork()
         self.stats = {
             "requests": 0,
             "bytes": 0,
@@ -185,9 +199,10 @@ class Fetcher:
         if self._pool is None:
             with self._lock:
                 if self._pool is None:
-                    self._pool = DaemonThreadPool(
-                        self.options.max_in_flight, thread_name_prefix=_POOL_NAME
-                    )
+                    # threads for the in-flight limit now; more when it rises
+                    self._pool = DaemonThreadPool(self.limit.limit, thread_name_prefix=_POOL_NAME)
+                    self.limit.on_raise = self._pool.set_max_workers
+                    self.limit.backlog = self._pool.backlog
         return self._pool
 
     def close(self) -> None:
@@ -197,6 +212,7 @@ class Fetcher:
             return
         with self._lock:
             if self._pool is not None:
+                self.limit.on_raise = self.limit.backlog = None
                 self._pool.shutdown(wait=True)
                 self._pool = None
             for fd in [*self._fds.values(), *self._evicted]:
@@ -548,7 +564,10 @@ class Fetcher:
 
         def once() -> bytes:
             attempts[0] += 1
-            return self.store.read_range(file, start, end)
+            with self.limit.slot() as moved:
+                data = self.store.read_range(file, start, end)
+                moved(len(data))
+            return data
 
         try:
             data = call_with_retry(once, self.options.retry, lambda: self._where(file, start, end))
@@ -592,9 +611,10 @@ class Fetcher:
     def prefetch(self, plan: ReadPlan) -> bool:
         """Start downloading the cache blocks ``plan`` will read, without waiting: a loader
         calls it for batches it will assemble later, so their round trips overlap the current
-        ones. At most half of ``max_in_flight`` such downloads are outstanding (the rest are
-        left to the read itself); a no-op without the block cache. A failed download is not
-        reported here: the read that needs the block waits for it and raises its error.
+        ones. At most half of ``max_in_flight`` (16 when adaptive: the adaptive limit does
+        not multiply the cache blocks held in memory) such downloads are outstanding (the rest
+        are left to the read itself); a no-op without the block cache. A failed download is
+        not reported here: the read that needs the block waits for it and raises its error.
         Returns True when every block of ``plan`` is now cached or downloading, False when the
         bound left some out (call again later)."""
         if self.cache is None or not len(plan):
@@ -603,7 +623,8 @@ class Fetcher:
         needed = self._blocks_of(plan)
         with self._lock:
             # half the pool at most, so the reads a batch waits for now are not queued behind
-            room = max(1, self.options.max_in_flight // 2) - self._prefetching
+            most = self.options.max_in_flight or InFlightLimit.START
+            room = max(1, most // 2) - self._prefetching
             for file, blocks in needed.items():
                 for b in sorted(blocks):
                     if (file, b) in self._inflight or os.path.exists(

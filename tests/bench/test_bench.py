@@ -450,7 +450,7 @@ def _remote_ctx(**kw):
 
 
 def test_remote_rows_read_the_http_server_at_each_delay_and_name_their_references():
-    """--remote: per delay the same six rows (cached ones with a cold and a cached epoch) on
+    """--remote: per delay the same seven rows (cached ones with a cold and a cached epoch) on
     the HTTP server's own placeholders; every ratio names a row of the same run (x_http0: the
     same phase at 0 ms); the S3 rows stay, labelled as measuring moto."""
     from gpuload.bench import suites as S
@@ -459,17 +459,21 @@ def test_remote_rows_read_the_http_server_at_each_delay_and_name_their_reference
     ms = S.build(ctx, ["stream", "e2e"])
     ids = {i for m in ms for i in m.ids()}
     http = [m for m in ms if (m.info or {}).get("server") == "http"]
-    assert len(http) == 6 * len(S.HTTP_DELAYS_MS) == 18
+    assert len(http) == 7 * len(S.HTTP_DELAYS_MS) == 21
     for d in S.HTTP_DELAYS_MS:
         for case in ("stream.http{}.seq", "stream.http{}.shuffle", "loader.http{}.fast",
                      "e2e.http{}.image"):  # fmt: skip
             assert {case.format(d) + ".cold", case.format(d) + ".cached"} <= ids
         assert {f"stream.http{d}.seq_nocache", f"stream.http{d}.shuffle_nocache"} <= ids
+        # the adaptive in-flight limit against the fixed 16 it replaced, in the same run
+        pinned = next(m for m in http if m.id == f"stream.http{d}.shuffle_nocache_fixed16")
+        assert pinned.args["max_in_flight"] == 16 and pinned.args["cache"] is False
     for m in http:
         d = m.info["delay_ms"]
         assert m.args["url"] == f"@http{d}/demo-300-0" and m.args["server"] == f"@http{d}"
         assert m.needs == ("http",) and f"with {d} ms added per request" in m.group
         assert "FetchOptions" not in repr(m.args) and "fetch" not in m.args  # the defaults
+        assert "max_in_flight" not in m.args or m.id.endswith("_fixed16")
         cached = m.args["epochs"] == 2
         assert m.args["cache"] == ("@fresh_cache" if cached else False)
         names = {r.name for r in m.ratios}
