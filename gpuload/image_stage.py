@@ -196,6 +196,7 @@ class _Batch:
     epoch: int
     skip: bool
     clock: StageClock
+    threads: int  # decoder and kernel threads this batch may use
 
 
 class ImageStage:
@@ -229,6 +230,8 @@ class ImageStage:
         # cores // loader_threads threads each instead of oversubscribing the cores.
         cores = os.cpu_count() or 1
         self.inner_threads = options.threads or max(1, cores // max(1, loader_threads))
+        # a batch assembled alone (a loader's first) has every core to itself
+        self.solo_threads = options.threads or cores
         self.decoder = decoder_for(decoder, device, self.inner_threads, options)
         self.kernels = {
             c.name: FusedImageStage(
@@ -244,6 +247,7 @@ class ImageStage:
         # assembling thread (thread-local), not one per output slot.
         self._local = threading.local()
         self._lock = threading.Lock()
+        self._solo = None  # the decoder of a batch alone (see _decoder_for)
         self.stats = {"staging_grows": 0, "raw_grows": 0, "decoded": 0, "dct_scaled": 0}
 
     def counters(self) -> dict[str, int]:
@@ -310,14 +314,18 @@ class ImageStage:
         on_error: OnError,
         clock: StageClock,
         windows: Mapping[str, BatchWindows] | None = None,
+        alone: bool = False,
     ) -> tuple[dict, np.ndarray | None]:
         """Images of the batch's rows for each image column, and a keep-mask when rows were
         dropped (on_error="skip"), else None. Random ops draw from (seed, epoch, row): with
-        ``windows``, every frame of a sample draws from its anchor row (one crop per sample)."""
+        ``windows``, every frame of a sample draws from its anchor row (one crop per sample).
+        ``alone``: no other batch is being assembled (a loader's first), so the decoder and the
+        kernel use every core (``solo_threads``) instead of this thread's share."""
         keep = np.ones(len(rows), dtype=bool)
         outs: dict[str, Any] = {}
         produced: dict[str, np.ndarray] = {}
-        batch = _Batch(table, rows, slot, seed, epoch, on_error is OnError.SKIP, clock)
+        threads = self.solo_threads if alone else self.inner_threads
+        batch = _Batch(table, rows, slot, seed, epoch, on_error is OnError.SKIP, clock, threads)
         for col in self.columns:
             win = windows.get(col.name) if windows else None
             out, bad = self._column(batch, col, keep, win)
@@ -371,6 +379,26 @@ class ImageStage:
                 raise self._where(e, frames[f], col, o[f], o[f + 1]) from e
             live &= ~(index == f).any(axis=1)  # every sample that needs the frame goes
 
+    def _decoder_for(self, threads: int):
+        """The decoder for a batch that may use ``threads`` threads: the stage's own, or for a
+        batch alone on a host decoder with a pool of its own (libjpeg-turbo, PIL), the same
+        backend with ``threads`` (made on first use: a loader's first batch; outputs do not
+        depend on the thread count, each image is decoded on one thread)."""
+        dec = self.decoder
+        if threads <= dec.threads or dec.device.is_cuda or dec.name not in ("cpu", "pil"):
+            return dec
+        with self._lock:
+            if self._solo is None:
+                self._solo = decoder_for(dec.name, dec.device, threads, self.options)
+            return self._solo
+
+    def release_solo(self) -> None:
+        """Close the decoder made for a batch alone (its threads are not needed again)."""
+        with self._lock:
+            solo, self._solo = self._solo, None
+        if solo is not None:
+            solo.close()
+
     def _header(self, data: memoryview) -> ImageHeader:
         """The image's header, checked against ``max_pixels`` before anything is sized from it;
         any failure is a DecodeError."""
@@ -411,7 +439,8 @@ class ImageStage:
         # GPU decoders copy into the staging buffer on the kernel's stream, so decode and kernel
         # are ordered without a device-wide sync.
         stream = kernel.stream if self.device.is_cuda else None
-        dec = self.decoder.decode_batch(datas, requests, staging, headers=hs, stream=stream)
+        decoder = self._decoder_for(batch.threads)
+        dec = decoder.decode_batch(datas, requests, staging, headers=hs, stream=stream)
         t1 = time.perf_counter()
         batch.clock.add("decode", t1 - t0)
         origin, scale = dec.origin[item], dec.scale[item]
@@ -428,7 +457,7 @@ class ImageStage:
             import numba
 
             # thread-local: this batch's kernel gets this thread's share of the cores
-            numba.set_num_threads(min(self.inner_threads, numba.config.NUMBA_NUM_THREADS))
+            numba.set_num_threads(min(batch.threads, numba.config.NUMBA_NUM_THREADS))
         slot = batch.slot
         meta = np.ascontiguousarray(dec.meta[item])
         k = index.shape[1] if col.name in self.frames else 1

@@ -519,7 +519,7 @@ class Loader:
         return self._stage
 
     # -- one batch -------------------------------------------------------------------------
-    def _assemble(self, ep: _Epoch, b: int, slot: int) -> tuple[Any, int]:
+    def _assemble(self, ep: _Epoch, b: int, slot: int, alone: bool = False) -> tuple[Any, int]:
         bs, clock = self.batch_size, self._clock
         lo = ep.start + b * bs
         hi = min(lo + bs, ep.shard.count)
@@ -539,7 +539,10 @@ class Loader:
                 on_error=self.spec.on_error,
                 clock=clock,
                 windows=wins,
+                alone=alone,
             )
+            if alone:
+                stage.release_solo()
             if keep is not None:  # rows dropped by on_error="skip"
                 self._count("skipped", int(len(rows) - keep.sum()))
                 rows = rows[keep]
@@ -693,7 +696,8 @@ class Loader:
                     # output slots rotate across epochs, so a new epoch's first batches do not
                     # land in the slots of the last ones (still held by the consumer)
                     slot, self._slot = self._slot, (self._slot + 1) % self.ring_size
-                    pending.append((next_b, pool.submit(self._assemble, ep, next_b, slot)))
+                    job = pool.submit(self._assemble, ep, next_b, slot, depth == 1)
+                    pending.append((next_b, job))
                     next_b += 1
                     self._read_ahead(ep, next_b)
                 if not pending:

@@ -105,6 +105,47 @@ def test_images_deterministic_per_seed_epoch_row(tmp_path):
     assert sum(not torch.equal(a[r], c[r]) for r in a) > 30  # a new epoch draws new crops
 
 
+def test_a_first_batch_alone_uses_every_core_and_changes_no_output(tmp_path, monkeypatch):
+    """A loader's first batch is assembled alone, so its decode and kernel get every core
+    (solo_threads) instead of one assembling thread's share; the images are the same as when
+    the same batch is assembled beside others (the second pass), bit for bit."""
+    from gpuload.image_stage import ImageStage
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)  # 4 loader threads' share: 1 core each
+    t, _ = _table(tmp_path)
+    used: list[tuple[int, int]] = []  # (threads asked for, threads of the decoder given)
+    original = ImageStage._decoder_for
+
+    def spy(self, threads):
+        dec = original(self, threads)
+        used.append((threads, dec.threads))
+        return dec
+
+    released: list = []
+    original_release = ImageStage.release_solo
+
+    def release(self):
+        released.append(self._solo)
+        original_release(self)
+        assert self._solo is None
+
+    monkeypatch.setattr(ImageStage, "_decoder_for", spy)
+    monkeypatch.setattr(ImageStage, "release_solo", release)
+    loader = gpuload.pytorch(t, batch_size=8, image=_ops(), seed=1, shuffle=True, device="cpu")
+    loader.set_epoch(0)
+    first = [b["image"].clone() for b in loader]
+    assert used[0] == (4, 4)  # the first batch: a decoder with all 4 threads
+    assert all(u == (1, 1) for u in used[1:]), used  # the rest: one thread's share
+    assert len(released) == 1 and released[0].threads == 4  # closed after the first batch
+    used.clear()
+    loader.set_epoch(0)  # the same rows and crops again
+    second = [b["image"].clone() for b in loader]
+    assert all(u == (1, 1) for u in used)  # a second pass starts beside other batches
+    assert len(first) == len(second) == 5
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def test_dct_downscale_close_to_full_decode(tmp_path):
     rng = np.random.default_rng(1)
     imgs = [encode(textured_image(rng, 160, 200), "JPEG", quality=92) for _ in range(12)]
