@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 import os
 import threading
 from collections import OrderedDict
@@ -62,14 +63,16 @@ class FetchOptions:
     verify_local: bool = True
 
     def __post_init__(self) -> None:
-        if self.max_in_flight is not None and (
-            isinstance(self.max_in_flight, bool)
-            or not isinstance(self.max_in_flight, int)
-            or self.max_in_flight < 1
-        ):
-            raise ValueError(
-                f"FetchOptions.max_in_flight must be None or an int >= 1, got {self.max_in_flight!r}"
-            )
+        n = self.max_in_flight
+        if n is None:
+            return
+        try:
+            ok = not isinstance(n, bool) and operator.index(n) >= 1
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"FetchOptions.max_in_flight must be None or an int >= 1, got {n!r}")
+        object.__setattr__(self, "max_in_flight", operator.index(n))  # numpy ints become int
 
 
 class Fetcher:
@@ -211,10 +214,13 @@ class Fetcher:
             self._reset()
             return
         with self._lock:
-            if self._pool is not None:
+            pool, self._pool = self._pool, None
+            if pool is not None:
                 self.limit.on_raise = self.limit.backlog = None
-                self._pool.shutdown(wait=True)
-                self._pool = None
+        if pool is not None:
+            # joined outside the lock: a running download takes it when it ends
+            pool.shutdown(wait=True)
+        with self._lock:
             for fd in [*self._fds.values(), *self._evicted]:
                 os.close(fd)
             self._fds.clear()
@@ -623,7 +629,7 @@ class Fetcher:
         needed = self._blocks_of(plan)
         with self._lock:
             # half the pool at most, so the reads a batch waits for now are not queued behind
-            most = self.options.max_in_flight or InFlightLimit.START
+            most = min(self.options.max_in_flight or InFlightLimit.START, self.limit.limit)
             room = max(1, most // 2) - self._prefetching
             for file, blocks in needed.items():
                 for b in sorted(blocks):

@@ -8,15 +8,17 @@ know. The adaptive limit climbs a hill on measured throughput, one window (2 x l
 and at least ``MIN_WINDOW_S``) at a time, and only in windows where requests waited for a slot
 (the limit, not the consumer, bounded the rate): when the requests' mean latency is near the
 best seen lately (nothing queues), it raises the limit by half and keeps the raise if throughput
-grew by at least ``GAIN``, else goes back and holds for ``HOLD`` windows. Latency above twice
-the best (requests queue at the server or for the client's cores) lowers it by a quarter; a
-transient error (throttling, a reset connection) halves it, as TCP and the S3 SDKs back off.
-Nothing here sleeps or polls: every decision is taken when a request ends.
+grew by at least ``GAIN``, else goes back and holds for ``HOLD`` windows (twice as many after
+each miss in a row, up to 8x). Latency above twice the best (requests queue at the server or for
+the client's cores) lowers it by a quarter; a transient error (throttling, a reset connection)
+halves it, once per burst, as TCP and the S3 SDKs back off. Nothing here sleeps or polls: every
+decision is taken when a request ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import threading
 import time
@@ -25,6 +27,8 @@ from collections.abc import Callable, Iterator
 from ..retry import is_transient
 
 __all__ = ["InFlightLimit"]
+
+log = logging.getLogger("gpuload.fetch")
 
 
 class InFlightLimit:
@@ -66,6 +70,7 @@ class InFlightLimit:
         self._base = 0.0  # the best mean request latency of a window lately (0: none yet)
         self._rate: float | None = None  # mean rate of this limit's windows (None: none yet)
         self._hold = 0
+        self._backed_off_at = float("-inf")
         self._misses = 0  # raises in a row that did not pay
         self.on_raise: Callable[[int], None] | None = None  # told the new limit on a raise
         # requests queued before the gate (in a pool sized to the limit): demand it cannot see
@@ -85,25 +90,31 @@ class InFlightLimit:
                 self._waiting += 1
                 try:
                     self._cond.wait()
+                except BaseException:
+                    self._cond.notify()  # interrupted: pass on a wake-up this wait may have had
+                    raise
                 finally:
                     self._waiting -= 1
+            t0 = self._clock()
             self._active += 1
-        t0 = self._clock()
         ok = False
         try:
             yield moved.append
             ok = True
         except BaseException as e:
             with self._cond:
-                if self.adaptive and is_transient(e):
+                # once per burst: requests that started before the last back-off do not count
+                if self.adaptive and is_transient(e) and t0 >= self._backed_off_at:
                     self._back_off()
             raise
         finally:
             with self._cond:
                 self._active -= 1
-                if ok:
-                    self._done(sum(moved), self._clock() - t0)
-                self._cond.notify()  # one slot is free: one waiter (a raise wakes them all)
+                try:
+                    if ok:
+                        self._done(sum(moved), self._clock() - t0)
+                finally:
+                    self._cond.notify()  # one slot is free: one waiter (a raise wakes them all)
 
     # -- the controller (all under self._cond) ---------------------------------------------
     def _new_window(self, now: float) -> None:
@@ -119,7 +130,8 @@ class InFlightLimit:
         self._w_done += 1
         self._w_bytes += nbytes
         self._w_seconds += seconds
-        self._w_queued += self._waiting > 0 or (self.backlog is not None and self.backlog() > 0)
+        backlog = self.backlog  # read once: close() may clear it meanwhile
+        self._w_queued += self._waiting > 0 or (backlog is not None and backlog() > 0)
         now = self._clock()
         elapsed = now - self._w_start
         if self._w_done < 2 * self.limit or elapsed < self.MIN_WINDOW_S:
@@ -161,6 +173,7 @@ class InFlightLimit:
             self._set(min(self.hi, math.ceil(self.limit * self.STEP)))
 
     def _back_off(self) -> None:
+        self._backed_off_at = self._clock()
         self._prev = None
         self._hold = self.HOLD
         self._set(max(self.lo, self.limit // 2))
@@ -174,9 +187,13 @@ class InFlightLimit:
             self.limit = limit
             self.peak = max(self.peak, limit)
             if raised:
-                if self.on_raise is not None:
-                    self.on_raise(limit)  # a pool grows its threads to match
                 self._cond.notify_all()
+                grow = self.on_raise  # read once: close() may clear it meanwhile
+                if grow is not None:
+                    try:
+                        grow(limit)  # a pool grows its threads to match
+                    except Exception as e:  # noqa: BLE001 - fewer threads only slow it down
+                        log.debug("growing the fetch pool to %d threads failed: %s", limit, e)
 
     def after_fork(self) -> None:
         """A forked child's fresh gate (the parent's waiters, requests and pool are not its

@@ -66,7 +66,7 @@ def test_adaptive_limit_grows_while_latency_alone_bounds_throughput():
     gate = InFlightLimit()
     assert gate.limit == 16 and gate.hi == 64
     peak = _drive(gate, lambda: time.sleep(0.03), 3.0)
-    assert gate.peak >= 36, (gate.limit, gate.windows)
+    assert gate.peak >= 24, (gate.limit, gate.windows)
     assert peak > 16
     assert gate.limit <= 64
 
@@ -95,10 +95,20 @@ def test_a_transient_error_halves_the_adaptive_limit_and_others_do_not():
     with pytest.raises(ConnectionResetError), gate.slot():
         raise ConnectionResetError("connection reset by peer")
     assert gate.limit == 16
-    for _ in range(3):
+    for _ in range(2):
         with pytest.raises(TimeoutError), gate.slot():
             raise TimeoutError("timed out")
     assert gate.limit == 8  # never under lo
+    # a burst: 3 requests in flight together fail; the first halves the limit, and the two
+    # that started before that back-off do not halve it again
+    gate = InFlightLimit(start=64, lo=8, hi=64)
+    burst = [gate.slot() for _ in range(3)]
+    for cm in burst:
+        cm.__enter__()
+    err = ConnectionResetError("reset")
+    for cm in burst:
+        assert cm.__exit__(ConnectionResetError, err, None) is False  # not swallowed
+    assert gate.limit == 32
     fixed = InFlightLimit(4)
     with pytest.raises(ConnectionResetError), fixed.slot():
         raise ConnectionResetError("reset")
@@ -109,6 +119,7 @@ def test_a_transient_error_halves_the_adaptive_limit_and_others_do_not():
 def test_max_in_flight_is_checked(bad):
     with pytest.raises(ValueError, match="max_in_flight"):
         FetchOptions(max_in_flight=bad)
+    assert type(FetchOptions(max_in_flight=np.int64(8)).max_in_flight) is int
 
 
 ROWS = 1200
@@ -171,7 +182,7 @@ def test_over_http_a_server_serving_6_at_once_keeps_the_limit_down(served):
         assert sum(len(next(it)["image"]) for _ in range(10)) == 640
         lim = t.fetcher.limit
         assert lim.windows >= 3
-        assert lim.limit <= 16 and lim.peak <= 24, (lim.limit, lim.peak)
+        assert lim.limit <= 24 and lim.peak <= 24, (lim.limit, lim.peak)
 
 
 @pytest.mark.timeout(60)
