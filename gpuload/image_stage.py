@@ -456,7 +456,7 @@ class ImageStage:
         if not self.device.is_cuda:
             import numba
 
-            # thread-local: this batch's kernel gets this thread's share of the cores
+            # thread-local: this batch's kernel gets its share of the cores (all when alone)
             numba.set_num_threads(min(batch.threads, numba.config.NUMBA_NUM_THREADS))
         slot = batch.slot
         meta = np.ascontiguousarray(dec.meta[item])

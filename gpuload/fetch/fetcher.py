@@ -617,9 +617,9 @@ class Fetcher:
     def prefetch(self, plan: ReadPlan) -> bool:
         """Start downloading the cache blocks ``plan`` will read, without waiting: a loader
         calls it for batches it will assemble later, so their round trips overlap the current
-        ones. At most half of ``max_in_flight`` (16 when adaptive: the adaptive limit does
-        not multiply the cache blocks held in memory) such downloads are outstanding (the rest
-        are left to the read itself); a no-op without the block cache. A failed download is
+        ones. At most half of ``max_in_flight`` (of 16 when adaptive: a raised limit does not
+        multiply the cache blocks held in memory), and of the limit now, such downloads are
+        outstanding (the rest are left to the read itself); a no-op without the block cache. A failed download is
         not reported here: the read that needs the block waits for it and raises its error.
         Returns True when every block of ``plan`` is now cached or downloading, False when the
         bound left some out (call again later)."""
