@@ -211,3 +211,47 @@ def stall_until_close(
     assert time.monotonic() - t0 < 3
     client.join(5)
     assert not client.is_alive() and got and got[0].status is None and got[0].body == b""
+
+
+# -- format 4 table surgery (tests that damage a segment on purpose) ---------------------------
+def table_root(path) -> dict:
+    """The table's root manifest (``manifest.json``) as JSON."""
+    import json
+
+    return json.loads((path / "manifest.json").read_text())
+
+
+def write_table_root(path, root: dict) -> None:
+    """Publish ``root`` as the table's root and as its version file, as a commit would."""
+    import json
+
+    from gpuload.format import version_path
+
+    raw = json.dumps(root).encode()
+    (path / "manifest.json").write_bytes(raw)
+    (path / version_path(root["version"])).write_bytes(raw)
+
+
+def rewrite_segment(path, k: int, edit) -> dict:
+    """Re-encode segment ``k`` of the table at ``path`` after ``edit(rows, records)``, with
+    fresh checksums in its root (so only ``edit``'s damage remains). Returns the new root."""
+    import json
+
+    from gpuload.format import Manifest, record_dtype
+    from gpuload.segments import encode_segment
+
+    root = table_root(path)
+    m = Manifest.loads(json.dumps(root).encode(), "t")
+    seg = m.index.segments[k]
+    dt = record_dtype(m.schema)
+    lay = seg.layout(dt.itemsize)
+    raw = (path / seg.file).read_bytes()
+    rows = np.frombuffer(raw[lay.rows_offset : lay.rows_end], "<i8").copy()
+    recs = np.frombuffer(raw[lay.records_offset : lay.records_end], dt).copy()
+    edit(rows, recs)
+    parts, lay, sums = encode_segment(rows, recs, seg.checksums.page)
+    (path / seg.file).write_bytes(b"".join(bytes(p) for p in parts))
+    root["segments"][k].update(size=lay.size, checksums=sums.to_json(), rows=int(rows.sum()))
+    root["num_rows"] = sum(s["rows"] for s in root["segments"])
+    write_table_root(path, root)
+    return root

@@ -17,12 +17,11 @@ from gpuload import ops
 from gpuload.errors import FormatError
 from gpuload.format import record_dtype, version_path
 from gpuload.index import ENV_MAX_SEGMENTS, ENV_THRESHOLD, SegmentIndex
-from gpuload.segments import encode_segment
 from gpuload.storage import Store
 from gpuload.vacuum import vacuum_store
 from gpuload.writer import TableWriter
 
-from ..helpers import encode, textured_image
+from ..helpers import encode, rewrite_segment, table_root, textured_image, write_table_root
 
 torch = pytest.importorskip("torch")
 
@@ -201,16 +200,6 @@ def test_image_fast_path_after_a_merge_equals_the_format2_copy(tmp_path, monkeyp
 
 
 # -- bugs found in review (these fail until fixed) ---------------------------------------------
-def _root(path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
-
-
-def _write_root(path, root: dict) -> None:
-    raw = json.dumps(root).encode()
-    (path / "manifest.json").write_bytes(raw)
-    (path / version_path(root["version"])).write_bytes(raw)
-
-
 def _child_reads_last_row(t, q) -> None:
     q.put(t[len(t) - 1].to_dict()["text"])
 
@@ -262,22 +251,19 @@ def test_a_chunk_file_named_twice_with_another_size_is_refused_before_allocating
     t = _two_segment_table(p, monkeypatch)
     m = t.manifest
     dt = record_dtype(m.schema)
-    seg0, seg1 = m.index.segments
-    lay0, lay1 = seg0.layout(dt.itemsize), seg1.layout(dt.itemsize)
-    raw0, raw1 = (p / seg0.file).read_bytes(), (p / seg1.file).read_bytes()
+    seg0 = m.index.segments[0]
+    lay0 = seg0.layout(dt.itemsize)
+    raw0 = (p / seg0.file).read_bytes()
     first_id = np.frombuffer(raw0[lay0.records_offset : lay0.records_end], dt)[0]["id"]
-    rows = np.frombuffer(raw1[lay1.rows_offset : lay1.rows_end], "<i8").copy()
-    recs = np.frombuffer(raw1[lay1.records_offset : lay1.records_end], dt).copy()
     big = 1 << 45
-    r = recs[0]  # chunk 20 now names chunk 0's file
-    r["id"], r["size"], r["page"], r["covers"], r["digest"] = first_id, big, 0, 0, 0
-    r["c0.data"], r["c0.offsets"], r["c0.rowhash"] = (0, big - 4096), (big - 4096, 16), (-1, 0)
-    r["c1.data"] = (big - 1024, 8)
-    parts, lay, sums = encode_segment(rows, recs, seg1.checksums.page)
-    (p / seg1.file).write_bytes(b"".join(bytes(x) for x in parts))
-    root = _root(p)
-    root["segments"][1].update(size=lay.size, checksums=sums.to_json())
-    _write_root(p, root)
+
+    def edit(rows, recs):
+        r = recs[0]  # chunk 20 now names chunk 0's file
+        r["id"], r["size"], r["page"], r["covers"], r["digest"] = first_id, big, 0, 0, 0
+        r["c0.data"], r["c0.offsets"] = (0, big - 4096), (big - 4096, 16)
+        r["c0.rowhash"], r["c1.data"] = (-1, 0), (big - 1024, 8)
+
+    rewrite_segment(p, 1, edit)
     t = gpuload.open_table(p)
     assert t[0]["label"] == 0  # chunk 0's file: sized and checked under its own record
     tracemalloc.start()
@@ -316,9 +302,9 @@ def test_a_lying_column_bytes_hint_does_not_make_row_reads_read_whole_chunks(tmp
     n = 64
     data = {"blob": [rng.bytes(20000) for _ in range(n)], "label": np.arange(n)}
     gpuload.ingest(p, data, chunk_bytes=256 << 10, progress=False)
-    root = _root(p)
+    root = table_root(p)
     root["column_bytes"]["blob"] = 0
-    _write_root(p, root)
+    write_table_root(p, root)
     t = gpuload.open_table(p)
     rows = [1, 20, 40, 63]
     assert t[rows].to_dict()["blob"] == [data["blob"][i] for i in rows]
@@ -350,18 +336,12 @@ def test_a_record_with_a_row_hash_offset_near_2_63_is_refused(tmp_path, monkeypa
     n = 10
     data = {"blob": [bytes([i]) * 2000 for i in range(n)], "label": np.arange(n)}
     t = gpuload.ingest(p, data, chunk_bytes=1, progress=False)
-    dt = record_dtype(t.schema)
     (seg,) = t.manifest.index.segments
-    lay = seg.layout(dt.itemsize)
-    raw = (p / seg.file).read_bytes()
-    rows = np.frombuffer(raw[lay.rows_offset : lay.rows_end], "<i8").copy()
-    recs = np.frombuffer(raw[lay.records_offset : lay.records_end], dt).copy()
-    recs[3]["c0.rowhash"][0] = (1 << 63) - 4
-    parts, lay, sums = encode_segment(rows, recs, seg.checksums.page)
-    (p / seg.file).write_bytes(b"".join(bytes(x) for x in parts))
-    root = _root(p)
-    root["segments"][0].update(size=lay.size, checksums=sums.to_json())
-    _write_root(p, root)
+
+    def edit(rows, recs):
+        recs[3]["c0.rowhash"][0] = (1 << 63) - 4
+
+    rewrite_segment(p, 0, edit)
     t = gpuload.open_table(p)
     with pytest.raises(FormatError, match=rf"segment {seg.file}, chunk 3: column 'blob' row"):
         t[3]["blob"]

@@ -19,13 +19,12 @@ from gpuload.errors import FormatError
 from gpuload.format import Manifest, SegmentLayout, record_dtype, version_path
 from gpuload.index import ENV_MAX_SEGMENTS, ENV_THRESHOLD, SegmentIndex, merge_run
 from gpuload.reader import TableReader
-from gpuload.segments import encode_segment
 from gpuload.storage import Store
 from gpuload.testing.servers import RangeHTTPServer
 from gpuload.vacuum import vacuum_store
 from gpuload.versions import read_version
 
-from ..helpers import robot_columns
+from ..helpers import rewrite_segment, robot_columns, table_root, write_table_root
 
 CHUNK = 8 << 10  # small chunks: ~3 rows each, so 60 rows make ~20 chunks
 
@@ -59,10 +58,6 @@ def _pair(tmp_path, monkeypatch, data):
     return t2, t4
 
 
-def _root(path) -> dict:
-    return json.loads((path / "manifest.json").read_text())
-
-
 def _segments(path) -> dict[str, tuple[float, bytes]]:
     d = path / "index"
     return {n: (os.stat(d / n).st_mtime_ns, (d / n).read_bytes()) for n in os.listdir(d)}
@@ -76,31 +71,6 @@ def _same_rows(a, b):
             assert da[k].tobytes() == db[k].tobytes(), k
         else:
             assert da[k] == db[k], k
-
-
-def _write_root(path, root: dict) -> None:
-    raw = json.dumps(root).encode()
-    (path / "manifest.json").write_bytes(raw)
-    (path / version_path(root["version"])).write_bytes(raw)
-
-
-def _rewrite_segment(path, k: int, edit) -> dict:
-    """Re-encode segment ``k`` of the table at ``path`` after ``edit(rows, records)``, with
-    fresh checksums in its root (so only ``edit``'s damage remains)."""
-    root = _root(path)
-    m = Manifest.loads(json.dumps(root).encode(), "t")
-    seg = m.index.segments[k]
-    lay = seg.layout(record_dtype(m.schema).itemsize)
-    raw = (path / seg.file).read_bytes()
-    rows = np.frombuffer(raw[lay.rows_offset : lay.rows_end], "<i8").copy()
-    recs = np.frombuffer(raw[lay.records_offset : lay.records_end], record_dtype(m.schema)).copy()
-    edit(rows, recs)
-    parts, lay, sums = encode_segment(rows, recs, seg.checksums.page)
-    (path / seg.file).write_bytes(b"".join(bytes(p) for p in parts))
-    root["segments"][k].update(size=lay.size, checksums=sums.to_json(), rows=int(rows.sum()))
-    root["num_rows"] = sum(s["rows"] for s in root["segments"])
-    _write_root(path, root)
-    return root
 
 
 # -- round trips -------------------------------------------------------------------------------
@@ -126,7 +96,7 @@ def test_records_round_trip_chunk_entries(tmp_path):
 
 def test_crossing_the_threshold_writes_format4_with_identical_rows(tmp_path, monkeypatch, cols):
     t2, t4 = _pair(tmp_path, monkeypatch, cols)
-    root = _root(tmp_path / "f4")
+    root = table_root(tmp_path / "f4")
     assert "chunks" not in root and root["num_chunks"] == t4.num_chunks
     assert len(root["segments"]) == 1 and root["num_rows"] == 60
     assert root["column_bytes"] == t2.info()["column_bytes"]
@@ -158,12 +128,12 @@ def test_crossing_the_threshold_writes_format4_with_identical_rows(tmp_path, mon
 def test_small_tables_stay_format2_and_ragged_ones_format3(tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_THRESHOLD, "4")
     t = _ingest(tmp_path / "small", _part(robot_columns(4), 0, 4))
-    assert t.num_chunks <= 4 and _root(tmp_path / "small")["format_version"] == 2
+    assert t.num_chunks <= 4 and table_root(tmp_path / "small")["format_version"] == 2
     rag = {"x": [np.ones((i % 3, 2), np.float32) * i for i in range(400)], "y": np.arange(400)}
     t3 = gpuload.ingest(tmp_path / "r3", rag, chunk_bytes=1 << 20, progress=False)
-    assert _root(tmp_path / "r3")["format_version"] == 3
+    assert table_root(tmp_path / "r3")["format_version"] == 3
     t4 = gpuload.ingest(tmp_path / "r4", rag, chunk_bytes=512, progress=False)
-    assert _root(tmp_path / "r4")["format_version"] == 4 and t4.num_chunks > 4
+    assert table_root(tmp_path / "r4")["format_version"] == 4 and t4.num_chunks > 4
     for t in (gpuload.open_table(tmp_path / "r3"), gpuload.open_table(tmp_path / "r4")):
         got = t[:]["x"]
         assert all(np.array_equal(g, w) for g, w in zip(got, rag["x"])) and len(got) == 400
@@ -180,7 +150,7 @@ def test_appends_add_one_segment_and_never_rewrite_older_ones(tmp_path, low_thre
         after = _segments(p)
         assert set(before) < set(after) and len(after) == len(before) + 1
         assert all(after[n] == before[n] for n in before)  # same bytes, same mtime
-        assert [s["file"] for s in _root(p)["segments"]][:-1] == [
+        assert [s["file"] for s in table_root(p)["segments"]][:-1] == [
             s.file for s in read_version(Store(str(p)), t.version - 1).index.segments
         ]
         before = after
@@ -191,9 +161,9 @@ def test_appends_add_one_segment_and_never_rewrite_older_ones(tmp_path, low_thre
 def test_an_append_crossing_the_threshold_converts_the_table(tmp_path, low_threshold, cols):
     p = tmp_path / "t"
     _ingest(p, _part(cols, 0, 9))
-    assert _root(p)["format_version"] == 2
+    assert table_root(p)["format_version"] == 2
     t = _ingest(p, _part(cols, 9, 60), mode="append")
-    root = _root(p)
+    root = table_root(p)
     assert root["format_version"] == 4 and len(root["segments"]) == 2  # the old chunks, the new
     assert gpuload.open_table(p)[:].to_dict()["text"] == list(cols["text"])
     store = Store(str(p))
@@ -208,8 +178,8 @@ def test_more_than_32_segments_are_merged(tmp_path, low_threshold):
     _ingest(p, _part(data, 0, 20))
     for i in range(20, 56):  # one row, one chunk, one segment per append
         _ingest(p, _part(data, i, i + 1), mode="append")
-        assert len(_root(p)["segments"]) <= 32
-    root = _root(p)
+        assert len(table_root(p)["segments"]) <= 32
+    root = table_root(p)
     assert root["num_chunks"] == gpuload.open_table(p).num_chunks and root["num_rows"] == 56
     counts = [s["chunks"] for s in root["segments"]]
     assert len(counts) < 32 and max(counts) > 2  # merged: some segment holds many appends
@@ -243,7 +213,7 @@ def test_max_segments_can_be_lowered(tmp_path, low_threshold, monkeypatch, cols)
     _ingest(p, _part(cols, 0, 20))
     for lo in range(20, 60, 8):
         _ingest(p, _part(cols, lo, lo + 8), mode="append")
-        assert len(_root(p)["segments"]) <= 3
+        assert len(table_root(p)["segments"]) <= 3
     assert gpuload.open_table(p)[:].to_dict()["text"] == list(cols["text"])
 
 
@@ -252,7 +222,7 @@ def test_a_conversion_merged_at_once(tmp_path, low_threshold, monkeypatch, cols)
     p = tmp_path / "t"
     _ingest(p, _part(cols, 0, 9))  # format 2
     t = _ingest(p, _part(cols, 9, 60), mode="append")  # converted, then merged into one
-    root = _root(p)
+    root = table_root(p)
     assert root["format_version"] == 4 and len(root["segments"]) == 1
     assert set(os.listdir(p / "index")) == {root["segments"][0]["file"].split("/")[1]}
     assert t[:].to_dict()["text"] == list(cols["text"]) and t.verify()["ok"]
@@ -286,7 +256,7 @@ def test_concurrent_appends_keep_every_row_exactly_once(tmp_path, low_threshold)
         1000 * (w + 1) + 10 * j + r for w in range(2) for j in range(6) for r in range(3)
     ]
     assert sorted(labels) == sorted(want) and len(labels) == len(want)
-    assert t.version == 13 and len(_root(p)["segments"]) == 13
+    assert t.version == 13 and len(table_root(p)["segments"]) == 13
     assert t.verify()["ok"]
 
 
@@ -313,9 +283,9 @@ def test_overwrite_of_a_format4_table(tmp_path, low_threshold, cols):
     p = tmp_path / "t"
     _ingest(p, cols)
     small = _ingest(p, _part(cols, 0, 3), mode="overwrite")
-    assert _root(p)["format_version"] == 2 and len(small) == 3
+    assert table_root(p)["format_version"] == 2 and len(small) == 3
     big = _ingest(p, cols, mode="overwrite")
-    assert _root(p)["format_version"] == 4 and len(_root(p)["segments"]) == 1
+    assert table_root(p)["format_version"] == 4 and len(table_root(p)["segments"]) == 1
     assert big[:].to_dict()["text"] == list(cols["text"])
 
 
@@ -406,7 +376,7 @@ def damaged(tmp_path, low_threshold, cols):
     """A format-4 table of 60 one-row chunks: a 3-page segment, records in blocks of 23."""
     p = tmp_path / "t"
     gpuload.ingest(p, cols, chunk_bytes=1, progress=False)
-    root = _root(p)
+    root = table_root(p)
     seg = root["segments"][0]
     m = Manifest.loads(json.dumps(root).encode(), "t")
     lay = SegmentLayout(seg["chunks"], record_dtype(m.schema).itemsize, seg["checksums"]["page"])
@@ -446,7 +416,7 @@ def test_a_record_pointing_outside_its_chunk_names_segment_and_chunk(damaged):
     def edit(rows, recs):
         recs["c1.data"][7, 0] = recs["size"][7]  # column "state" of chunk 7 starts past its end
 
-    _rewrite_segment(p, 0, edit)
+    rewrite_segment(p, 0, edit)
     t = gpuload.open_table(p)  # one row per chunk
     assert t[40]["label"] is not None  # a chunk whose record is in another block reads fine
     with pytest.raises(FormatError, match=rf"segment {file}, chunk 7: column 'state' data section"):
@@ -455,13 +425,13 @@ def test_a_record_pointing_outside_its_chunk_names_segment_and_chunk(damaged):
 
 def test_row_totals_that_disagree_are_refused(damaged):
     p, file, lay = damaged
-    root = _root(p)
+    root = table_root(p)
     root["num_rows"] += 1
-    _write_root(p, root)
+    write_table_root(p, root)
     with pytest.raises(FormatError, match="the root says .* rows, its segments hold"):
         gpuload.open_table(p)
     root["segments"][0]["rows"] += 1  # the root agrees with itself, not with the rows section
-    _write_root(p, root)
+    write_table_root(p, root)
     with pytest.raises(FormatError, match=rf"segment {file}, chunks 0-\d+: the rows section sums"):
         gpuload.open_table(p)
 
@@ -472,21 +442,21 @@ def test_a_chunk_with_no_rows_is_refused(damaged):
     def edit(rows, recs):
         rows[3], rows[4] = 0, rows[4] + rows[3]
 
-    _rewrite_segment(p, 0, edit)
+    rewrite_segment(p, 0, edit)
     with pytest.raises(FormatError, match=rf"segment {file}, chunk 3: has 0 rows"):
         gpuload.open_table(p)
 
 
 def test_a_lying_root_is_refused_before_any_large_allocation(damaged):
     p, file, lay = damaged
-    root = _root(p)
+    root = table_root(p)
     seg = root["segments"][0]
     n = 50_000_000  # 400 MB of rows and 9 GB of records, if anyone believed it
     big = SegmentLayout(n, lay.record_nbytes, lay.page)
     seg.update(chunks=n, rows=n, size=big.size)
     seg["checksums"].update(covers=big.covers)
     root.update(num_chunks=n, num_rows=n)
-    _write_root(p, root)
+    write_table_root(p, root)
     tracemalloc.start()
     try:
         with pytest.raises(
@@ -515,7 +485,7 @@ def test_vacuum_keeps_named_segments_and_removes_replaced_ones(
     _ingest(p, _part(data, 0, 20))
     _ingest(p, _part(data, 20, 30), mode="append")
     _ingest(p, _part(data, 30, 40), mode="append")  # 3 segments > 2: merged
-    named = {s["file"].split("/")[1] for s in _root(p)["segments"]}
+    named = {s["file"].split("/")[1] for s in table_root(p)["segments"]}
     on_disk = set(os.listdir(p / "index"))
     replaced = on_disk - named
     assert replaced and named < on_disk
@@ -529,7 +499,7 @@ def test_vacuum_keeps_named_segments_and_removes_replaced_ones(
     for v in (1, 2, 3):  # every version replaced long ago
         raw = json.loads((p / version_path(v)).read_text())
         raw["updated"] -= 3 * 86400
-        _write_root(p, raw)  # the pointer last: version 3
+        write_table_root(p, raw)  # the pointer last: version 3
     r = vacuum_store(store, "t")
     assert {x.split("/")[1] for x in r.removed if x.startswith("index/")} == replaced | {
         orphan.name
